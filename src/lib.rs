@@ -1,0 +1,12 @@
+//! kproxy: a kube-proxy-compatible service proxy.
+//!
+//! Data flows one way: [`source`] reads manifests into a [`source::ClusterState`], [`model`]
+//! validates it and builds one [`model::ProxyModel`] per IP family, and a translator
+//! ([`iptables`]) turns that into a typed ruleset rendered to text in one place.
+
+pub mod config;
+pub mod family;
+pub mod iptables;
+pub mod model;
+pub mod names;
+pub mod source;

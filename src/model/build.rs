@@ -1,0 +1,137 @@
+//! Builds the per-family [`ProxyModel`] from validated objects: picks each Service's addresses
+//! of the family, merges its EndpointSlices per port, and selects endpoints (§2.1–§2.5).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+
+use super::endpoints::select;
+use super::validate::{ServiceSpec, SliceSpec, ValidCluster};
+use super::{Endpoint, EndpointSelection, Protocol, ServicePort, ServicePortName};
+use crate::config::NodeConfig;
+use crate::family::IpFamily;
+
+/// Every proxied service port of one IP family, ordered by `namespace/name` and then by the
+/// order of `spec.ports`.
+#[derive(Debug, Clone)]
+pub struct ProxyModel {
+    pub family: IpFamily,
+    pub ports: Vec<ServicePort>,
+}
+
+impl ProxyModel {
+    pub fn build(cluster: &ValidCluster, config: &NodeConfig, family: IpFamily) -> ProxyModel {
+        // The slices of each Service, in slice-name order so that merging is deterministic.
+        let mut slices_by_service: HashMap<(&str, &str), Vec<&SliceSpec>> = HashMap::new();
+        for slice in cluster.slices.iter().filter(|s| s.family == family) {
+            slices_by_service
+                .entry((slice.namespace.as_str(), slice.service_name.as_str()))
+                .or_default()
+                .push(slice);
+        }
+        for slices in slices_by_service.values_mut() {
+            slices.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+
+        let mut services: Vec<&ServiceSpec> = cluster.services.iter().collect();
+        // kube-proxy's canonical dump order sorts by the "namespace/name" string.
+        services.sort_by_cached_key(|s| format!("{}/{}", s.namespace, s.name));
+
+        let mut ports = Vec::new();
+        for service in services {
+            let Some(cluster_ip) = service
+                .cluster_ips
+                .iter()
+                .find(|ip| IpFamily::of(ip) == family)
+                .copied()
+            else {
+                continue;
+            };
+            let slices = slices_by_service
+                .get(&(service.namespace.as_str(), service.name.as_str()))
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            for port in &service.ports {
+                let name = ServicePortName {
+                    namespace: service.namespace.clone(),
+                    name: service.name.clone(),
+                    port: port.name.clone(),
+                    protocol: port.protocol,
+                };
+                let mut service_port = ServicePort {
+                    cluster_ip,
+                    port: port.port,
+                    node_port: port.node_port,
+                    external_ips: of_family(&service.external_ips, family),
+                    load_balancer_ips: of_family(&service.load_balancer_ips, family),
+                    source_ranges: service
+                        .source_ranges
+                        .iter()
+                        .filter(|n| IpFamily::of_net(n) == family)
+                        .copied()
+                        .collect(),
+                    affinity_timeout: service.affinity_timeout,
+                    external_policy_local: service.external_policy_local,
+                    internal_policy_local: service.internal_policy_local,
+                    health_check_node_port: service.health_check_node_port,
+                    endpoints: merge_endpoints(slices, &port.name, port.protocol, config),
+                    selection: EndpointSelection::default(),
+                    name,
+                };
+                service_port.selection = select(&service_port, config);
+                ports.push(service_port);
+            }
+        }
+        ProxyModel { family, ports }
+    }
+
+    /// Endpoints over all service ports, the figure behind iptables' large-cluster mode.
+    pub fn total_endpoints(&self) -> usize {
+        self.ports.iter().map(|p| p.endpoints.len()).sum()
+    }
+}
+
+fn of_family(ips: &[std::net::IpAddr], family: IpFamily) -> Vec<std::net::IpAddr> {
+    ips.iter()
+        .filter(|ip| IpFamily::of(ip) == family)
+        .copied()
+        .collect()
+}
+
+/// All endpoints of one service port over all slices of its Service, keyed by endpoint string:
+/// a ready (non-terminating) copy replaces a terminating one, never the reverse.
+fn merge_endpoints(
+    slices: &[&SliceSpec],
+    port_name: &str,
+    protocol: Protocol,
+    config: &NodeConfig,
+) -> Vec<Endpoint> {
+    let mut merged: BTreeMap<String, Endpoint> = BTreeMap::new();
+    for slice in slices {
+        for slice_port in slice
+            .ports
+            .iter()
+            .filter(|p| p.name == port_name && p.protocol == protocol)
+        {
+            for e in &slice.endpoints {
+                let endpoint = Endpoint {
+                    addr: SocketAddr::new(e.ip, slice_port.port),
+                    ready: e.ready,
+                    serving: e.serving,
+                    terminating: e.terminating,
+                    local: e.node_name.as_deref() == Some(config.hostname.as_str()),
+                    zone_hints: e.zone_hints.clone(),
+                    node_hints: e.node_hints.clone(),
+                };
+                let key = endpoint.endpoint_string();
+                match merged.get(&key) {
+                    Some(_) if endpoint.terminating => {}
+                    _ => {
+                        merged.insert(key, endpoint);
+                    }
+                }
+            }
+        }
+    }
+    // BTreeMap iteration is byte-wise string order of the endpoint string, as kube-proxy sorts.
+    merged.into_values().collect()
+}
