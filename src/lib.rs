@@ -9,4 +9,6 @@ pub mod family;
 pub mod iptables;
 pub mod model;
 pub mod names;
+pub mod pipeline;
 pub mod source;
+pub mod synthetic;

@@ -1,1 +1,218 @@
-fn main() {}
+//! The `kproxy` command line: parses flags, calls the library, reports. Nothing else.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+
+use kproxy::config::{MasqueradeMark, NodeConfig, NodePortAddresses};
+use kproxy::family::{parse_cidr_sloppy, FamilyMode, IpFamily};
+use kproxy::pipeline::{self, Mode};
+use kproxy::source::Manifests;
+
+#[derive(Parser)]
+#[command(
+    name = "kproxy",
+    version,
+    about = "A kube-proxy-compatible service proxy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the full ruleset for a set of manifests.
+    Render {
+        #[command(flatten)]
+        common: Common,
+        /// Manifest files or directories; `-` reads stdin.
+        #[arg(required = true, value_name = "FILE|DIR|-")]
+        inputs: Vec<PathBuf>,
+    },
+    /// Print a synthetic cluster (Services and EndpointSlices) as manifests, for benchmarks.
+    Generate {
+        /// Number of Services.
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
+        /// Ready endpoints per Service.
+        #[arg(long, default_value_t = 10)]
+        endpoints: usize,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Iptables,
+    Nftables,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FamilyArg {
+    Ipv4,
+    Ipv6,
+    Dual,
+}
+
+#[derive(Args)]
+struct Common {
+    /// Rule backend.
+    #[arg(long, value_enum, default_value = "iptables")]
+    mode: ModeArg,
+    /// Node name; endpoints with this `nodeName` are local. Default: this machine's hostname.
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Node address; the first of each family is the primary node IP. Repeatable.
+    #[arg(long = "node-ip", value_name = "IP")]
+    node_ips: Vec<IpAddr>,
+    /// Pod network (the first per family tells pod traffic from other traffic). Repeatable.
+    #[arg(long = "cluster-cidr", value_name = "CIDR")]
+    cluster_cidrs: Vec<String>,
+    /// Masquerade all traffic to cluster IPs.
+    #[arg(long)]
+    masquerade_all: bool,
+    /// Where NodePorts are accepted: comma-separated CIDRs, or `primary`. Default: every address.
+    #[arg(long, value_name = "CIDR,...")]
+    nodeport_addresses: Option<String>,
+    /// IP families to proxy.
+    #[arg(long, value_enum, default_value = "ipv4")]
+    ip_family: FamilyArg,
+    /// This node's zone, for topology-aware routing hints.
+    #[arg(long)]
+    zone: Option<String>,
+    /// Bit of the packet mark that requests masquerading.
+    #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u8).range(0..32))]
+    masquerade_bit: u8,
+    /// iptables: accept NodePorts on 127.0.0.0/8 as kube-proxy does by default.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    iptables_localhost_nodeports: bool,
+    /// iptables: the host's iptables lacks `MASQUERADE --random-fully`.
+    #[arg(long)]
+    no_random_fully: bool,
+    /// iptables: count into kube-proxy's nfacct counters (they must exist).
+    #[arg(long)]
+    nfacct_counters: bool,
+    /// iptables: nf_conntrack_tcp_be_liberal is set, so INVALID packets are not dropped.
+    #[arg(long)]
+    conntrack_tcp_be_liberal: bool,
+}
+
+impl Common {
+    fn node_config(&self) -> Result<NodeConfig> {
+        let hostname = match &self.hostname {
+            Some(name) => name.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .context("cannot read this machine's hostname; pass --hostname")?
+                .trim()
+                .to_string(),
+        };
+        let mut config = NodeConfig::new(hostname.to_lowercase());
+        config.node_ips = self.node_ips.clone();
+        config.cluster_cidrs = self
+            .cluster_cidrs
+            .iter()
+            .map(|text| parse_cidr_arg(text, "--cluster-cidr"))
+            .collect::<Result<_>>()?;
+        config.masquerade_all = self.masquerade_all;
+        config.nodeport_addresses = match self.nodeport_addresses.as_deref() {
+            None => None,
+            Some("primary") => Some(NodePortAddresses::Primary),
+            Some(list) => Some(NodePortAddresses::Cidrs(
+                list.split(',')
+                    .filter(|s| !s.trim().is_empty())
+                    .map(|text| parse_cidr_arg(text.trim(), "--nodeport-addresses"))
+                    .collect::<Result<_>>()?,
+            )),
+        };
+        config.family_mode = match self.ip_family {
+            FamilyArg::Ipv4 => FamilyMode::V4,
+            FamilyArg::Ipv6 => FamilyMode::V6,
+            FamilyArg::Dual => FamilyMode::Dual,
+        };
+        config.zone = self.zone.clone();
+        config.masquerade_mark = MasqueradeMark::from_bit(self.masquerade_bit);
+        config.iptables.localhost_nodeports = self.iptables_localhost_nodeports;
+        config.iptables.random_fully = !self.no_random_fully;
+        config.iptables.nfacct_counters = self.nfacct_counters;
+        config.iptables.conntrack_tcp_be_liberal = self.conntrack_tcp_be_liberal;
+        Ok(config)
+    }
+
+    fn mode(&self) -> Mode {
+        match self.mode {
+            ModeArg::Iptables => Mode::Iptables,
+            ModeArg::Nftables => Mode::Nftables,
+        }
+    }
+}
+
+fn parse_cidr_arg(text: &str, flag: &str) -> Result<IpNet> {
+    match parse_cidr_sloppy(text) {
+        Some(net) => Ok(net),
+        None => bail!("{flag}: {text:?} is not a CIDR (like 10.244.0.0/16)"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("kproxy: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Render { common, inputs } => render(&common, &inputs),
+        Command::Generate {
+            services,
+            endpoints,
+        } => {
+            let state = kproxy::synthetic::cluster(services, endpoints);
+            let mut out = std::io::stdout().lock();
+            kproxy::synthetic::write_manifests(&state, &mut out)
+                .and_then(|()| out.flush())
+                .context("cannot write the manifests")
+        }
+    }
+}
+
+fn render(common: &Common, inputs: &[PathBuf]) -> Result<()> {
+    let config = common.node_config()?;
+    let manifests = Manifests::read_paths(inputs)?;
+    let plan = pipeline::plan(&manifests.state, &config);
+    for note in manifests.notes.iter().chain(&plan.notes) {
+        eprintln!("kproxy: {note}");
+    }
+    let text = match common.mode() {
+        Mode::Iptables => {
+            let rulesets = pipeline::iptables_rulesets(&plan, &config);
+            let dual = rulesets.len() > 1;
+            let mut text = String::new();
+            for ruleset in rulesets {
+                if dual {
+                    let tool = match ruleset.family {
+                        IpFamily::V4 => "iptables-restore",
+                        IpFamily::V6 => "ip6tables-restore",
+                    };
+                    text.push_str(&format!("# {tool} input ({})\n", ruleset.family));
+                }
+                text.push_str(&ruleset.to_restore_text());
+            }
+            text
+        }
+        Mode::Nftables => bail!("--mode nftables is not implemented yet"),
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .context("cannot write the rules to stdout")
+}

@@ -1,0 +1,804 @@
+//! ProxyModel → iptables [`Ruleset`]: a pure function of the model and the node settings.
+//! Spec §4.5 (static rules) and §4.6–§4.9 (per service port); the rule text is kube-proxy's.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use super::ruleset::{
+    Addr, AddrType, Chain, ChainName, Match, RecentCheck, Rule, Ruleset, Table, TableName, Target,
+};
+use super::{
+    KUBE_EXTERNAL_SERVICES, KUBE_FIREWALL, KUBE_FORWARD, KUBE_MARK_MASQ, KUBE_NODEPORTS,
+    KUBE_POSTROUTING, KUBE_PROXY_FIREWALL, KUBE_SERVICES,
+};
+use crate::config::{NodeConfig, NodePortAddresses};
+use crate::family::IpFamily;
+use crate::model::{Endpoint, NoEndpointVerdict, ProxyModel, ServicePort};
+use crate::names;
+
+const NFACCT_INVALID_DROPPED: &str = "ct_state_invalid_dropped_pkts";
+const NFACCT_LOCALHOST_NODEPORTS: &str = "localhost_nps_accepted_pkts";
+const NODEPORTS_TAIL_COMMENT: &str =
+    "kubernetes service nodeports; NOTE: this must be the last rule in this chain";
+
+/// Builds the complete ruleset of one family.
+pub fn translate(model: &ProxyModel, config: &NodeConfig) -> Ruleset {
+    Translator::new(model, config).run()
+}
+
+struct Translator<'a> {
+    model: &'a ProxyModel,
+    config: &'a NodeConfig,
+    family: IpFamily,
+    mark: Arc<str>,
+    /// Omit per-endpoint comments (kube-proxy's large-cluster mode).
+    large_cluster: bool,
+    localhost_nodeports: bool,
+    /// `None`: NodePorts on every local address.
+    nodeport_ips: Option<Vec<IpAddr>>,
+    mark_masq: ChainName,
+    filter: TableBuilder,
+    nat: TableBuilder,
+}
+
+/// The names of one service port's chains (§4.3).
+struct PortChains {
+    cluster: ChainName,
+    local: ChainName,
+    external: ChainName,
+    firewall: ChainName,
+    hash: String,
+}
+
+impl PortChains {
+    fn new(port: &ServicePort) -> PortChains {
+        let hash = names::iptables_port_hash(&port.name);
+        PortChains {
+            cluster: format!("KUBE-SVC-{hash}").into(),
+            local: format!("KUBE-SVL-{hash}").into(),
+            external: format!("KUBE-EXT-{hash}").into(),
+            firewall: format!("KUBE-FW-{hash}").into(),
+            hash,
+        }
+    }
+}
+
+impl<'a> Translator<'a> {
+    fn new(model: &'a ProxyModel, config: &'a NodeConfig) -> Self {
+        let family = model.family;
+        let nodeport_cidrs = nodeport_cidrs(config, family);
+        // kube-proxy turns localhost NodePorts off unless NodePorts are accepted on 127.0.0.0/8.
+        let localhost_nodeports = config.iptables.localhost_nodeports
+            && family == IpFamily::V4
+            && nodeport_cidrs.as_ref().is_none_or(|cidrs| {
+                cidrs
+                    .iter()
+                    .any(|c| c.contains(&IpAddr::from([127, 0, 0, 0])))
+            });
+        let nodeport_ips = nodeport_cidrs.map(|cidrs| local_addresses_in(config, family, &cidrs));
+        let mut filter = TableBuilder::new(TableName::Filter);
+        for chain in [
+            KUBE_SERVICES,
+            KUBE_EXTERNAL_SERVICES,
+            KUBE_FORWARD,
+            KUBE_NODEPORTS,
+            KUBE_PROXY_FIREWALL,
+        ] {
+            filter.declare(&chain.into());
+        }
+        if localhost_nodeports {
+            filter.declare(&KUBE_FIREWALL.into());
+        }
+        let mut nat = TableBuilder::new(TableName::Nat);
+        for chain in [
+            KUBE_SERVICES,
+            KUBE_NODEPORTS,
+            KUBE_POSTROUTING,
+            KUBE_MARK_MASQ,
+        ] {
+            nat.declare(&chain.into());
+        }
+        Translator {
+            model,
+            config,
+            family,
+            mark: config.masquerade_mark.text.as_str().into(),
+            large_cluster: model.total_endpoints()
+                > config.iptables.large_cluster_endpoints_threshold,
+            localhost_nodeports,
+            nodeport_ips,
+            mark_masq: KUBE_MARK_MASQ.into(),
+            filter,
+            nat,
+        }
+    }
+
+    fn run(mut self) -> Ruleset {
+        self.static_rules();
+        for port in &self.model.ports {
+            self.service_port(port);
+        }
+        self.forward_rules();
+        self.nodeports_tail();
+        Ruleset {
+            family: self.family,
+            filter: self.filter.finish(),
+            nat: self.nat.finish(),
+        }
+    }
+
+    /// §4.5: masquerading, and the anti-martian copy for localhost NodePorts.
+    fn static_rules(&mut self) {
+        let mark = &self.mark;
+        if self.localhost_nodeports {
+            self.filter.add(
+                KUBE_FIREWALL,
+                Rule::new(
+                    vec![
+                        comment("block incoming localnet connections"),
+                        dst(Addr::Net(IpFamily::V4.loopback_net())),
+                        Match::Source {
+                            addr: Addr::Net(IpFamily::V4.loopback_net()),
+                            negated: true,
+                        },
+                        Match::ConntrackState {
+                            states: "RELATED,ESTABLISHED,DNAT",
+                            negated: true,
+                        },
+                    ],
+                    Target::Drop,
+                ),
+            );
+        }
+        let postrouting = [
+            Rule::new(
+                vec![Match::Mark {
+                    mark: mark.clone(),
+                    negated: true,
+                }],
+                Target::Return,
+            ),
+            Rule::new(vec![], Target::MarkXor(mark.clone())),
+            Rule::new(
+                vec![comment("kubernetes service traffic requiring SNAT")],
+                Target::Masquerade {
+                    random_fully: self.config.iptables.random_fully,
+                },
+            ),
+        ];
+        for rule in postrouting {
+            self.nat.add(KUBE_POSTROUTING, rule);
+        }
+        self.nat.add(
+            KUBE_MARK_MASQ,
+            Rule::new(vec![], Target::MarkOr(mark.clone())),
+        );
+    }
+
+    /// §4.5: filter `KUBE-FORWARD`, written after all services.
+    fn forward_rules(&mut self) {
+        if !self.config.iptables.conntrack_tcp_be_liberal {
+            let mut matches = vec![Match::ConntrackState {
+                states: "INVALID",
+                negated: false,
+            }];
+            if self.config.iptables.nfacct_counters {
+                matches.push(Match::Nfacct(NFACCT_INVALID_DROPPED));
+            }
+            self.filter
+                .add(KUBE_FORWARD, Rule::new(matches, Target::Drop));
+        }
+        self.filter.add(
+            KUBE_FORWARD,
+            Rule::new(
+                vec![
+                    comment("kubernetes forwarding rules"),
+                    Match::Mark {
+                        mark: self.mark.clone(),
+                        negated: false,
+                    },
+                ],
+                Target::Accept,
+            ),
+        );
+        self.filter.add(
+            KUBE_FORWARD,
+            Rule::new(
+                vec![
+                    comment("kubernetes forwarding conntrack rule"),
+                    Match::ConntrackState {
+                        states: "RELATED,ESTABLISHED",
+                        negated: false,
+                    },
+                ],
+                Target::Accept,
+            ),
+        );
+    }
+
+    /// §4.5: the jump to `KUBE-NODEPORTS`, which must be the last rule of nat `KUBE-SERVICES`.
+    fn nodeports_tail(&mut self) {
+        let jump = Target::Jump(KUBE_NODEPORTS.into());
+        match &self.nodeport_ips {
+            None => {
+                let mut matches = vec![
+                    comment(NODEPORTS_TAIL_COMMENT),
+                    Match::AddrType(AddrType::DestinationLocal),
+                ];
+                if self.family == IpFamily::V6 || !self.localhost_nodeports {
+                    matches.push(Match::Destination {
+                        addr: Addr::Net(self.family.loopback_net()),
+                        negated: true,
+                    });
+                }
+                self.nat.add(KUBE_SERVICES, Rule::new(matches, jump));
+            }
+            Some(ips) => {
+                for ip in ips {
+                    if ip.is_loopback() && !self.localhost_nodeports {
+                        continue; // never on IPv6, and only when enabled on IPv4
+                    }
+                    self.nat.add(
+                        KUBE_SERVICES,
+                        Rule::new(
+                            vec![comment(NODEPORTS_TAIL_COMMENT), dst(Addr::Host(*ip))],
+                            jump.clone(),
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    fn service_port(&mut self, port: &ServicePort) {
+        let chains = PortChains::new(port);
+        self.capture_rules(port, &chains);
+        self.service_chains(port, &chains);
+    }
+
+    /// §4.6.1: where traffic for the service's addresses goes, or why it is refused.
+    fn capture_rules(&mut self, port: &ServicePort, chains: &PortChains) {
+        let spn = &port.name;
+        let proto = Match::Protocol(spn.protocol);
+        let dport = Match::DestinationPort(port.port);
+        let to = |ip: IpAddr| dst(Addr::Host(ip));
+        let has_any = port.has_any_endpoints();
+        let uses_firewall =
+            has_any && !port.load_balancer_ips.is_empty() && !port.source_ranges.is_empty();
+        let internal_chain = if port.internal_policy_local {
+            &chains.local
+        } else {
+            &chains.cluster
+        };
+        let external_refusal = port.external_refusal();
+        let refuse = |verdict: NoEndpointVerdict| match verdict {
+            NoEndpointVerdict::Reject => Target::Reject,
+            NoEndpointVerdict::Drop => Target::Drop,
+        };
+
+        // 1. The cluster IP.
+        match port.internal_refusal() {
+            None => self.nat.add(
+                KUBE_SERVICES,
+                Rule::new(
+                    vec![
+                        comment(&format!("{spn} cluster IP")),
+                        proto.clone(),
+                        to(port.cluster_ip),
+                        dport.clone(),
+                    ],
+                    Target::Jump(internal_chain.clone()),
+                ),
+            ),
+            Some(verdict) => self.filter.add(
+                KUBE_SERVICES,
+                Rule::new(
+                    vec![
+                        comment(&port.refusal_comment(verdict)),
+                        proto.clone(),
+                        to(port.cluster_ip),
+                        dport.clone(),
+                    ],
+                    refuse(verdict),
+                ),
+            ),
+        }
+
+        // 2. External IPs.
+        for &ip in &port.external_ips {
+            if has_any {
+                self.nat.add(
+                    KUBE_SERVICES,
+                    Rule::new(
+                        vec![
+                            comment(&format!("{spn} external IP")),
+                            proto.clone(),
+                            to(ip),
+                            dport.clone(),
+                        ],
+                        Target::Jump(chains.external.clone()),
+                    ),
+                );
+            }
+            if let Some(verdict) = external_refusal {
+                self.filter.add(
+                    KUBE_EXTERNAL_SERVICES,
+                    Rule::new(
+                        vec![
+                            comment(&port.refusal_comment(verdict)),
+                            proto.clone(),
+                            to(ip),
+                            dport.clone(),
+                        ],
+                        refuse(verdict),
+                    ),
+                );
+            }
+        }
+
+        // 3. Load-balancer IPs, through the firewall chain when source ranges apply.
+        for &ip in &port.load_balancer_ips {
+            if has_any {
+                let next = if uses_firewall {
+                    &chains.firewall
+                } else {
+                    &chains.external
+                };
+                self.nat.add(
+                    KUBE_SERVICES,
+                    Rule::new(
+                        vec![
+                            comment(&format!("{spn} loadbalancer IP")),
+                            proto.clone(),
+                            to(ip),
+                            dport.clone(),
+                        ],
+                        Target::Jump(next.clone()),
+                    ),
+                );
+            }
+            if uses_firewall {
+                self.filter.add(
+                    KUBE_PROXY_FIREWALL,
+                    Rule::new(
+                        vec![
+                            comment(&format!(
+                                "{spn} traffic not accepted by KUBE-FW-{}",
+                                chains.hash
+                            )),
+                            proto.clone(),
+                            to(ip),
+                            dport.clone(),
+                        ],
+                        Target::Drop,
+                    ),
+                );
+            }
+        }
+        // 4. Load-balancer IPs without endpoints for external traffic.
+        if let Some(verdict) = external_refusal {
+            for &ip in &port.load_balancer_ips {
+                self.filter.add(
+                    KUBE_EXTERNAL_SERVICES,
+                    Rule::new(
+                        vec![
+                            comment(&port.refusal_comment(verdict)),
+                            proto.clone(),
+                            to(ip),
+                            dport.clone(),
+                        ],
+                        refuse(verdict),
+                    ),
+                );
+            }
+        }
+
+        // 5. NodePort (never subject to source ranges).
+        if let Some(node_port) = port.node_port {
+            let spn_comment = comment(&spn.to_string());
+            if has_any {
+                if self.localhost_nodeports && self.config.iptables.nfacct_counters {
+                    self.nat.add(
+                        KUBE_NODEPORTS,
+                        Rule::new(
+                            vec![
+                                spn_comment.clone(),
+                                proto.clone(),
+                                dst(Addr::Net(IpFamily::V4.loopback_net())),
+                                Match::DestinationPort(node_port),
+                                Match::Nfacct(NFACCT_LOCALHOST_NODEPORTS),
+                            ],
+                            Target::Jump(chains.external.clone()),
+                        ),
+                    );
+                }
+                self.nat.add(
+                    KUBE_NODEPORTS,
+                    Rule::new(
+                        vec![
+                            spn_comment,
+                            proto.clone(),
+                            Match::DestinationPort(node_port),
+                        ],
+                        Target::Jump(chains.external.clone()),
+                    ),
+                );
+            }
+            if let Some(verdict) = external_refusal {
+                self.filter.add(
+                    KUBE_EXTERNAL_SERVICES,
+                    Rule::new(
+                        vec![
+                            comment(&port.refusal_comment(verdict)),
+                            Match::AddrType(AddrType::DestinationLocal),
+                            proto.clone(),
+                            Match::DestinationPort(node_port),
+                        ],
+                        refuse(verdict),
+                    ),
+                );
+            }
+        }
+
+        // 6. The health-check node port (always TCP).
+        if let Some(hc_port) = port.health_check_node_port {
+            self.filter.add(
+                KUBE_NODEPORTS,
+                Rule::new(
+                    vec![
+                        comment(&format!("{spn} health check node port")),
+                        Match::Protocol(crate::model::Protocol::Tcp),
+                        Match::DestinationPort(hc_port),
+                    ],
+                    Target::Accept,
+                ),
+            );
+        }
+    }
+
+    /// §4.6.2: the service's own chains.
+    fn service_chains(&mut self, port: &ServicePort, chains: &PortChains) {
+        let spn = &port.name;
+        let spn_text: Arc<str> = spn.to_string().into();
+        let internal_chain = if port.internal_policy_local {
+            &chains.local
+        } else {
+            &chains.cluster
+        };
+
+        // 7. Masquerade cluster-IP traffic from outside the pod network.
+        if port.has_internal_endpoints() {
+            let mut matches = vec![
+                comment(&format!("{spn} cluster IP")),
+                Match::Protocol(spn.protocol),
+                dst(Addr::Host(port.cluster_ip)),
+                Match::DestinationPort(port.port),
+            ];
+            let detector = self.config.local_cidr(self.family);
+            if self.config.masquerade_all || detector.is_some() {
+                if let (false, Some(cidr)) = (self.config.masquerade_all, detector) {
+                    matches.push(Match::Source {
+                        addr: Addr::Net(cidr),
+                        negated: true,
+                    });
+                }
+                self.nat.add(
+                    internal_chain,
+                    Rule::new(matches, Target::Jump(self.mark_masq.clone())),
+                );
+            }
+        }
+
+        // 8. The external chain.
+        if port.uses_external_chain() {
+            let ext = &chains.external;
+            self.nat.declare(ext);
+            if !port.external_policy_local {
+                self.nat.add(
+                    ext,
+                    Rule::new(
+                        vec![comment(&format!(
+                            "masquerade traffic for {spn} external destinations"
+                        ))],
+                        Target::Jump(self.mark_masq.clone()),
+                    ),
+                );
+            } else {
+                if let Some(cidr) = self.config.local_cidr(self.family) {
+                    self.nat.add(
+                        ext,
+                        Rule::new(
+                            vec![
+                                comment(&format!("pod traffic for {spn} external destinations")),
+                                Match::Source {
+                                    addr: Addr::Net(cidr),
+                                    negated: false,
+                                },
+                            ],
+                            Target::Jump(chains.cluster.clone()),
+                        ),
+                    );
+                }
+                self.nat.add(
+                    ext,
+                    Rule::new(
+                        vec![
+                            comment(&format!(
+                                "masquerade LOCAL traffic for {spn} external destinations"
+                            )),
+                            Match::AddrType(AddrType::SourceLocal),
+                        ],
+                        Target::Jump(self.mark_masq.clone()),
+                    ),
+                );
+                self.nat.add(
+                    ext,
+                    Rule::new(
+                        vec![
+                            comment(&format!(
+                                "route LOCAL traffic for {spn} external destinations"
+                            )),
+                            Match::AddrType(AddrType::SourceLocal),
+                        ],
+                        Target::Jump(chains.cluster.clone()),
+                    ),
+                );
+            }
+            if port.has_external_endpoints() {
+                let policy_chain = if port.external_policy_local {
+                    &chains.local
+                } else {
+                    &chains.cluster
+                };
+                self.nat
+                    .add(ext, Rule::new(vec![], Target::Jump(policy_chain.clone())));
+            }
+        }
+
+        // 9. The firewall chain for loadBalancerSourceRanges.
+        if port.has_any_endpoints()
+            && !port.load_balancer_ips.is_empty()
+            && !port.source_ranges.is_empty()
+        {
+            let fw = &chains.firewall;
+            self.nat.declare(fw);
+            let lb_comment = comment(&format!("{spn} loadbalancer IP"));
+            let node_ip = self.config.primary_node_ip(self.family);
+            let mut allow_from_node = false;
+            for range in &port.source_ranges {
+                self.nat.add(
+                    fw,
+                    Rule::new(
+                        vec![
+                            lb_comment.clone(),
+                            Match::Source {
+                                addr: Addr::Net(*range),
+                                negated: false,
+                            },
+                        ],
+                        Target::Jump(chains.external.clone()),
+                    ),
+                );
+                allow_from_node |= node_ip.is_some_and(|ip| range.contains(&ip));
+            }
+            // A node reaching a VIP-like LB IP that is also local loops back with the VIP as
+            // source; let that through when the node itself is allowed.
+            if allow_from_node {
+                for &ip in &port.load_balancer_ips {
+                    self.nat.add(
+                        fw,
+                        Rule::new(
+                            vec![
+                                lb_comment.clone(),
+                                Match::Source {
+                                    addr: Addr::Host(ip),
+                                    negated: false,
+                                },
+                            ],
+                            Target::Jump(chains.external.clone()),
+                        ),
+                    );
+                }
+            }
+            self.nat.add(
+                fw,
+                Rule {
+                    matches: vec![comment(&format!(
+                        "other traffic to {spn} will be dropped by KUBE-PROXY-FIREWALL"
+                    ))],
+                    target: None,
+                },
+            );
+        }
+
+        // 10./11. Endpoint dispatch for each traffic policy in use.
+        if port.uses_cluster_chain() {
+            self.dispatch_chain(port, &chains.cluster, port.cluster_endpoints());
+        }
+        if port.uses_local_chain() {
+            self.dispatch_chain(port, &chains.local, port.local_endpoints());
+        }
+
+        // 12. One chain per reachable endpoint.
+        for endpoint in port.reachable_endpoints() {
+            let chain: ChainName = names::iptables_endpoint_chain(spn, endpoint).into();
+            self.nat.declare(&chain);
+            let mut head = Vec::with_capacity(4);
+            if !self.large_cluster {
+                head.push(Match::Comment(spn_text.clone()));
+            }
+            let mut hairpin = head.clone();
+            hairpin.push(Match::Source {
+                addr: Addr::Host(endpoint.ip()),
+                negated: false,
+            });
+            self.nat.add(
+                &chain,
+                Rule::new(hairpin, Target::Jump(self.mark_masq.clone())),
+            );
+            let mut dnat = head;
+            if port.affinity_timeout.is_some() {
+                dnat.push(Match::Recent {
+                    list: chain.clone(),
+                    check: RecentCheck::Set,
+                });
+            }
+            dnat.push(Match::Protocol(spn.protocol));
+            self.nat
+                .add(&chain, Rule::new(dnat, Target::Dnat(endpoint.addr)));
+        }
+    }
+
+    /// §4.7/§4.8: affinity checks, then a random choice with probability 1/(n-i).
+    fn dispatch_chain<'e>(
+        &mut self,
+        port: &ServicePort,
+        chain: &ChainName,
+        endpoints: impl ExactSizeIterator<Item = &'e Endpoint> + Clone,
+    ) {
+        self.nat.declare(chain);
+        let spn = &port.name;
+        let targets: Vec<(&Endpoint, ChainName)> = endpoints
+            .map(|e| (e, names::iptables_endpoint_chain(spn, e).into()))
+            .collect();
+        let endpoint_comment = |e: &Endpoint| -> Vec<Match> {
+            if self.large_cluster {
+                Vec::new()
+            } else {
+                vec![comment(&format!("{spn} -> {}", e.endpoint_string()))]
+            }
+        };
+        if let Some(seconds) = port.affinity_timeout {
+            for (endpoint, sep) in &targets {
+                let mut matches = endpoint_comment(endpoint);
+                matches.push(Match::Recent {
+                    list: sep.clone(),
+                    check: RecentCheck::SeenWithin(seconds),
+                });
+                self.nat
+                    .add(chain, Rule::new(matches, Target::Jump(sep.clone())));
+            }
+        }
+        let n = targets.len();
+        for (i, (endpoint, sep)) in targets.iter().enumerate() {
+            let mut matches = endpoint_comment(endpoint);
+            if i + 1 < n {
+                matches.push(Match::RandomProbability(1.0 / (n - i) as f64));
+            }
+            self.nat
+                .add(chain, Rule::new(matches, Target::Jump(sep.clone())));
+        }
+    }
+}
+
+fn comment(text: &str) -> Match {
+    Match::Comment(text.into())
+}
+
+fn dst(addr: Addr) -> Match {
+    Match::Destination {
+        addr,
+        negated: false,
+    }
+}
+
+/// The NodePort networks of this family, or `None` for "every local address" (kube-proxy's
+/// `NodePortAddresses.MatchAll`, which an empty list or a zero CIDR also means).
+fn nodeport_cidrs(config: &NodeConfig, family: IpFamily) -> Option<Vec<IpNet>> {
+    let cidrs: Vec<IpNet> = match config.nodeport_addresses.as_ref()? {
+        NodePortAddresses::Primary => config
+            .primary_node_ip(family)
+            .map(|ip| IpNet::new(ip, family.host_prefix()).expect("host prefix is valid"))
+            .into_iter()
+            .collect(),
+        NodePortAddresses::Cidrs(cidrs) => cidrs
+            .iter()
+            .filter(|c| IpFamily::of_net(c) == family)
+            .copied()
+            .collect(),
+    };
+    if cidrs.is_empty() || cidrs.iter().any(|c| c.prefix_len() == 0) {
+        None
+    } else {
+        Some(cidrs)
+    }
+}
+
+/// The node's local addresses (the loopback address first, then `--node-ip`s) inside `cidrs`.
+fn local_addresses_in(config: &NodeConfig, family: IpFamily, cidrs: &[IpNet]) -> Vec<IpAddr> {
+    let loopback = family.loopback_net().network();
+    let loopback = if family == IpFamily::V4 {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
+        loopback
+    };
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for ip in std::iter::once(loopback).chain(config.node_ips_of(family)) {
+        if cidrs.iter().any(|c| c.contains(&ip)) && !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    ips
+}
+
+/// Collects chains and their rules for one table, then orders them canonically.
+struct TableBuilder {
+    name: TableName,
+    chains: Vec<Chain>,
+    index: HashMap<ChainName, usize>,
+}
+
+impl TableBuilder {
+    fn new(name: TableName) -> TableBuilder {
+        TableBuilder {
+            name,
+            chains: Vec::new(),
+            index: HashMap::new(),
+        }
+    }
+
+    fn declare(&mut self, name: &ChainName) -> usize {
+        if let Some(&i) = self.index.get(name) {
+            return i;
+        }
+        self.chains.push(Chain {
+            name: name.clone(),
+            rules: Vec::new(),
+        });
+        self.index.insert(name.clone(), self.chains.len() - 1);
+        self.chains.len() - 1
+    }
+
+    fn add(&mut self, chain: &str, rule: Rule) {
+        let i = match self.index.get(chain) {
+            Some(&i) => i,
+            None => self.declare(&chain.into()),
+        };
+        self.chains[i].rules.push(rule);
+    }
+
+    /// Chains in kube-proxy's canonical dump order (`KUBE-NODEPORTS`, `KUBE-SERVICES`, then the
+    /// other chains by name): the order its tests compare in, so `render` output can be
+    /// diffed against kube-proxy's directly.
+    fn finish(mut self) -> Table {
+        self.chains
+            .sort_by(|a, b| chain_order(&a.name).cmp(&chain_order(&b.name)));
+        Table {
+            name: self.name,
+            chains: self.chains,
+        }
+    }
+}
+
+fn chain_order(name: &str) -> (u8, &str) {
+    let rank = match name {
+        KUBE_NODEPORTS => 0,
+        KUBE_SERVICES => 1,
+        _ if name.starts_with("KUBE-") => 2,
+        _ => 3,
+    };
+    (rank, name)
+}
