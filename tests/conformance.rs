@@ -59,7 +59,9 @@ impl VectorConfig {
         let mut config = NodeConfig::new(&self.hostname);
         config.family_mode = FamilyMode::V4;
         // The primary node IP first, then every interface address (without prefix length).
-        config.node_ips.push(parse_ip_sloppy(&self.node_ip).expect("nodeIP"));
+        config
+            .node_ips
+            .push(parse_ip_sloppy(&self.node_ip).expect("nodeIP"));
         for addr in self.node_ips.values().flatten() {
             let ip = parse_ip_sloppy(addr.split('/').next().unwrap_or_default()).expect("nodeIPs");
             if !config.node_ips.contains(&ip) {
@@ -132,28 +134,33 @@ fn render_iptables(dir: &Path) -> String {
 #[test]
 fn iptables_vectors_match_kube_proxy() {
     let dirs = vectors("iptables-");
-    assert!(dirs.len() >= 3, "expected the iptables vectors, found {dirs:?}");
+    assert!(
+        dirs.len() >= 3,
+        "expected the iptables vectors, found {dirs:?}"
+    );
     let mut failures = Vec::new();
     for dir in &dirs {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         let expected = fs::read_to_string(dir.join("expected.txt")).expect("expected.txt");
         let actual = render_iptables(dir);
-        let verdict = match first_difference(
-            &canonical_iptables(&expected),
-            &canonical_iptables(&actual),
-        ) {
-            None => "match".to_string(),
-            Some(diff) => {
-                failures.push(format!(
-                    "{name}:\n{}",
-                    common::diff(&canonical_iptables(&expected), &canonical_iptables(&actual))
-                ));
-                diff
-            }
-        };
+        let verdict =
+            match first_difference(&canonical_iptables(&expected), &canonical_iptables(&actual)) {
+                None => "match".to_string(),
+                Some(diff) => {
+                    failures.push(format!(
+                        "{name}:\n{}",
+                        common::diff(&canonical_iptables(&expected), &canonical_iptables(&actual))
+                    ));
+                    diff
+                }
+            };
         println!("conformance {name}: {verdict}");
         // kproxy renders in canonical order already, so the raw text must equal the sorted one.
-        assert_eq!(actual, canonical_iptables(&actual), "{name}: render is not canonical");
+        assert_eq!(
+            actual,
+            canonical_iptables(&actual),
+            "{name}: render is not canonical"
+        );
         let problems = iptables_consistency(&actual);
         assert!(problems.is_empty(), "{name}: {problems:#?}");
     }
@@ -165,4 +172,32 @@ fn consistency_check_can_fail() {
     let broken = "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-X - [0:0]\n-A KUBE-SERVICES -j KUBE-SEP-Y\nCOMMIT\n";
     let problems = iptables_consistency(broken);
     assert_eq!(problems.len(), 2, "{problems:?}");
+}
+
+/// The spec's worked example (§12.1) is assembled independently of the unit tests; kproxy's
+/// render of `examples/my-service.yaml` with the example's node settings must equal it.
+#[test]
+fn worked_example_matches_spec() {
+    let spec = fs::read_to_string(shared_dir().join("spec/kube-proxy-rules.md")).expect("spec");
+    let section = spec.split("### 12.1").nth(1).expect("spec has §12.1");
+    let expected = section
+        .split("```")
+        .nth(1)
+        .expect("§12.1 has a code block")
+        .trim_start_matches('\n')
+        .to_string();
+    let mut config = NodeConfig::new("node-1");
+    config.cluster_cidrs = vec!["10.244.0.0/16".parse().unwrap()];
+    config.iptables.nfacct_counters = true;
+    let manifests =
+        Manifests::read_paths(&[common::repo_dir().join("examples/my-service.yaml")]).unwrap();
+    let plan = pipeline::plan(&manifests.state, &config);
+    let actual = pipeline::iptables_rulesets(&plan, &config)[0].to_restore_text();
+    assert!(actual.contains("--rcheck --seconds 10000 --reap"));
+    let (expected, actual) = (canonical_iptables(&expected), canonical_iptables(&actual));
+    assert!(
+        expected == actual,
+        "render differs from spec §12.1:\n{}",
+        common::diff(&expected, &actual)
+    );
 }

@@ -2,6 +2,8 @@
 //! iptables ordering, and readable diffs.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::path::{Path, PathBuf};
 
 /// `../shared` beside the repository (CI puts it there). Missing is a failure, not a skip.
@@ -133,7 +135,10 @@ fn comment_service(rule: &str) -> String {
         return String::new();
     };
     let rest = rule[i + 10..].trim_start_matches('"');
-    rest.split([' ', ':', '"']).next().unwrap_or_default().to_string()
+    rest.split([' ', ':', '"'])
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// kube-proxy's consistency check on a dump: every non-built-in `-j` target is a declared
@@ -141,7 +146,13 @@ fn comment_service(rule: &str) -> String {
 /// jumped to. Returns the problems found.
 pub fn iptables_consistency(text: &str) -> Vec<String> {
     const BUILTIN_TARGETS: [&str; 7] = [
-        "ACCEPT", "DROP", "REJECT", "RETURN", "DNAT", "MARK", "MASQUERADE",
+        "ACCEPT",
+        "DROP",
+        "REJECT",
+        "RETURN",
+        "DNAT",
+        "MARK",
+        "MASQUERADE",
     ];
     const TOP_LEVEL: [&str; 9] = [
         "KUBE-SERVICES",
