@@ -1,0 +1,141 @@
+//! The `kproxy` binary's contract: inputs, messages and exit statuses (design notes,
+//! "Command-line contract").
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+fn kproxy(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kproxy"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kproxy runs");
+    let mut pipe = child.stdin.take().expect("stdin");
+    pipe.write_all(stdin.unwrap_or("").as_bytes())
+        .expect("stdin");
+    drop(pipe);
+    child.wait_with_output().expect("kproxy finishes")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn renders_the_session_affinity_example() {
+    let out = kproxy(
+        &["render", "--hostname", "n1", "examples/my-service.yaml"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let rules = text(&out.stdout);
+    assert_eq!(
+        rules.matches("--rcheck --seconds 10000 --reap").count(),
+        3,
+        "{rules}"
+    );
+    assert_eq!(
+        rules.matches("-m recent --name KUBE-SEP-").count(),
+        6,
+        "{rules}"
+    );
+    assert!(rules.starts_with("*filter\n") && rules.ends_with("COMMIT\n"));
+}
+
+#[test]
+fn reads_directories_and_stdin() {
+    let from_dir = kproxy(&["render", "--hostname", "n1", "examples/"], None);
+    let example = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/my-service.yaml"),
+    )
+    .unwrap();
+    let from_stdin = kproxy(&["render", "--hostname", "n1", "-"], Some(&example));
+    assert_eq!(
+        from_dir.status.code(),
+        Some(0),
+        "{}",
+        text(&from_dir.stderr)
+    );
+    assert_eq!(
+        from_stdin.status.code(),
+        Some(0),
+        "{}",
+        text(&from_stdin.stderr)
+    );
+    assert!(text(&from_dir.stdout).contains("default/my-service:http"));
+    assert!(text(&from_stdin.stdout).contains("default/my-service:http"));
+}
+
+#[test]
+fn malformed_yaml_fails_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.yaml");
+    std::fs::write(
+        &path,
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: [unclosed\n",
+    )
+    .unwrap();
+    let out = kproxy(
+        &["render", "--hostname", "n1", path.to_str().unwrap()],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("broken.yaml: malformed YAML/JSON at line "),
+        "stderr: {err}"
+    );
+    assert!(out.stdout.is_empty(), "no rules on a failed read");
+}
+
+#[test]
+fn unreadable_input_fails() {
+    let out = kproxy(&["render", "--hostname", "n1", "/nonexistent/x.yaml"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("cannot read /nonexistent/x.yaml"));
+}
+
+#[test]
+fn bad_flags_exit_2() {
+    let out = kproxy(&["render", "--mode", "ipvs", "examples/"], None);
+    assert_eq!(out.status.code(), Some(2));
+    let out = kproxy(&["render", "--node-ip", "not-an-ip", "examples/"], None);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn invalid_objects_are_reported_and_skipped_with_status_0() {
+    let input = "apiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: ns}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 0}]}\n";
+    let out = kproxy(&["render", "--hostname", "n1", "-"], Some(input));
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        text(&out.stderr),
+        "kproxy: skipped Service ns/bad: spec.ports[0].port 0 is outside 1..65535\n"
+    );
+    assert!(text(&out.stdout).contains("*nat"));
+}
+
+#[test]
+fn generate_produces_readable_manifests() {
+    let out = kproxy(&["generate", "--services", "20", "--endpoints", "3"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let rendered = kproxy(
+        &["render", "--hostname", "n1", "-"],
+        Some(&text(&out.stdout)),
+    );
+    assert_eq!(
+        rendered.status.code(),
+        Some(0),
+        "{}",
+        text(&rendered.stderr)
+    );
+    assert!(rendered.stderr.is_empty(), "{}", text(&rendered.stderr));
+    let rules = text(&rendered.stdout);
+    // 20 services, plus a second (UDP) port on every twentieth: one capture rule each (no
+    // --cluster-cidr, so no masquerade rule repeats the comment).
+    assert_eq!(rules.matches(" cluster IP\" -m").count(), 21, "{rules}");
+    assert_eq!(rules.matches("-j DNAT").count(), 21 * 3);
+}
