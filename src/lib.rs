@@ -12,3 +12,4 @@ pub mod names;
 pub mod pipeline;
 pub mod source;
 pub mod synthetic;
+pub mod text;

@@ -7,7 +7,8 @@ mod translate;
 
 pub use render::write_rule;
 pub use ruleset::{
-    Addr, AddrType, Chain, ChainName, Match, RecentCheck, Rule, Ruleset, Table, TableName, Target,
+    Addr, AddrType, Chain, ChainName, Match, Matches, RecentCheck, Rule, Ruleset, Table, TableName,
+    Target,
 };
 pub use translate::translate;
 

@@ -1,8 +1,7 @@
 //! The one place where typed iptables rules become `iptables-restore` text.
 
-use std::fmt::{self, Write};
-
 use super::ruleset::{Addr, AddrType, Match, RecentCheck, Rule, Ruleset, Table, Target};
+use crate::text::{push_ip, push_socket, push_u32};
 
 impl Ruleset {
     /// `iptables-restore` input (or `ip6tables-restore` for IPv6): every table, every chain
@@ -10,8 +9,7 @@ impl Ruleset {
     pub fn to_restore_text(&self) -> String {
         let mut out = String::with_capacity(self.estimated_len());
         for table in self.tables() {
-            // Writing into a String cannot fail.
-            let _ = write_table(&mut out, table);
+            write_table(&mut out, table);
         }
         out
     }
@@ -22,112 +20,164 @@ impl Ruleset {
             .map(|t| {
                 t.chains
                     .iter()
-                    .map(|c| 40 + c.rules.len() * 130)
+                    .map(|c| 40 + c.rules.len() * 110)
                     .sum::<usize>()
             })
             .sum()
     }
 }
 
-fn write_table(out: &mut String, table: &Table) -> fmt::Result {
-    writeln!(out, "*{}", table.name.as_str())?;
+fn write_table(out: &mut String, table: &Table) {
+    out.push('*');
+    out.push_str(table.name.as_str());
+    out.push('\n');
     for chain in &table.chains {
-        writeln!(out, ":{} - [0:0]", chain.name)?;
+        out.push(':');
+        out.push_str(&chain.name);
+        out.push_str(" - [0:0]\n");
     }
     for chain in &table.chains {
         for rule in &chain.rules {
-            write!(out, "-A {}", chain.name)?;
-            write_rule(out, rule)?;
+            out.push_str("-A ");
+            out.push_str(&chain.name);
+            write_rule(out, rule);
             out.push('\n');
         }
     }
     out.push_str("COMMIT\n");
-    Ok(())
 }
 
 /// Writes the part of a rule after `-A CHAIN`, each piece preceded by a space.
-pub fn write_rule(out: &mut String, rule: &Rule) -> fmt::Result {
+pub fn write_rule(out: &mut String, rule: &Rule) {
     for m in &rule.matches {
-        write_match(out, m)?;
+        write_match(out, m);
     }
     if let Some(target) = &rule.target {
-        write_target(out, target)?;
+        write_target(out, target);
     }
-    Ok(())
 }
 
-fn not(negated: bool) -> &'static str {
+fn push_not(out: &mut String, negated: bool) {
     if negated {
-        " !"
-    } else {
-        ""
+        out.push_str(" !");
     }
 }
 
-impl fmt::Display for Addr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Addr::Host(ip) => write!(f, "{ip}"),
-            Addr::Net(net) => write!(f, "{net}"),
+fn push_addr(out: &mut String, addr: &Addr) {
+    match addr {
+        Addr::Host(ip) => push_ip(out, *ip),
+        Addr::Net(net) => {
+            push_ip(out, net.addr());
+            out.push('/');
+            push_u32(out, net.prefix_len().into());
         }
     }
 }
 
-fn write_match(out: &mut String, m: &Match) -> fmt::Result {
+fn write_match(out: &mut String, m: &Match) {
     match m {
         Match::Comment(text) => {
             // iptables-restore splits on blanks; names are validated, so a space is the only
             // character that needs quoting.
+            out.push_str(" -m comment --comment ");
             if text.contains(' ') {
-                write!(out, " -m comment --comment \"{text}\"")
+                out.push('"');
+                out.push_str(text);
+                out.push('"');
             } else {
-                write!(out, " -m comment --comment {text}")
+                out.push_str(text);
             }
         }
-        Match::Protocol(p) => write!(out, " -m {0} -p {0}", p.lower()),
-        Match::Source { addr, negated } => write!(out, "{} -s {addr}", not(*negated)),
-        Match::Destination { addr, negated } => write!(out, "{} -d {addr}", not(*negated)),
-        Match::DestinationPort(port) => write!(out, " --dport {port}"),
-        Match::AddrType(AddrType::SourceLocal) => out.write_str(" -m addrtype --src-type LOCAL"),
-        Match::AddrType(AddrType::DestinationLocal) => {
-            out.write_str(" -m addrtype --dst-type LOCAL")
+        Match::Protocol(p) => {
+            out.push_str(" -m ");
+            out.push_str(p.lower());
+            out.push_str(" -p ");
+            out.push_str(p.lower());
         }
-        Match::Recent { list, check } => match check {
-            RecentCheck::Set => write!(out, " -m recent --name {list} --set"),
-            RecentCheck::SeenWithin(seconds) => write!(
-                out,
-                " -m recent --name {list} --rcheck --seconds {seconds} --reap"
-            ),
-        },
+        Match::Source { addr, negated } => {
+            push_not(out, *negated);
+            out.push_str(" -s ");
+            push_addr(out, addr);
+        }
+        Match::Destination { addr, negated } => {
+            push_not(out, *negated);
+            out.push_str(" -d ");
+            push_addr(out, addr);
+        }
+        Match::DestinationPort(port) => {
+            out.push_str(" --dport ");
+            push_u32(out, (*port).into());
+        }
+        Match::AddrType(AddrType::SourceLocal) => out.push_str(" -m addrtype --src-type LOCAL"),
+        Match::AddrType(AddrType::DestinationLocal) => {
+            out.push_str(" -m addrtype --dst-type LOCAL")
+        }
+        Match::Recent { list, check } => {
+            out.push_str(" -m recent --name ");
+            out.push_str(list);
+            match check {
+                RecentCheck::Set => out.push_str(" --set"),
+                RecentCheck::SeenWithin(seconds) => {
+                    out.push_str(" --rcheck --seconds ");
+                    push_u32(out, *seconds);
+                    out.push_str(" --reap");
+                }
+            }
+        }
         Match::RandomProbability(p) => {
-            write!(out, " -m statistic --mode random --probability {p:.10}")
+            // Go's %0.10f: correctly rounded, ties to even, as Rust's fixed precision is.
+            out.push_str(&format!(
+                " -m statistic --mode random --probability {p:.10}"
+            ));
         }
         Match::Mark { mark, negated } => {
-            write!(out, " -m mark{} --mark {mark}/{mark}", not(*negated))
+            out.push_str(" -m mark");
+            push_not(out, *negated);
+            out.push_str(" --mark ");
+            out.push_str(mark);
+            out.push('/');
+            out.push_str(mark);
         }
         Match::ConntrackState { states, negated } => {
-            write!(out, " -m conntrack{} --ctstate {states}", not(*negated))
+            out.push_str(" -m conntrack");
+            push_not(out, *negated);
+            out.push_str(" --ctstate ");
+            out.push_str(states);
         }
-        Match::Nfacct(name) => write!(out, " -m nfacct --nfacct-name {name}"),
+        Match::Nfacct(name) => {
+            out.push_str(" -m nfacct --nfacct-name ");
+            out.push_str(name);
+        }
     }
 }
 
-fn write_target(out: &mut String, target: &Target) -> fmt::Result {
+fn write_target(out: &mut String, target: &Target) {
     match target {
-        Target::Jump(chain) => write!(out, " -j {chain}"),
-        Target::Accept => out.write_str(" -j ACCEPT"),
-        Target::Drop => out.write_str(" -j DROP"),
-        Target::Reject => out.write_str(" -j REJECT"),
-        Target::Return => out.write_str(" -j RETURN"),
-        Target::Dnat(addr) => write!(out, " -j DNAT --to-destination {addr}"),
-        Target::MarkOr(mark) => write!(out, " -j MARK --or-mark {mark}"),
-        Target::MarkXor(mark) => write!(out, " -j MARK --xor-mark {mark}"),
+        Target::Jump(chain) => {
+            out.push_str(" -j ");
+            out.push_str(chain);
+        }
+        Target::Accept => out.push_str(" -j ACCEPT"),
+        Target::Drop => out.push_str(" -j DROP"),
+        Target::Reject => out.push_str(" -j REJECT"),
+        Target::Return => out.push_str(" -j RETURN"),
+        Target::Dnat(addr) => {
+            out.push_str(" -j DNAT --to-destination ");
+            push_socket(out, *addr);
+        }
+        Target::MarkOr(mark) => {
+            out.push_str(" -j MARK --or-mark ");
+            out.push_str(mark);
+        }
+        Target::MarkXor(mark) => {
+            out.push_str(" -j MARK --xor-mark ");
+            out.push_str(mark);
+        }
         Target::Masquerade { random_fully } => {
-            out.write_str(" -j MASQUERADE")?;
+            out.push_str(" -j MASQUERADE");
             if *random_fully {
-                out.write_str(" --random-fully")?;
+                out.push_str(" --random-fully");
             }
-            Ok(())
         }
     }
 }
@@ -140,7 +190,7 @@ mod tests {
     fn probability_has_ten_decimals_rounded_like_go() {
         let text = |p: f64| {
             let mut s = String::new();
-            write_match(&mut s, &Match::RandomProbability(p)).unwrap();
+            write_match(&mut s, &Match::RandomProbability(p));
             s.rsplit(' ').next().unwrap().to_string()
         };
         assert_eq!(text(1.0 / 2.0), "0.5000000000");

@@ -7,8 +7,11 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
+use smallvec::smallvec;
+
 use super::ruleset::{
-    Addr, AddrType, Chain, ChainName, Match, RecentCheck, Rule, Ruleset, Table, TableName, Target,
+    Addr, AddrType, Chain, ChainName, Match, Matches, RecentCheck, Rule, Ruleset, Table, TableName,
+    Target,
 };
 use super::{
     KUBE_EXTERNAL_SERVICES, KUBE_FIREWALL, KUBE_FORWARD, KUBE_MARK_MASQ, KUBE_NODEPORTS,
@@ -17,7 +20,7 @@ use super::{
 use crate::config::{NodeConfig, NodePortAddresses};
 use crate::family::IpFamily;
 use crate::model::{Endpoint, NoEndpointVerdict, ProxyModel, ServicePort};
-use crate::names;
+use crate::names::IptablesPortNames;
 
 const NFACCT_INVALID_DROPPED: &str = "ct_state_invalid_dropped_pkts";
 const NFACCT_LOCALHOST_NODEPORTS: &str = "localhost_nps_accepted_pkts";
@@ -50,18 +53,18 @@ struct PortChains {
     local: ChainName,
     external: ChainName,
     firewall: ChainName,
-    hash: String,
+    names: IptablesPortNames,
 }
 
 impl PortChains {
     fn new(port: &ServicePort) -> PortChains {
-        let hash = names::iptables_port_hash(&port.name);
+        let names = IptablesPortNames::new(&port.name);
         PortChains {
-            cluster: format!("KUBE-SVC-{hash}").into(),
-            local: format!("KUBE-SVL-{hash}").into(),
-            external: format!("KUBE-EXT-{hash}").into(),
-            firewall: format!("KUBE-FW-{hash}").into(),
-            hash,
+            cluster: names.chain("KUBE-SVC").into(),
+            local: names.chain("KUBE-SVL").into(),
+            external: names.chain("KUBE-EXT").into(),
+            firewall: names.chain("KUBE-FW").into(),
+            names,
         }
     }
 }
@@ -137,7 +140,7 @@ impl<'a> Translator<'a> {
             self.filter.add(
                 KUBE_FIREWALL,
                 Rule::new(
-                    vec![
+                    smallvec![
                         comment("block incoming localnet connections"),
                         dst(Addr::Net(IpFamily::V4.loopback_net())),
                         Match::Source {
@@ -155,15 +158,15 @@ impl<'a> Translator<'a> {
         }
         let postrouting = [
             Rule::new(
-                vec![Match::Mark {
+                smallvec![Match::Mark {
                     mark: mark.clone(),
                     negated: true,
                 }],
                 Target::Return,
             ),
-            Rule::new(vec![], Target::MarkXor(mark.clone())),
+            Rule::new(smallvec![], Target::MarkXor(mark.clone())),
             Rule::new(
-                vec![comment("kubernetes service traffic requiring SNAT")],
+                smallvec![comment("kubernetes service traffic requiring SNAT")],
                 Target::Masquerade {
                     random_fully: self.config.iptables.random_fully,
                 },
@@ -174,14 +177,14 @@ impl<'a> Translator<'a> {
         }
         self.nat.add(
             KUBE_MARK_MASQ,
-            Rule::new(vec![], Target::MarkOr(mark.clone())),
+            Rule::new(smallvec![], Target::MarkOr(mark.clone())),
         );
     }
 
     /// §4.5: filter `KUBE-FORWARD`, written after all services.
     fn forward_rules(&mut self) {
         if !self.config.iptables.conntrack_tcp_be_liberal {
-            let mut matches = vec![Match::ConntrackState {
+            let mut matches = smallvec![Match::ConntrackState {
                 states: "INVALID",
                 negated: false,
             }];
@@ -194,7 +197,7 @@ impl<'a> Translator<'a> {
         self.filter.add(
             KUBE_FORWARD,
             Rule::new(
-                vec![
+                smallvec![
                     comment("kubernetes forwarding rules"),
                     Match::Mark {
                         mark: self.mark.clone(),
@@ -207,7 +210,7 @@ impl<'a> Translator<'a> {
         self.filter.add(
             KUBE_FORWARD,
             Rule::new(
-                vec![
+                smallvec![
                     comment("kubernetes forwarding conntrack rule"),
                     Match::ConntrackState {
                         states: "RELATED,ESTABLISHED",
@@ -224,7 +227,7 @@ impl<'a> Translator<'a> {
         let jump = Target::Jump(KUBE_NODEPORTS.into());
         match &self.nodeport_ips {
             None => {
-                let mut matches = vec![
+                let mut matches = smallvec![
                     comment(NODEPORTS_TAIL_COMMENT),
                     Match::AddrType(AddrType::DestinationLocal),
                 ];
@@ -244,7 +247,7 @@ impl<'a> Translator<'a> {
                     self.nat.add(
                         KUBE_SERVICES,
                         Rule::new(
-                            vec![comment(NODEPORTS_TAIL_COMMENT), dst(Addr::Host(*ip))],
+                            smallvec![comment(NODEPORTS_TAIL_COMMENT), dst(Addr::Host(*ip))],
                             jump.clone(),
                         ),
                     );
@@ -284,7 +287,7 @@ impl<'a> Translator<'a> {
             None => self.nat.add(
                 KUBE_SERVICES,
                 Rule::new(
-                    vec![
+                    smallvec![
                         comment(&format!("{spn} cluster IP")),
                         proto.clone(),
                         to(port.cluster_ip),
@@ -296,7 +299,7 @@ impl<'a> Translator<'a> {
             Some(verdict) => self.filter.add(
                 KUBE_SERVICES,
                 Rule::new(
-                    vec![
+                    smallvec![
                         comment(&port.refusal_comment(verdict)),
                         proto.clone(),
                         to(port.cluster_ip),
@@ -313,7 +316,7 @@ impl<'a> Translator<'a> {
                 self.nat.add(
                     KUBE_SERVICES,
                     Rule::new(
-                        vec![
+                        smallvec![
                             comment(&format!("{spn} external IP")),
                             proto.clone(),
                             to(ip),
@@ -327,7 +330,7 @@ impl<'a> Translator<'a> {
                 self.filter.add(
                     KUBE_EXTERNAL_SERVICES,
                     Rule::new(
-                        vec![
+                        smallvec![
                             comment(&port.refusal_comment(verdict)),
                             proto.clone(),
                             to(ip),
@@ -350,7 +353,7 @@ impl<'a> Translator<'a> {
                 self.nat.add(
                     KUBE_SERVICES,
                     Rule::new(
-                        vec![
+                        smallvec![
                             comment(&format!("{spn} loadbalancer IP")),
                             proto.clone(),
                             to(ip),
@@ -364,10 +367,10 @@ impl<'a> Translator<'a> {
                 self.filter.add(
                     KUBE_PROXY_FIREWALL,
                     Rule::new(
-                        vec![
+                        smallvec![
                             comment(&format!(
                                 "{spn} traffic not accepted by KUBE-FW-{}",
-                                chains.hash
+                                chains.names.hash
                             )),
                             proto.clone(),
                             to(ip),
@@ -384,7 +387,7 @@ impl<'a> Translator<'a> {
                 self.filter.add(
                     KUBE_EXTERNAL_SERVICES,
                     Rule::new(
-                        vec![
+                        smallvec![
                             comment(&port.refusal_comment(verdict)),
                             proto.clone(),
                             to(ip),
@@ -404,7 +407,7 @@ impl<'a> Translator<'a> {
                     self.nat.add(
                         KUBE_NODEPORTS,
                         Rule::new(
-                            vec![
+                            smallvec![
                                 spn_comment.clone(),
                                 proto.clone(),
                                 dst(Addr::Net(IpFamily::V4.loopback_net())),
@@ -418,7 +421,7 @@ impl<'a> Translator<'a> {
                 self.nat.add(
                     KUBE_NODEPORTS,
                     Rule::new(
-                        vec![
+                        smallvec![
                             spn_comment,
                             proto.clone(),
                             Match::DestinationPort(node_port),
@@ -431,7 +434,7 @@ impl<'a> Translator<'a> {
                 self.filter.add(
                     KUBE_EXTERNAL_SERVICES,
                     Rule::new(
-                        vec![
+                        smallvec![
                             comment(&port.refusal_comment(verdict)),
                             Match::AddrType(AddrType::DestinationLocal),
                             proto.clone(),
@@ -448,7 +451,7 @@ impl<'a> Translator<'a> {
             self.filter.add(
                 KUBE_NODEPORTS,
                 Rule::new(
-                    vec![
+                    smallvec![
                         comment(&format!("{spn} health check node port")),
                         Match::Protocol(crate::model::Protocol::Tcp),
                         Match::DestinationPort(hc_port),
@@ -471,7 +474,7 @@ impl<'a> Translator<'a> {
 
         // 7. Masquerade cluster-IP traffic from outside the pod network.
         if port.has_internal_endpoints() {
-            let mut matches = vec![
+            let mut matches = smallvec![
                 comment(&format!("{spn} cluster IP")),
                 Match::Protocol(spn.protocol),
                 dst(Addr::Host(port.cluster_ip)),
@@ -500,7 +503,7 @@ impl<'a> Translator<'a> {
                 self.nat.add(
                     ext,
                     Rule::new(
-                        vec![comment(&format!(
+                        smallvec![comment(&format!(
                             "masquerade traffic for {spn} external destinations"
                         ))],
                         Target::Jump(self.mark_masq.clone()),
@@ -511,7 +514,7 @@ impl<'a> Translator<'a> {
                     self.nat.add(
                         ext,
                         Rule::new(
-                            vec![
+                            smallvec![
                                 comment(&format!("pod traffic for {spn} external destinations")),
                                 Match::Source {
                                     addr: Addr::Net(cidr),
@@ -525,7 +528,7 @@ impl<'a> Translator<'a> {
                 self.nat.add(
                     ext,
                     Rule::new(
-                        vec![
+                        smallvec![
                             comment(&format!(
                                 "masquerade LOCAL traffic for {spn} external destinations"
                             )),
@@ -537,7 +540,7 @@ impl<'a> Translator<'a> {
                 self.nat.add(
                     ext,
                     Rule::new(
-                        vec![
+                        smallvec![
                             comment(&format!(
                                 "route LOCAL traffic for {spn} external destinations"
                             )),
@@ -553,8 +556,10 @@ impl<'a> Translator<'a> {
                 } else {
                     &chains.cluster
                 };
-                self.nat
-                    .add(ext, Rule::new(vec![], Target::Jump(policy_chain.clone())));
+                self.nat.add(
+                    ext,
+                    Rule::new(smallvec![], Target::Jump(policy_chain.clone())),
+                );
             }
         }
 
@@ -572,7 +577,7 @@ impl<'a> Translator<'a> {
                 self.nat.add(
                     fw,
                     Rule::new(
-                        vec![
+                        smallvec![
                             lb_comment.clone(),
                             Match::Source {
                                 addr: Addr::Net(*range),
@@ -591,7 +596,7 @@ impl<'a> Translator<'a> {
                     self.nat.add(
                         fw,
                         Rule::new(
-                            vec![
+                            smallvec![
                                 lb_comment.clone(),
                                 Match::Source {
                                     addr: Addr::Host(ip),
@@ -606,7 +611,7 @@ impl<'a> Translator<'a> {
             self.nat.add(
                 fw,
                 Rule {
-                    matches: vec![comment(&format!(
+                    matches: smallvec![comment(&format!(
                         "other traffic to {spn} will be dropped by KUBE-PROXY-FIREWALL"
                     ))],
                     target: None,
@@ -614,19 +619,33 @@ impl<'a> Translator<'a> {
             );
         }
 
+        // The endpoint chain names, computed once per endpoint (indexed like `port.endpoints`).
+        let mut endpoint_chains: Vec<Option<ChainName>> = vec![None; port.endpoints.len()];
+        for &i in &port.selection.reachable {
+            endpoint_chains[i] = Some(chains.names.endpoint_chain(&port.endpoints[i]).into());
+        }
+
         // 10./11. Endpoint dispatch for each traffic policy in use.
         if port.uses_cluster_chain() {
-            self.dispatch_chain(port, &chains.cluster, port.cluster_endpoints());
+            self.dispatch_chain(
+                port,
+                &chains.cluster,
+                &port.selection.cluster,
+                &endpoint_chains,
+            );
         }
         if port.uses_local_chain() {
-            self.dispatch_chain(port, &chains.local, port.local_endpoints());
+            self.dispatch_chain(port, &chains.local, &port.selection.local, &endpoint_chains);
         }
 
         // 12. One chain per reachable endpoint.
-        for endpoint in port.reachable_endpoints() {
-            let chain: ChainName = names::iptables_endpoint_chain(spn, endpoint).into();
-            self.nat.declare(&chain);
-            let mut head = Vec::with_capacity(4);
+        for &i in &port.selection.reachable {
+            let endpoint = &port.endpoints[i];
+            let Some(chain) = endpoint_chains[i].clone() else {
+                continue;
+            };
+            let at = self.nat.declare(&chain);
+            let mut head = Matches::new();
             if !self.large_cluster {
                 head.push(Match::Comment(spn_text.clone()));
             }
@@ -648,27 +667,30 @@ impl<'a> Translator<'a> {
             }
             dnat.push(Match::Protocol(spn.protocol));
             self.nat
-                .add(&chain, Rule::new(dnat, Target::Dnat(endpoint.addr)));
+                .add_at(at, Rule::new(dnat, Target::Dnat(endpoint.addr)));
         }
     }
 
     /// §4.7/§4.8: affinity checks, then a random choice with probability 1/(n-i).
-    fn dispatch_chain<'e>(
+    /// `endpoints` indexes `port.endpoints`; `endpoint_chains` holds their chain names.
+    fn dispatch_chain(
         &mut self,
         port: &ServicePort,
         chain: &ChainName,
-        endpoints: impl ExactSizeIterator<Item = &'e Endpoint> + Clone,
+        endpoints: &[usize],
+        endpoint_chains: &[Option<ChainName>],
     ) {
-        self.nat.declare(chain);
+        let at = self.nat.declare(chain);
         let spn = &port.name;
         let targets: Vec<(&Endpoint, ChainName)> = endpoints
-            .map(|e| (e, names::iptables_endpoint_chain(spn, e).into()))
+            .iter()
+            .filter_map(|&i| Some((&port.endpoints[i], endpoint_chains[i].clone()?)))
             .collect();
-        let endpoint_comment = |e: &Endpoint| -> Vec<Match> {
+        let endpoint_comment = |e: &Endpoint| -> Matches {
             if self.large_cluster {
-                Vec::new()
+                Matches::new()
             } else {
-                vec![comment(&format!("{spn} -> {}", e.endpoint_string()))]
+                smallvec![comment(&format!("{spn} -> {}", e.endpoint_string()))]
             }
         };
         if let Some(seconds) = port.affinity_timeout {
@@ -679,7 +701,7 @@ impl<'a> Translator<'a> {
                     check: RecentCheck::SeenWithin(seconds),
                 });
                 self.nat
-                    .add(chain, Rule::new(matches, Target::Jump(sep.clone())));
+                    .add_at(at, Rule::new(matches, Target::Jump(sep.clone())));
             }
         }
         let n = targets.len();
@@ -689,7 +711,7 @@ impl<'a> Translator<'a> {
                 matches.push(Match::RandomProbability(1.0 / (n - i) as f64));
             }
             self.nat
-                .add(chain, Rule::new(matches, Target::Jump(sep.clone())));
+                .add_at(at, Rule::new(matches, Target::Jump(sep.clone())));
         }
     }
 }
@@ -772,6 +794,7 @@ impl TableBuilder {
         self.chains.len() - 1
     }
 
+    /// Appends a rule to a chain, declaring the chain if needed.
     fn add(&mut self, chain: &str, rule: Rule) {
         let i = match self.index.get(chain) {
             Some(&i) => i,
@@ -780,12 +803,17 @@ impl TableBuilder {
         self.chains[i].rules.push(rule);
     }
 
+    /// Appends a rule to a chain already declared (by the index `declare` returned).
+    fn add_at(&mut self, chain: usize, rule: Rule) {
+        self.chains[chain].rules.push(rule);
+    }
+
     /// Chains in kube-proxy's canonical dump order (`KUBE-NODEPORTS`, `KUBE-SERVICES`, then the
     /// other chains by name): the order its tests compare in, so `render` output can be
     /// diffed against kube-proxy's directly.
     fn finish(mut self) -> Table {
         self.chains
-            .sort_by(|a, b| chain_order(&a.name).cmp(&chain_order(&b.name)));
+            .sort_by_cached_key(|c| (chain_rank(&c.name), c.name.clone()));
         Table {
             name: self.name,
             chains: self.chains,
@@ -793,12 +821,11 @@ impl TableBuilder {
     }
 }
 
-fn chain_order(name: &str) -> (u8, &str) {
-    let rank = match name {
+fn chain_rank(name: &str) -> u8 {
+    match name {
         KUBE_NODEPORTS => 0,
         KUBE_SERVICES => 1,
         _ if name.starts_with("KUBE-") => 2,
         _ => 3,
-    };
-    (rank, name)
+    }
 }

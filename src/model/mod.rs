@@ -96,7 +96,7 @@ impl Endpoint {
 
     /// `ip:port`, with brackets around IPv6 (Go's `net.JoinHostPort`).
     pub fn endpoint_string(&self) -> String {
-        self.addr.to_string()
+        crate::text::socket_string(self.addr)
     }
 
     pub fn serving_terminating(&self) -> bool {

@@ -1,0 +1,38 @@
+//! Times each step of a render of the synthetic cluster: `cargo run --release --example
+//! phase_timing -- [SERVICES] [ENDPOINTS]`. For finding where render time goes; the benchmark
+//! that reports the figures is `cargo bench --bench render`.
+use std::time::Instant;
+
+fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let services = args.first().copied().unwrap_or(10_000);
+    let endpoints = args.get(1).copied().unwrap_or(10);
+    let state = kproxy::synthetic::cluster(services, endpoints);
+    let mut config = kproxy::config::NodeConfig::new("node-1");
+    config.cluster_cidrs = vec!["10.128.0.0/9".parse().expect("constant CIDR")];
+    for _ in 0..3 {
+        let t = Instant::now();
+        let (cluster, _) = kproxy::model::validate(&state);
+        let t1 = t.elapsed();
+        let model =
+            kproxy::model::ProxyModel::build(&cluster, &config, kproxy::family::IpFamily::V4);
+        let t2 = t.elapsed();
+        let ruleset = kproxy::iptables::translate(&model, &config);
+        let t3 = t.elapsed();
+        let text = ruleset.to_restore_text();
+        let t4 = t.elapsed();
+        drop((cluster, model, ruleset, text));
+        let t5 = t.elapsed();
+        println!(
+            "validate {:?} build {:?} translate {:?} render {:?} drop {:?}",
+            t1,
+            t2 - t1,
+            t3 - t2,
+            t4 - t3,
+            t5 - t4
+        );
+    }
+}
