@@ -20,7 +20,7 @@ impl Ruleset {
             .map(|t| {
                 t.chains
                     .iter()
-                    .map(|c| 40 + c.rules.len() * 110)
+                    .map(|c| 48 + c.rules.len() * 128)
                     .sum::<usize>()
             })
             .sum()

@@ -55,6 +55,16 @@ pub struct Chain {
     pub rules: Vec<Rule>,
 }
 
+impl Chain {
+    /// An empty chain with room for `rules` rules.
+    pub fn new(name: ChainName, rules: usize) -> Chain {
+        Chain {
+            name,
+            rules: Vec::with_capacity(rules),
+        }
+    }
+}
+
 /// One `-A` line: matches in the order they are written, then an optional target (a rule
 /// without target only counts packets; kube-proxy uses one at the end of `KUBE-FW-…`).
 #[derive(Debug, Clone, PartialEq)]
@@ -63,9 +73,9 @@ pub struct Rule {
     pub target: Option<Target>,
 }
 
-/// A rule's matches. Almost every rule has at most four, kept inline: a large ruleset has
+/// A rule's matches. Almost every rule has at most three, kept inline: a large ruleset has
 /// hundreds of thousands of rules, and one allocation less per rule is measurable.
-pub type Matches = SmallVec<[Match; 4]>;
+pub type Matches = SmallVec<[Match; 3]>;
 
 /// An address match operand: a host (`-d 10.0.0.1`) or a network (`-s 10.0.0.0/8`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,7 +1,6 @@
 //! ProxyModel → iptables [`Ruleset`]: a pure function of the model and the node settings.
 //! Spec §4.5 (static rules) and §4.6–§4.9 (per service port); the rule text is kube-proxy's.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -82,28 +81,26 @@ impl<'a> Translator<'a> {
                     .any(|c| c.contains(&IpAddr::from([127, 0, 0, 0])))
             });
         let nodeport_ips = nodeport_cidrs.map(|cidrs| local_addresses_in(config, family, &cidrs));
-        let mut filter = TableBuilder::new(TableName::Filter);
-        for chain in [
+        let mut filter_chains = vec![
             KUBE_SERVICES,
             KUBE_EXTERNAL_SERVICES,
             KUBE_FORWARD,
             KUBE_NODEPORTS,
             KUBE_PROXY_FIREWALL,
-        ] {
-            filter.declare(&chain.into());
-        }
+        ];
         if localhost_nodeports {
-            filter.declare(&KUBE_FIREWALL.into());
+            filter_chains.push(KUBE_FIREWALL);
         }
-        let mut nat = TableBuilder::new(TableName::Nat);
-        for chain in [
-            KUBE_SERVICES,
-            KUBE_NODEPORTS,
-            KUBE_POSTROUTING,
-            KUBE_MARK_MASQ,
-        ] {
-            nat.declare(&chain.into());
-        }
+        let filter = TableBuilder::new(TableName::Filter, &filter_chains);
+        let nat = TableBuilder::new(
+            TableName::Nat,
+            &[
+                KUBE_SERVICES,
+                KUBE_NODEPORTS,
+                KUBE_POSTROUTING,
+                KUBE_MARK_MASQ,
+            ],
+        );
         Translator {
             model,
             config,
@@ -462,93 +459,77 @@ impl<'a> Translator<'a> {
         }
     }
 
-    /// §4.6.2: the service's own chains.
+    /// §4.6.2: the service's own chains, built locally and handed to the nat table at once.
     fn service_chains(&mut self, port: &ServicePort, chains: &PortChains) {
         let spn = &port.name;
-        let spn_text: Arc<str> = spn.to_string().into();
-        let internal_chain = if port.internal_policy_local {
-            &chains.local
-        } else {
-            &chains.cluster
-        };
+        let mark_masq = || Target::Jump(self.mark_masq.clone());
+        let local_cidr = self.config.local_cidr(self.family);
+        let mut cluster = Chain::new(chains.cluster.clone(), 0);
+        let mut local = Chain::new(chains.local.clone(), 0);
 
         // 7. Masquerade cluster-IP traffic from outside the pod network.
-        if port.has_internal_endpoints() {
-            let mut matches = smallvec![
+        if port.has_internal_endpoints() && (self.config.masquerade_all || local_cidr.is_some()) {
+            let mut matches: Matches = smallvec![
                 comment(&format!("{spn} cluster IP")),
                 Match::Protocol(spn.protocol),
                 dst(Addr::Host(port.cluster_ip)),
                 Match::DestinationPort(port.port),
             ];
-            let detector = self.config.local_cidr(self.family);
-            if self.config.masquerade_all || detector.is_some() {
-                if let (false, Some(cidr)) = (self.config.masquerade_all, detector) {
-                    matches.push(Match::Source {
-                        addr: Addr::Net(cidr),
-                        negated: true,
-                    });
-                }
-                self.nat.add(
-                    internal_chain,
-                    Rule::new(matches, Target::Jump(self.mark_masq.clone())),
-                );
+            if let (false, Some(cidr)) = (self.config.masquerade_all, local_cidr) {
+                matches.push(Match::Source {
+                    addr: Addr::Net(cidr),
+                    negated: true,
+                });
             }
+            let internal = if port.internal_policy_local {
+                &mut local
+            } else {
+                &mut cluster
+            };
+            internal.rules.push(Rule::new(matches, mark_masq()));
         }
 
         // 8. The external chain.
         if port.uses_external_chain() {
-            let ext = &chains.external;
-            self.nat.declare(ext);
+            let mut ext = Chain::new(chains.external.clone(), 4);
             if !port.external_policy_local {
-                self.nat.add(
-                    ext,
-                    Rule::new(
-                        smallvec![comment(&format!(
-                            "masquerade traffic for {spn} external destinations"
-                        ))],
-                        Target::Jump(self.mark_masq.clone()),
-                    ),
-                );
+                ext.rules.push(Rule::new(
+                    smallvec![comment(&format!(
+                        "masquerade traffic for {spn} external destinations"
+                    ))],
+                    mark_masq(),
+                ));
             } else {
-                if let Some(cidr) = self.config.local_cidr(self.family) {
-                    self.nat.add(
-                        ext,
-                        Rule::new(
-                            smallvec![
-                                comment(&format!("pod traffic for {spn} external destinations")),
-                                Match::Source {
-                                    addr: Addr::Net(cidr),
-                                    negated: false,
-                                },
-                            ],
-                            Target::Jump(chains.cluster.clone()),
-                        ),
-                    );
-                }
-                self.nat.add(
-                    ext,
-                    Rule::new(
+                if let Some(cidr) = local_cidr {
+                    ext.rules.push(Rule::new(
                         smallvec![
-                            comment(&format!(
-                                "masquerade LOCAL traffic for {spn} external destinations"
-                            )),
-                            Match::AddrType(AddrType::SourceLocal),
-                        ],
-                        Target::Jump(self.mark_masq.clone()),
-                    ),
-                );
-                self.nat.add(
-                    ext,
-                    Rule::new(
-                        smallvec![
-                            comment(&format!(
-                                "route LOCAL traffic for {spn} external destinations"
-                            )),
-                            Match::AddrType(AddrType::SourceLocal),
+                            comment(&format!("pod traffic for {spn} external destinations")),
+                            Match::Source {
+                                addr: Addr::Net(cidr),
+                                negated: false,
+                            },
                         ],
                         Target::Jump(chains.cluster.clone()),
-                    ),
-                );
+                    ));
+                }
+                ext.rules.push(Rule::new(
+                    smallvec![
+                        comment(&format!(
+                            "masquerade LOCAL traffic for {spn} external destinations"
+                        )),
+                        Match::AddrType(AddrType::SourceLocal),
+                    ],
+                    mark_masq(),
+                ));
+                ext.rules.push(Rule::new(
+                    smallvec![
+                        comment(&format!(
+                            "route LOCAL traffic for {spn} external destinations"
+                        )),
+                        Match::AddrType(AddrType::SourceLocal),
+                    ],
+                    Target::Jump(chains.cluster.clone()),
+                ));
             }
             if port.has_external_endpoints() {
                 let policy_chain = if port.external_policy_local {
@@ -556,11 +537,10 @@ impl<'a> Translator<'a> {
                 } else {
                     &chains.cluster
                 };
-                self.nat.add(
-                    ext,
-                    Rule::new(smallvec![], Target::Jump(policy_chain.clone())),
-                );
+                ext.rules
+                    .push(Rule::new(smallvec![], Target::Jump(policy_chain.clone())));
             }
+            self.nat.push_chain(ext);
         }
 
         // 9. The firewall chain for loadBalancerSourceRanges.
@@ -568,55 +548,41 @@ impl<'a> Translator<'a> {
             && !port.load_balancer_ips.is_empty()
             && !port.source_ranges.is_empty()
         {
-            let fw = &chains.firewall;
-            self.nat.declare(fw);
+            let mut fw = Chain::new(chains.firewall.clone(), port.source_ranges.len() + 1);
             let lb_comment = comment(&format!("{spn} loadbalancer IP"));
-            let node_ip = self.config.primary_node_ip(self.family);
-            let mut allow_from_node = false;
+            let to_external = || Target::Jump(chains.external.clone());
+            let from = |addr| Match::Source {
+                addr,
+                negated: false,
+            };
             for range in &port.source_ranges {
-                self.nat.add(
-                    fw,
-                    Rule::new(
-                        smallvec![
-                            lb_comment.clone(),
-                            Match::Source {
-                                addr: Addr::Net(*range),
-                                negated: false,
-                            },
-                        ],
-                        Target::Jump(chains.external.clone()),
-                    ),
-                );
-                allow_from_node |= node_ip.is_some_and(|ip| range.contains(&ip));
+                fw.rules.push(Rule::new(
+                    smallvec![lb_comment.clone(), from(Addr::Net(*range))],
+                    to_external(),
+                ));
             }
             // A node reaching a VIP-like LB IP that is also local loops back with the VIP as
             // source; let that through when the node itself is allowed.
-            if allow_from_node {
+            let node_ip = self.config.primary_node_ip(self.family);
+            if port
+                .source_ranges
+                .iter()
+                .any(|range| node_ip.is_some_and(|ip| range.contains(&ip)))
+            {
                 for &ip in &port.load_balancer_ips {
-                    self.nat.add(
-                        fw,
-                        Rule::new(
-                            smallvec![
-                                lb_comment.clone(),
-                                Match::Source {
-                                    addr: Addr::Host(ip),
-                                    negated: false,
-                                },
-                            ],
-                            Target::Jump(chains.external.clone()),
-                        ),
-                    );
+                    fw.rules.push(Rule::new(
+                        smallvec![lb_comment.clone(), from(Addr::Host(ip))],
+                        to_external(),
+                    ));
                 }
             }
-            self.nat.add(
-                fw,
-                Rule {
-                    matches: smallvec![comment(&format!(
-                        "other traffic to {spn} will be dropped by KUBE-PROXY-FIREWALL"
-                    ))],
-                    target: None,
-                },
-            );
+            fw.rules.push(Rule {
+                matches: smallvec![comment(&format!(
+                    "other traffic to {spn} will be dropped by KUBE-PROXY-FIREWALL"
+                ))],
+                target: None,
+            });
+            self.nat.push_chain(fw);
         }
 
         // The endpoint chain names, computed once per endpoint (indexed like `port.endpoints`).
@@ -627,60 +593,64 @@ impl<'a> Translator<'a> {
 
         // 10./11. Endpoint dispatch for each traffic policy in use.
         if port.uses_cluster_chain() {
-            self.dispatch_chain(
+            self.dispatch_rules(
                 port,
-                &chains.cluster,
+                &mut cluster,
                 &port.selection.cluster,
                 &endpoint_chains,
             );
         }
         if port.uses_local_chain() {
-            self.dispatch_chain(port, &chains.local, &port.selection.local, &endpoint_chains);
+            self.dispatch_rules(port, &mut local, &port.selection.local, &endpoint_chains);
+        }
+        for (chain, used) in [
+            (cluster, port.uses_cluster_chain()),
+            (local, port.uses_local_chain()),
+        ] {
+            if used || !chain.rules.is_empty() {
+                self.nat.push_chain(chain);
+            }
         }
 
-        // 12. One chain per reachable endpoint.
+        // 12. One chain per reachable endpoint: the hairpin masquerade, then the DNAT (which
+        // also records the client for session affinity).
+        let spn_comment = (!self.large_cluster).then(|| Match::Comment(spn.to_string().into()));
         for &i in &port.selection.reachable {
             let endpoint = &port.endpoints[i];
-            let Some(chain) = endpoint_chains[i].clone() else {
+            let Some(name) = endpoint_chains[i].clone() else {
                 continue;
             };
-            let at = self.nat.declare(&chain);
-            let mut head = Matches::new();
-            if !self.large_cluster {
-                head.push(Match::Comment(spn_text.clone()));
-            }
-            let mut hairpin = head.clone();
+            let mut hairpin: Matches = spn_comment.iter().cloned().collect();
             hairpin.push(Match::Source {
                 addr: Addr::Host(endpoint.ip()),
                 negated: false,
             });
-            self.nat.add(
-                &chain,
-                Rule::new(hairpin, Target::Jump(self.mark_masq.clone())),
-            );
-            let mut dnat = head;
+            let mut dnat: Matches = spn_comment.iter().cloned().collect();
             if port.affinity_timeout.is_some() {
                 dnat.push(Match::Recent {
-                    list: chain.clone(),
+                    list: name.clone(),
                     check: RecentCheck::Set,
                 });
             }
             dnat.push(Match::Protocol(spn.protocol));
-            self.nat
-                .add_at(at, Rule::new(dnat, Target::Dnat(endpoint.addr)));
+            let mut chain = Chain::new(name, 2);
+            chain.rules.push(Rule::new(hairpin, mark_masq()));
+            chain
+                .rules
+                .push(Rule::new(dnat, Target::Dnat(endpoint.addr)));
+            self.nat.push_chain(chain);
         }
     }
 
     /// §4.7/§4.8: affinity checks, then a random choice with probability 1/(n-i).
     /// `endpoints` indexes `port.endpoints`; `endpoint_chains` holds their chain names.
-    fn dispatch_chain(
-        &mut self,
+    fn dispatch_rules(
+        &self,
         port: &ServicePort,
-        chain: &ChainName,
+        chain: &mut Chain,
         endpoints: &[usize],
         endpoint_chains: &[Option<ChainName>],
     ) {
-        let at = self.nat.declare(chain);
         let spn = &port.name;
         let targets: Vec<(&Endpoint, ChainName)> = endpoints
             .iter()
@@ -693,6 +663,12 @@ impl<'a> Translator<'a> {
                 smallvec![comment(&format!("{spn} -> {}", e.endpoint_string()))]
             }
         };
+        let affinity_rules = if port.affinity_timeout.is_some() {
+            targets.len()
+        } else {
+            0
+        };
+        chain.rules.reserve_exact(affinity_rules + targets.len());
         if let Some(seconds) = port.affinity_timeout {
             for (endpoint, sep) in &targets {
                 let mut matches = endpoint_comment(endpoint);
@@ -700,8 +676,9 @@ impl<'a> Translator<'a> {
                     list: sep.clone(),
                     check: RecentCheck::SeenWithin(seconds),
                 });
-                self.nat
-                    .add_at(at, Rule::new(matches, Target::Jump(sep.clone())));
+                chain
+                    .rules
+                    .push(Rule::new(matches, Target::Jump(sep.clone())));
             }
         }
         let n = targets.len();
@@ -710,8 +687,9 @@ impl<'a> Translator<'a> {
             if i + 1 < n {
                 matches.push(Match::RandomProbability(1.0 / (n - i) as f64));
             }
-            self.nat
-                .add_at(at, Rule::new(matches, Target::Jump(sep.clone())));
+            chain
+                .rules
+                .push(Rule::new(matches, Target::Jump(sep.clone())));
         }
     }
 }
@@ -766,57 +744,45 @@ fn local_addresses_in(config: &NodeConfig, family: IpFamily, cidrs: &[IpNet]) ->
     ips
 }
 
-/// Collects chains and their rules for one table, then orders them canonically.
+/// Collects one table: the top-level chains (few, looked up by name) and the per-service
+/// chains (many, each pushed once complete), then orders them canonically.
 struct TableBuilder {
     name: TableName,
-    chains: Vec<Chain>,
-    index: HashMap<ChainName, usize>,
+    top: Vec<Chain>,
+    service_chains: Vec<Chain>,
 }
 
 impl TableBuilder {
-    fn new(name: TableName) -> TableBuilder {
+    fn new(name: TableName, top: &[&str]) -> TableBuilder {
         TableBuilder {
             name,
-            chains: Vec::new(),
-            index: HashMap::new(),
+            top: top.iter().map(|&name| Chain::new(name.into(), 0)).collect(),
+            service_chains: Vec::new(),
         }
     }
 
-    fn declare(&mut self, name: &ChainName) -> usize {
-        if let Some(&i) = self.index.get(name) {
-            return i;
-        }
-        self.chains.push(Chain {
-            name: name.clone(),
-            rules: Vec::new(),
-        });
-        self.index.insert(name.clone(), self.chains.len() - 1);
-        self.chains.len() - 1
-    }
-
-    /// Appends a rule to a chain, declaring the chain if needed.
+    /// Appends a rule to a top-level chain.
     fn add(&mut self, chain: &str, rule: Rule) {
-        let i = match self.index.get(chain) {
-            Some(&i) => i,
-            None => self.declare(&chain.into()),
-        };
-        self.chains[i].rules.push(rule);
+        match self.top.iter_mut().find(|c| &*c.name == chain) {
+            Some(c) => c.rules.push(rule),
+            None => unreachable!("{chain} is not a top-level chain of this table"),
+        }
     }
 
-    /// Appends a rule to a chain already declared (by the index `declare` returned).
-    fn add_at(&mut self, chain: usize, rule: Rule) {
-        self.chains[chain].rules.push(rule);
+    fn push_chain(&mut self, chain: Chain) {
+        self.service_chains.push(chain);
     }
 
     /// Chains in kube-proxy's canonical dump order (`KUBE-NODEPORTS`, `KUBE-SERVICES`, then the
     /// other chains by name): the order its tests compare in, so `render` output can be
     /// diffed against kube-proxy's directly.
-    fn finish(mut self) -> Table {
-        self.chains
-            .sort_by_cached_key(|c| (chain_rank(&c.name), c.name.clone()));
+    fn finish(self) -> Table {
+        let mut chains = self.top;
+        chains.extend(self.service_chains);
+        chains.sort_by_cached_key(|c| (chain_rank(&c.name), c.name.clone()));
         Table {
             name: self.name,
-            chains: self.chains,
+            chains,
         }
     }
 }
