@@ -5,6 +5,7 @@
 //! no field can inject rule text.
 
 use std::collections::BTreeSet;
+use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -167,6 +168,27 @@ fn reject_duplicates(cluster: &mut ValidCluster, notes: &mut Vec<Note>) {
 
 type Check<T> = Result<T, String>;
 
+/// A list element's field path (`spec.ports[2]`), printed only when a message needs it: most
+/// objects are valid, and a large cluster has a great many ports and endpoints.
+#[derive(Clone, Copy)]
+struct Indexed(&'static str, usize);
+
+impl fmt::Display for Indexed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[{}]", self.0, self.1)
+    }
+}
+
+/// `endpoints[i].addresses[j]`, printed only when needed.
+#[derive(Clone, Copy)]
+struct EndpointAddress(usize, usize);
+
+impl fmt::Display for EndpointAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "endpoints[{}].addresses[{}]", self.0, self.1)
+    }
+}
+
 fn metadata_names(
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
     name_rule: fn(&str) -> bool,
@@ -220,7 +242,7 @@ fn check_service(service: &Service) -> Check<Option<ServiceSpec>> {
     let mut names = BTreeSet::new();
     let mut numbers = BTreeSet::new();
     for (i, port) in ports.iter().enumerate() {
-        let field = format!("spec.ports[{i}]");
+        let field = Indexed("spec.ports", i);
         let port_name = port.name.clone().unwrap_or_default();
         if port_name.is_empty() {
             if ports.len() > 1 {
@@ -239,18 +261,18 @@ fn check_service(service: &Service) -> Check<Option<ServiceSpec>> {
                 "{field}.name {port_name:?} is used by more than one port"
             ));
         }
-        let protocol = protocol(port.protocol.as_deref(), &field)?;
-        let number = port_number(port.port, &format!("{field}.port"))?;
+        let protocol = protocol(port.protocol.as_deref(), field)?;
+        let number = port_number(port.port, format_args!("{field}.port"))?;
         if !numbers.insert((number, protocol)) {
             return Err(format!(
                 "{field}: port {number}/{} is defined more than once",
                 protocol.lower()
             ));
         }
-        let node_port = optional_port(port.node_port, &format!("{field}.nodePort"))?;
+        let node_port = optional_port(port.node_port, format_args!("{field}.nodePort"))?;
         match &port.target_port {
             Some(IntOrString::Int(n)) if *n != 0 => {
-                port_number(*n, &format!("{field}.targetPort"))?;
+                port_number(*n, format_args!("{field}.targetPort"))?;
             }
             Some(IntOrString::String(named)) if !is_iana_svc_name(named) => {
                 return Err(format!(
@@ -450,7 +472,7 @@ fn traffic_policy_local(value: Option<&str>, field: &str) -> Check<bool> {
     }
 }
 
-fn protocol(value: Option<&str>, field: &str) -> Check<Protocol> {
+fn protocol(value: Option<&str>, field: impl fmt::Display) -> Check<Protocol> {
     match value {
         None | Some("") => Ok(Protocol::Tcp),
         Some(text) => Protocol::from_api(text).ok_or_else(|| {
@@ -462,7 +484,7 @@ fn protocol(value: Option<&str>, field: &str) -> Check<Protocol> {
     }
 }
 
-fn port_number(value: i32, field: &str) -> Check<u16> {
+fn port_number(value: i32, field: impl fmt::Display) -> Check<u16> {
     match u16::try_from(value) {
         Ok(port) if port != 0 => Ok(port),
         _ => Err(format!("{field} {value} is outside 1..65535")),
@@ -470,7 +492,7 @@ fn port_number(value: i32, field: &str) -> Check<u16> {
 }
 
 /// A port where 0 or absent means "none".
-fn optional_port(value: Option<i32>, field: &str) -> Check<Option<u16>> {
+fn optional_port(value: Option<i32>, field: impl fmt::Display) -> Check<Option<u16>> {
     match value {
         None | Some(0) => Ok(None),
         Some(n) => port_number(n, field).map(Some),
@@ -520,7 +542,7 @@ fn check_slice(slice: &EndpointSlice) -> Check<Option<SliceSpec>> {
         .iter()
         .enumerate()
     {
-        let field = format!("ports[{i}]");
+        let field = Indexed("ports", i);
         // A hand-written manifest may leave out the name of an unnamed port; the EndpointSlice
         // controller writes "" there, so read absent as "".
         let port_name = port.name.clone().unwrap_or_default();
@@ -530,14 +552,14 @@ fn check_slice(slice: &EndpointSlice) -> Check<Option<SliceSpec>> {
                 shorten(&port_name)
             ));
         }
-        let protocol = protocol(port.protocol.as_deref(), &field)?;
+        let protocol = protocol(port.protocol.as_deref(), field)?;
         if !seen.insert((port_name.clone(), protocol)) {
             return Err(format!(
                 "{field}: port name {port_name:?} with protocol {} appears more than once",
                 protocol.lower()
             ));
         }
-        let Some(number) = optional_port(port.port, &format!("{field}.port"))? else {
+        let Some(number) = optional_port(port.port, format_args!("{field}.port"))? else {
             continue; // kube-proxy ignores ports without a number
         };
         ports.push(SlicePort {
@@ -551,7 +573,7 @@ fn check_slice(slice: &EndpointSlice) -> Check<Option<SliceSpec>> {
     for (i, endpoint) in slice.endpoints.iter().enumerate() {
         let mut first = None;
         for (j, text) in endpoint.addresses.iter().enumerate() {
-            let field = format!("endpoints[{i}].addresses[{j}]");
+            let field = EndpointAddress(i, j);
             let ip = parse_ip_sloppy(text)
                 .ok_or_else(|| format!("{field} {:?} is not an IP address", shorten(text)))?;
             if IpFamily::of(&ip) != family {
