@@ -69,7 +69,8 @@ fn main() {
     config.node_ips = vec!["192.168.0.2".parse().unwrap()];
     config.cluster_cidrs = vec!["10.128.0.0/9".parse().unwrap()];
 
-    for (mode, name) in [(Mode::Iptables, "iptables")] {
+    {
+        let (mode, name) = (Mode::Iptables, "iptables");
         let baseline = IN_USE.load(Ordering::Relaxed);
         PEAK.store(baseline, Ordering::Relaxed);
         let bytes = render(&state, &config, mode);

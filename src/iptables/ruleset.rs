@@ -10,8 +10,86 @@ use smallvec::SmallVec;
 use crate::family::IpFamily;
 use crate::model::Protocol;
 
-/// A chain name. Shared because endpoint and service chain names are referenced from many rules.
-pub type ChainName = Arc<str>;
+/// An iptables chain name: printable ASCII without blanks (restore input splits on them), at
+/// most 28 bytes, the kernel's limit (`XT_EXTENSION_MAXNAMELEN` less the NUL). Kept inline and
+/// `Copy`: a large ruleset names hundreds of thousands of chains, and every jump repeats one.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChainName {
+    len: u8,
+    bytes: [u8; ChainName::MAX_LEN],
+}
+
+impl ChainName {
+    pub const MAX_LEN: usize = 28;
+
+    /// `None` if the name is empty, too long, or not printable ASCII without blanks.
+    pub const fn new(name: &str) -> Option<ChainName> {
+        let src = name.as_bytes();
+        if src.is_empty() || src.len() > Self::MAX_LEN {
+            return None;
+        }
+        let mut bytes = [0u8; Self::MAX_LEN];
+        let mut i = 0;
+        while i < src.len() {
+            if !src[i].is_ascii_graphic() {
+                return None;
+            }
+            bytes[i] = src[i];
+            i += 1;
+        }
+        Some(ChainName {
+            len: src.len() as u8,
+            bytes,
+        })
+    }
+
+    /// For names fixed in this program (top-level chains, hashed names of fixed length).
+    pub const fn fixed(name: &str) -> ChainName {
+        match ChainName::new(name) {
+            Some(chain) => chain,
+            None => panic!("not a valid iptables chain name"),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        let bytes = &self.bytes[..self.len as usize];
+        // SAFETY: `new` admits printable ASCII only, and ASCII is valid UTF-8. Checking again
+        // on every use showed up as a tenth of render time.
+        unsafe { std::str::from_utf8_unchecked(bytes) }
+    }
+}
+
+impl std::ops::Deref for ChainName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for ChainName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for ChainName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl PartialOrd for ChainName {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Alphabetical, like the names themselves.
+impl Ord for ChainName {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.bytes[..self.len as usize].cmp(&other.bytes[..other.len as usize])
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TableName {
@@ -149,5 +227,30 @@ impl Rule {
             matches,
             target: Some(target),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_names_follow_the_kernel_limits() {
+        assert_eq!(
+            ChainName::new("KUBE-SEP-SXIVWICOYRO3J4NJ")
+                .unwrap()
+                .as_str(),
+            "KUBE-SEP-SXIVWICOYRO3J4NJ"
+        );
+        assert!(ChainName::new(&"X".repeat(28)).is_some());
+        assert!(ChainName::new(&"X".repeat(29)).is_none());
+        assert!(ChainName::new("").is_none());
+        assert!(ChainName::new("A B").is_none());
+        assert!(ChainName::new("KUBE-\u{e9}").is_none());
+        let (a, b) = (
+            ChainName::fixed("KUBE-SVC-B"),
+            ChainName::fixed("KUBE-SVC-AZ"),
+        );
+        assert!(b < a, "ordered like the strings");
     }
 }

@@ -59,10 +59,10 @@ impl PortChains {
     fn new(port: &ServicePort) -> PortChains {
         let names = IptablesPortNames::new(&port.name);
         PortChains {
-            cluster: names.chain("KUBE-SVC").into(),
-            local: names.chain("KUBE-SVL").into(),
-            external: names.chain("KUBE-EXT").into(),
-            firewall: names.chain("KUBE-FW").into(),
+            cluster: ChainName::fixed(&names.chain("KUBE-SVC")),
+            local: ChainName::fixed(&names.chain("KUBE-SVL")),
+            external: ChainName::fixed(&names.chain("KUBE-EXT")),
+            firewall: ChainName::fixed(&names.chain("KUBE-FW")),
             names,
         }
     }
@@ -110,7 +110,7 @@ impl<'a> Translator<'a> {
                 > config.iptables.large_cluster_endpoints_threshold,
             localhost_nodeports,
             nodeport_ips,
-            mark_masq: KUBE_MARK_MASQ.into(),
+            mark_masq: ChainName::fixed(KUBE_MARK_MASQ),
             filter,
             nat,
         }
@@ -221,7 +221,7 @@ impl<'a> Translator<'a> {
 
     /// §4.5: the jump to `KUBE-NODEPORTS`, which must be the last rule of nat `KUBE-SERVICES`.
     fn nodeports_tail(&mut self) {
-        let jump = Target::Jump(KUBE_NODEPORTS.into());
+        let jump = Target::Jump(ChainName::fixed(KUBE_NODEPORTS));
         match &self.nodeport_ips {
             None => {
                 let mut matches = smallvec![
@@ -290,7 +290,7 @@ impl<'a> Translator<'a> {
                         to(port.cluster_ip),
                         dport.clone(),
                     ],
-                    Target::Jump(internal_chain.clone()),
+                    Target::Jump(*internal_chain),
                 ),
             ),
             Some(verdict) => self.filter.add(
@@ -319,7 +319,7 @@ impl<'a> Translator<'a> {
                             to(ip),
                             dport.clone(),
                         ],
-                        Target::Jump(chains.external.clone()),
+                        Target::Jump(chains.external),
                     ),
                 );
             }
@@ -356,7 +356,7 @@ impl<'a> Translator<'a> {
                             to(ip),
                             dport.clone(),
                         ],
-                        Target::Jump(next.clone()),
+                        Target::Jump(*next),
                     ),
                 );
             }
@@ -411,7 +411,7 @@ impl<'a> Translator<'a> {
                                 Match::DestinationPort(node_port),
                                 Match::Nfacct(NFACCT_LOCALHOST_NODEPORTS),
                             ],
-                            Target::Jump(chains.external.clone()),
+                            Target::Jump(chains.external),
                         ),
                     );
                 }
@@ -423,7 +423,7 @@ impl<'a> Translator<'a> {
                             proto.clone(),
                             Match::DestinationPort(node_port),
                         ],
-                        Target::Jump(chains.external.clone()),
+                        Target::Jump(chains.external),
                     ),
                 );
             }
@@ -462,10 +462,10 @@ impl<'a> Translator<'a> {
     /// §4.6.2: the service's own chains, built locally and handed to the nat table at once.
     fn service_chains(&mut self, port: &ServicePort, chains: &PortChains) {
         let spn = &port.name;
-        let mark_masq = || Target::Jump(self.mark_masq.clone());
+        let mark_masq = || Target::Jump(self.mark_masq);
         let local_cidr = self.config.local_cidr(self.family);
-        let mut cluster = Chain::new(chains.cluster.clone(), 0);
-        let mut local = Chain::new(chains.local.clone(), 0);
+        let mut cluster = Chain::new(chains.cluster, 0);
+        let mut local = Chain::new(chains.local, 0);
 
         // 7. Masquerade cluster-IP traffic from outside the pod network.
         if port.has_internal_endpoints() && (self.config.masquerade_all || local_cidr.is_some()) {
@@ -491,7 +491,7 @@ impl<'a> Translator<'a> {
 
         // 8. The external chain.
         if port.uses_external_chain() {
-            let mut ext = Chain::new(chains.external.clone(), 4);
+            let mut ext = Chain::new(chains.external, 4);
             if !port.external_policy_local {
                 ext.rules.push(Rule::new(
                     smallvec![comment(&format!(
@@ -509,7 +509,7 @@ impl<'a> Translator<'a> {
                                 negated: false,
                             },
                         ],
-                        Target::Jump(chains.cluster.clone()),
+                        Target::Jump(chains.cluster),
                     ));
                 }
                 ext.rules.push(Rule::new(
@@ -528,7 +528,7 @@ impl<'a> Translator<'a> {
                         )),
                         Match::AddrType(AddrType::SourceLocal),
                     ],
-                    Target::Jump(chains.cluster.clone()),
+                    Target::Jump(chains.cluster),
                 ));
             }
             if port.has_external_endpoints() {
@@ -538,7 +538,7 @@ impl<'a> Translator<'a> {
                     &chains.cluster
                 };
                 ext.rules
-                    .push(Rule::new(smallvec![], Target::Jump(policy_chain.clone())));
+                    .push(Rule::new(smallvec![], Target::Jump(*policy_chain)));
             }
             self.nat.push_chain(ext);
         }
@@ -548,9 +548,9 @@ impl<'a> Translator<'a> {
             && !port.load_balancer_ips.is_empty()
             && !port.source_ranges.is_empty()
         {
-            let mut fw = Chain::new(chains.firewall.clone(), port.source_ranges.len() + 1);
+            let mut fw = Chain::new(chains.firewall, port.source_ranges.len() + 1);
             let lb_comment = comment(&format!("{spn} loadbalancer IP"));
-            let to_external = || Target::Jump(chains.external.clone());
+            let to_external = || Target::Jump(chains.external);
             let from = |addr| Match::Source {
                 addr,
                 negated: false,
@@ -588,7 +588,9 @@ impl<'a> Translator<'a> {
         // The endpoint chain names, computed once per endpoint (indexed like `port.endpoints`).
         let mut endpoint_chains: Vec<Option<ChainName>> = vec![None; port.endpoints.len()];
         for &i in &port.selection.reachable {
-            endpoint_chains[i] = Some(chains.names.endpoint_chain(&port.endpoints[i]).into());
+            endpoint_chains[i] = Some(ChainName::fixed(
+                &chains.names.endpoint_chain(&port.endpoints[i]),
+            ));
         }
 
         // 10./11. Endpoint dispatch for each traffic policy in use.
@@ -617,7 +619,7 @@ impl<'a> Translator<'a> {
         let spn_comment = (!self.large_cluster).then(|| Match::Comment(spn.to_string().into()));
         for &i in &port.selection.reachable {
             let endpoint = &port.endpoints[i];
-            let Some(name) = endpoint_chains[i].clone() else {
+            let Some(name) = endpoint_chains[i] else {
                 continue;
             };
             let mut hairpin: Matches = spn_comment.iter().cloned().collect();
@@ -628,7 +630,7 @@ impl<'a> Translator<'a> {
             let mut dnat: Matches = spn_comment.iter().cloned().collect();
             if port.affinity_timeout.is_some() {
                 dnat.push(Match::Recent {
-                    list: name.clone(),
+                    list: name,
                     check: RecentCheck::Set,
                 });
             }
@@ -654,7 +656,7 @@ impl<'a> Translator<'a> {
         let spn = &port.name;
         let targets: Vec<(&Endpoint, ChainName)> = endpoints
             .iter()
-            .filter_map(|&i| Some((&port.endpoints[i], endpoint_chains[i].clone()?)))
+            .filter_map(|&i| Some((&port.endpoints[i], endpoint_chains[i]?)))
             .collect();
         let endpoint_comment = |e: &Endpoint| -> Matches {
             if self.large_cluster {
@@ -673,12 +675,10 @@ impl<'a> Translator<'a> {
             for (endpoint, sep) in &targets {
                 let mut matches = endpoint_comment(endpoint);
                 matches.push(Match::Recent {
-                    list: sep.clone(),
+                    list: *sep,
                     check: RecentCheck::SeenWithin(seconds),
                 });
-                chain
-                    .rules
-                    .push(Rule::new(matches, Target::Jump(sep.clone())));
+                chain.rules.push(Rule::new(matches, Target::Jump(*sep)));
             }
         }
         let n = targets.len();
@@ -687,9 +687,7 @@ impl<'a> Translator<'a> {
             if i + 1 < n {
                 matches.push(Match::RandomProbability(1.0 / (n - i) as f64));
             }
-            chain
-                .rules
-                .push(Rule::new(matches, Target::Jump(sep.clone())));
+            chain.rules.push(Rule::new(matches, Target::Jump(*sep)));
         }
     }
 }
@@ -756,7 +754,10 @@ impl TableBuilder {
     fn new(name: TableName, top: &[&str]) -> TableBuilder {
         TableBuilder {
             name,
-            top: top.iter().map(|&name| Chain::new(name.into(), 0)).collect(),
+            top: top
+                .iter()
+                .map(|&name| Chain::new(ChainName::fixed(name), 0))
+                .collect(),
             service_chains: Vec::new(),
         }
     }
@@ -779,7 +780,7 @@ impl TableBuilder {
     fn finish(self) -> Table {
         let mut chains = self.top;
         chains.extend(self.service_chains);
-        chains.sort_by_cached_key(|c| (chain_rank(&c.name), c.name.clone()));
+        chains.sort_by_cached_key(|c| (chain_rank(&c.name), c.name));
         Table {
             name: self.name,
             chains,
