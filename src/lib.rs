@@ -9,6 +9,7 @@ pub mod family;
 pub mod iptables;
 pub mod model;
 pub mod names;
+pub mod parallel;
 pub mod pipeline;
 pub mod source;
 pub mod synthetic;

@@ -1,6 +1,6 @@
 //! The one place where typed iptables rules become `iptables-restore` text.
 
-use super::ruleset::{Addr, AddrType, Match, RecentCheck, Rule, Ruleset, Table, Target};
+use super::ruleset::{Addr, AddrType, Chain, Match, RecentCheck, Rule, Ruleset, Table, Target};
 use crate::text::{push_ip, push_socket, push_u32};
 
 impl Ruleset {
@@ -36,15 +36,27 @@ fn write_table(out: &mut String, table: &Table) {
         out.push_str(&chain.name);
         out.push_str(" - [0:0]\n");
     }
-    for chain in &table.chains {
-        for rule in &chain.rules {
-            out.push_str("-A ");
-            out.push_str(&chain.name);
-            write_rule(out, rule);
-            out.push('\n');
+    // Rules are rendered in parallel chunks of chains, joined in order.
+    let parts = crate::parallel::map_chunks(&table.chains, |chains| {
+        let mut part = String::with_capacity(chains.iter().map(|c| c.rules.len() * 128).sum());
+        for chain in chains {
+            write_chain_rules(&mut part, chain);
         }
+        part
+    });
+    for part in parts {
+        out.push_str(&part);
     }
     out.push_str("COMMIT\n");
+}
+
+fn write_chain_rules(out: &mut String, chain: &Chain) {
+    for rule in &chain.rules {
+        out.push_str("-A ");
+        out.push_str(&chain.name);
+        write_rule(out, rule);
+        out.push('\n');
+    }
 }
 
 /// Writes the part of a rule after `-A CHAIN`, each piece preceded by a space.

@@ -26,13 +26,33 @@ const NFACCT_LOCALHOST_NODEPORTS: &str = "localhost_nps_accepted_pkts";
 const NODEPORTS_TAIL_COMMENT: &str =
     "kubernetes service nodeports; NOTE: this must be the last rule in this chain";
 
-/// Builds the complete ruleset of one family.
+/// Builds the complete ruleset of one family. Service ports are translated in parallel chunks
+/// and merged in model order, so the result does not depend on the number of threads.
 pub fn translate(model: &ProxyModel, config: &NodeConfig) -> Ruleset {
-    Translator::new(model, config).run()
+    let mut translator = Translator::new(model, config);
+    translator.static_rules();
+    let parts = crate::parallel::map_chunks(&model.ports, |ports| {
+        let mut part = translator.empty_copy();
+        for port in ports {
+            part.service_port(port);
+        }
+        part
+    });
+    for part in parts {
+        translator.filter.append(part.filter);
+        translator.nat.append(part.nat);
+    }
+    translator.forward_rules();
+    translator.nodeports_tail();
+    Ruleset {
+        family: translator.family,
+        filter: translator.filter.finish(),
+        nat: translator.nat.finish(),
+    }
 }
 
+#[derive(Clone)]
 struct Translator<'a> {
-    model: &'a ProxyModel,
     config: &'a NodeConfig,
     family: IpFamily,
     mark: Arc<str>,
@@ -102,7 +122,6 @@ impl<'a> Translator<'a> {
             ],
         );
         Translator {
-            model,
             config,
             family,
             mark: config.masquerade_mark.text.as_str().into(),
@@ -116,17 +135,12 @@ impl<'a> Translator<'a> {
         }
     }
 
-    fn run(mut self) -> Ruleset {
-        self.static_rules();
-        for port in &self.model.ports {
-            self.service_port(port);
-        }
-        self.forward_rules();
-        self.nodeports_tail();
-        Ruleset {
-            family: self.family,
-            filter: self.filter.finish(),
-            nat: self.nat.finish(),
+    /// The same settings with empty tables, to translate a share of the service ports.
+    fn empty_copy(&self) -> Translator<'a> {
+        Translator {
+            filter: self.filter.empty_copy(),
+            nat: self.nat.empty_copy(),
+            ..self.clone()
         }
     }
 
@@ -742,6 +756,7 @@ fn local_addresses_in(config: &NodeConfig, family: IpFamily, cidrs: &[IpNet]) ->
     ips
 }
 
+#[derive(Clone)]
 /// Collects one table: the top-level chains (few, looked up by name) and the per-service
 /// chains (many, each pushed once complete), then orders them canonically.
 struct TableBuilder {
@@ -772,6 +787,23 @@ impl TableBuilder {
 
     fn push_chain(&mut self, chain: Chain) {
         self.service_chains.push(chain);
+    }
+
+    /// The same top-level chains, without rules.
+    fn empty_copy(&self) -> TableBuilder {
+        TableBuilder {
+            name: self.name,
+            top: self.top.iter().map(|c| Chain::new(c.name, 0)).collect(),
+            service_chains: Vec::new(),
+        }
+    }
+
+    /// Appends another builder's rules after this one's (its top-level chains are the same).
+    fn append(&mut self, other: TableBuilder) {
+        for (mine, theirs) in self.top.iter_mut().zip(other.top) {
+            mine.rules.extend(theirs.rules);
+        }
+        self.service_chains.extend(other.service_chains);
     }
 
     /// Chains in kube-proxy's canonical dump order (`KUBE-NODEPORTS`, `KUBE-SERVICES`, then the

@@ -95,30 +95,44 @@ pub struct SliceEndpoint {
 
 /// Validates every object; the invalid ones come back as notes.
 pub fn validate(state: &ClusterState) -> (ValidCluster, Vec<Note>) {
-    let mut cluster = ValidCluster::default();
-    let mut notes = Vec::new();
-    for service in &state.services {
-        match check_service(service) {
-            Ok(Some(spec)) => cluster.services.push(spec),
-            Ok(None) => {}
-            Err(reason) => notes.push(Note::Invalid {
-                object: object_ref("Service", &service.metadata),
-                reason,
-            }),
-        }
-    }
-    for slice in &state.endpoint_slices {
-        match check_slice(slice) {
-            Ok(Some(spec)) => cluster.slices.push(spec),
-            Ok(None) => {}
-            Err(reason) => notes.push(Note::Invalid {
-                object: object_ref("EndpointSlice", &slice.metadata),
-                reason,
-            }),
-        }
-    }
+    // Services and slices are independent until they are joined in the model.
+    let ((services, mut notes), (slices, slice_notes)) = crate::parallel::join(
+        || check_all(&state.services, "Service", |s| &s.metadata, check_service),
+        || {
+            check_all(
+                &state.endpoint_slices,
+                "EndpointSlice",
+                |s| &s.metadata,
+                check_slice,
+            )
+        },
+    );
+    notes.extend(slice_notes);
+    let mut cluster = ValidCluster { services, slices };
     reject_duplicates(&mut cluster, &mut notes);
     (cluster, notes)
+}
+
+/// Checks every object of one kind; `Ok(None)` objects are valid but not proxied.
+fn check_all<T, S>(
+    objects: &[T],
+    kind: &str,
+    metadata: impl Fn(&T) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    check: impl Fn(&T) -> Check<Option<S>>,
+) -> (Vec<S>, Vec<Note>) {
+    let mut valid = Vec::with_capacity(objects.len());
+    let mut notes = Vec::new();
+    for object in objects {
+        match check(object) {
+            Ok(Some(spec)) => valid.push(spec),
+            Ok(None) => {}
+            Err(reason) => notes.push(Note::Invalid {
+                object: object_ref(kind, metadata(object)),
+                reason,
+            }),
+        }
+    }
+    (valid, notes)
 }
 
 fn object_ref(
