@@ -62,7 +62,7 @@ fn service(i: usize) -> Service {
             ports: Some(ports),
             selector: Some(BTreeMap::from([("app".into(), format!("app-{i}"))])),
             session_affinity: Some(if affinity { "ClientIP" } else { "None" }.into()),
-            session_affinity_config: affinity.then(|| SessionAffinityConfig {
+            session_affinity_config: affinity.then_some(SessionAffinityConfig {
                 client_ip: Some(ClientIPConfig {
                     timeout_seconds: Some(10800),
                 }),

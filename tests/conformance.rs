@@ -59,7 +59,9 @@ impl VectorConfig {
         let mut config = NodeConfig::new(&self.hostname);
         config.family_mode = FamilyMode::V4;
         // The primary node IP first, then every interface address (without prefix length).
-        config.node_ips.push(parse_ip_sloppy(&self.node_ip).expect("nodeIP"));
+        config
+            .node_ips
+            .push(parse_ip_sloppy(&self.node_ip).expect("nodeIP"));
         for addr in self.node_ips.values().flatten() {
             let ip = parse_ip_sloppy(addr.split('/').next().unwrap_or_default()).expect("nodeIPs");
             if !config.node_ips.contains(&ip) {
@@ -132,28 +134,33 @@ fn render_iptables(dir: &Path) -> String {
 #[test]
 fn iptables_vectors_match_kube_proxy() {
     let dirs = vectors("iptables-");
-    assert!(dirs.len() >= 3, "expected the iptables vectors, found {dirs:?}");
+    assert!(
+        dirs.len() >= 3,
+        "expected the iptables vectors, found {dirs:?}"
+    );
     let mut failures = Vec::new();
     for dir in &dirs {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         let expected = fs::read_to_string(dir.join("expected.txt")).expect("expected.txt");
         let actual = render_iptables(dir);
-        let verdict = match first_difference(
-            &canonical_iptables(&expected),
-            &canonical_iptables(&actual),
-        ) {
-            None => "match".to_string(),
-            Some(diff) => {
-                failures.push(format!(
-                    "{name}:\n{}",
-                    common::diff(&canonical_iptables(&expected), &canonical_iptables(&actual))
-                ));
-                diff
-            }
-        };
+        let verdict =
+            match first_difference(&canonical_iptables(&expected), &canonical_iptables(&actual)) {
+                None => "match".to_string(),
+                Some(diff) => {
+                    failures.push(format!(
+                        "{name}:\n{}",
+                        common::diff(&canonical_iptables(&expected), &canonical_iptables(&actual))
+                    ));
+                    diff
+                }
+            };
         println!("conformance {name}: {verdict}");
         // kproxy renders in canonical order already, so the raw text must equal the sorted one.
-        assert_eq!(actual, canonical_iptables(&actual), "{name}: render is not canonical");
+        assert_eq!(
+            actual,
+            canonical_iptables(&actual),
+            "{name}: render is not canonical"
+        );
         let problems = iptables_consistency(&actual);
         assert!(problems.is_empty(), "{name}: {problems:#?}");
     }

@@ -96,7 +96,7 @@ fn topology_mode(endpoints: &[Endpoint], config: &NodeConfig) -> Topology {
     for e in endpoints.iter().filter(|e| e.ready) {
         if e.node_hints.is_empty() {
             all_node_hints = false;
-        } else if e.node_hints.iter().any(|n| *n == config.hostname) {
+        } else if e.node_hints.contains(&config.hostname) {
             hint_for_node = true;
         }
         if e.zone_hints.is_empty() {
@@ -117,7 +117,7 @@ fn topology_mode(endpoints: &[Endpoint], config: &NodeConfig) -> Topology {
 fn passes(e: &Endpoint, topology: Topology, config: &NodeConfig) -> bool {
     match topology {
         Topology::None => true,
-        Topology::SameNode => e.node_hints.iter().any(|n| *n == config.hostname),
+        Topology::SameNode => e.node_hints.contains(&config.hostname),
         Topology::SameZone => config
             .zone
             .as_deref()
