@@ -252,3 +252,158 @@ fn consistency_check_can_fail() {
     let problems = nftables_consistency(broken);
     assert_eq!(problems.len(), 4, "{problems:#?}");
 }
+
+/// Replays an `nft` transaction (the command forms kproxy and kube-proxy write) against an empty
+/// table and returns the resulting table as a dump of `add` lines, so that a transaction can be
+/// compared with a dump. Only what the worked example uses is modelled.
+fn replay_transaction(script: &str) -> String {
+    #[derive(Default)]
+    struct Chain {
+        declaration: String,
+        rules: Vec<String>,
+    }
+    let mut table = None;
+    let mut chains: Vec<(String, Chain)> = Vec::new();
+    let mut containers: Vec<(String, String)> = Vec::new();
+    let mut elements: Vec<(String, String)> = Vec::new();
+    for line in script.lines().filter(|l| !l.trim().is_empty()) {
+        let words: Vec<&str> = line.split(' ').collect();
+        let (verb, kind, name) = (words[0], words[1], words.get(4).copied().unwrap_or(""));
+        let chain_index = chains.iter().position(|(n, _)| n == name);
+        match (verb, kind) {
+            ("add", "table") => table = Some(line.to_string()),
+            ("add", "chain") => match chain_index {
+                // Re-adding an existing chain changes nothing.
+                Some(_) => {}
+                None => chains.push((
+                    name.to_string(),
+                    Chain {
+                        declaration: line.to_string(),
+                        rules: vec![],
+                    },
+                )),
+            },
+            ("delete", "chain") => {
+                chains.remove(chain_index.expect("deleted chain exists"));
+            }
+            ("flush", "chain") => chains[chain_index.expect("flushed chain exists")]
+                .1
+                .rules
+                .clear(),
+            ("add", "rule") => chains[chain_index.expect("rule's chain exists")]
+                .1
+                .rules
+                .push(line.to_string()),
+            ("add", "set" | "map") => {
+                if !containers.iter().any(|(n, _)| n == name) {
+                    containers.push((name.to_string(), line.to_string()));
+                }
+            }
+            ("flush", "set" | "map") => elements.retain(|(c, _)| c != name),
+            ("add", "element") => {
+                if !elements.iter().any(|(_, l)| l == line) {
+                    elements.push((name.to_string(), line.to_string()));
+                }
+            }
+            _ => panic!("replay does not model {line:?}"),
+        }
+    }
+    let mut dump: Vec<String> = table.into_iter().collect();
+    for (_, chain) in &chains {
+        dump.push(chain.declaration.clone());
+        dump.extend(chain.rules.iter().cloned());
+    }
+    dump.extend(containers.into_iter().map(|(_, l)| l));
+    dump.extend(elements.into_iter().map(|(_, l)| l));
+    dump.join("\n") + "\n"
+}
+
+/// The code blocks of the spec's "12.2, second version" (the `edca5633` layout) and the prose
+/// after it.
+fn worked_example_section() -> String {
+    let spec = fs::read_to_string(shared_dir().join("spec/kube-proxy-rules.md")).expect("spec");
+    let section = spec
+        .split("#### 12.2, second version")
+        .nth(1)
+        .expect("spec has §12.2, second version");
+    section
+        .split("\n## ")
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// kproxy's table for `examples/my-service.yaml` with the worked example's node settings:
+/// IPv4, cluster CIDR 10.244.0.0/16, node IP 192.168.0.2 (NodePorts default to it), ServiceCIDR
+/// 172.30.0.0/16, default mark, no endpoint on this node.
+fn render_worked_example(hostname: &str, edit: impl Fn(String) -> String) -> String {
+    let mut config = NodeConfig::new(hostname);
+    config.node_ips = vec!["192.168.0.2".parse().unwrap()];
+    config.cluster_cidrs = vec!["10.244.0.0/16".parse().unwrap()];
+    config.service_cidrs = vec!["172.30.0.0/16".parse().unwrap()];
+    let input = fs::read_to_string(common::repo_dir().join("examples/my-service.yaml")).unwrap();
+    let mut manifests = Manifests::default();
+    manifests.add_text(&edit(input), "my-service.yaml").unwrap();
+    let plan = pipeline::plan(&manifests.state, &config);
+    assert!(plan.notes.is_empty(), "{:?}", plan.notes);
+    pipeline::nftables_rulesets(&plan, &config)[0].to_nft_script()
+}
+
+/// The spec's worked example is assembled independently of the unit tests: its first-sync
+/// transaction, replayed, must give kproxy's table, and its per-Service dump must be part of it.
+#[test]
+fn worked_example_matches_spec() {
+    let section = worked_example_section();
+    let blocks: Vec<&str> = section.split("```").collect();
+    let (service_objects, transaction) = (blocks[1], blocks[3]);
+    assert!(transaction.contains("add table ip kube-proxy"));
+
+    let actual = render_worked_example("this-node", |text| text);
+    assert!(actual.contains("mark set mark or 0x00004000"));
+    let expected = canonical_nftables(&replay_transaction(transaction));
+    let actual = canonical_nftables(&actual);
+    assert!(
+        expected == actual,
+        "render differs from spec §12.2 (second version):\n{}",
+        diff(&expected, &actual)
+    );
+    for line in service_objects.lines().filter(|l| l.starts_with("add ")) {
+        assert!(actual.lines().any(|l| l == line), "missing {line:?}");
+    }
+}
+
+/// The example's stated variants: without affinity one DNAT-map rule and no endpoint objects;
+/// with 10.244.1.5 on this node, a hairpin element.
+#[test]
+fn worked_example_variants_match_spec() {
+    let section = worked_example_section();
+    let quoted = |start: &str| -> String {
+        section
+            .split('`')
+            .find(|s| s.starts_with(start))
+            .unwrap_or_else(|| panic!("spec quotes a line starting {start:?}"))
+            .to_string()
+    };
+    let dnat_rule =
+        quoted("add rule ip kube-proxy service-6NGMIUMF-default/my-service/tcp/http meta l4proto");
+    let hairpin = quoted("add element ip kube-proxy hairpin-connections");
+
+    let no_affinity = render_worked_example("this-node", |text| {
+        text.replace("sessionAffinity: ClientIP", "sessionAffinity: None")
+    });
+    let service_rules: Vec<&str> = no_affinity
+        .lines()
+        .filter(|l| l.starts_with("add rule ip kube-proxy service-6NGMIUMF"))
+        .collect();
+    assert_eq!(service_rules, vec![dnat_rule.as_str()]);
+    assert!(!no_affinity.contains(" endpoint-"));
+    assert!(!no_affinity.contains(" affinity-"));
+    assert!(!no_affinity.contains("add element ip kube-proxy hairpin-connections"));
+
+    let local = render_worked_example("node-1", |text| text);
+    let hairpins: Vec<&str> = local
+        .lines()
+        .filter(|l| l.starts_with("add element ip kube-proxy hairpin-connections"))
+        .collect();
+    assert_eq!(hairpins, vec![hairpin.as_str()]);
+}
