@@ -4,8 +4,8 @@
 use std::fmt::{self, Write};
 
 use super::ruleset::{
-    BaseChain, Chain, ChainType, DataType, Direction, Element, Field, Hook, Map, Match, ObjectId,
-    Rule, Ruleset, Set, SetFlag, Statement, Table, Value, Verdict, TABLE_NAME,
+    BaseChain, Chain, ChainType, DataType, Direction, Element, Field, Hook, Joining, Map, Match,
+    ObjectId, Rule, Ruleset, Set, SetFlag, Statement, Table, Value, Verdict, TABLE_NAME,
 };
 use crate::family::IpFamily;
 
@@ -277,8 +277,8 @@ fn write_value(out: &mut String, value: &Value) -> fmt::Result {
         Value::Port(port) => write!(out, "{port}"),
         Value::Set { members, joining } => {
             let separator = match joining {
-                super::ruleset::Joining::Tight => ",",
-                super::ruleset::Joining::Spaced => " , ",
+                Joining::Tight => ",",
+                Joining::Spaced => " , ",
             };
             out.write_str("{ ")?;
             for (i, member) in members.iter().enumerate() {
@@ -394,7 +394,6 @@ fn write_statement(out: &mut String, family: IpFamily, statement: &Statement) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nftables::ruleset::Joining;
     use std::sync::Arc;
 
     fn rule_text(family: IpFamily, rule: &Rule) -> String {

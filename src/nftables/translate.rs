@@ -861,3 +861,42 @@ impl Builder {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comments_are_cut_on_a_character_boundary() {
+        assert_eq!(truncate_comment("ns/svc:p"), "ns/svc:p");
+        let ascii = "a".repeat(200);
+        assert_eq!(truncate_comment(&ascii).len(), COMMENT_LENGTH_MAX);
+        // 127 ASCII bytes then a two-byte character straddling the limit.
+        let straddling = format!("{}é", "a".repeat(127));
+        assert_eq!(truncate_comment(&straddling), "a".repeat(127));
+    }
+
+    #[test]
+    fn builder_keeps_one_object_per_identity() {
+        let mut b = Builder::default();
+        b.chain("c", None, Some("first"));
+        b.chain("c", None, Some("second"));
+        b.rule("c", Rule::new(vec![], vec![verdict(Verdict::Drop)]));
+        let key = vec![Value::Port(80)];
+        b.element("m", key.clone(), Some(Verdict::Drop), None);
+        b.element("m", vec![Value::Port(81)], Some(Verdict::Drop), None);
+        b.element("m", key.clone(), Some(Verdict::Reject), None);
+        let ruleset = b.finish(Table {
+            family: IpFamily::V4,
+            name: TABLE_NAME.into(),
+            comment: None,
+        });
+        assert_eq!(ruleset.chains.len(), 1);
+        assert_eq!(ruleset.chains[0].comment.as_deref(), Some("first"));
+        assert_eq!(ruleset.chains[0].rules.len(), 1);
+        // Same key: replaced in place, the last value wins.
+        assert_eq!(ruleset.elements.len(), 2);
+        assert_eq!(ruleset.elements[0].key, key);
+        assert_eq!(ruleset.elements[0].value, Some(Verdict::Reject));
+    }
+}
