@@ -28,6 +28,9 @@ pub struct NodeConfig {
     /// Honour node hints (kube-proxy's `PreferSameTrafficDistribution` feature gate).
     pub prefer_same_node: bool,
     pub iptables: IptablesOptions,
+    /// The cluster's ServiceCIDRs (`--service-cidr`); nftables drops traffic to unallocated
+    /// addresses inside them (§5.5). Empty: no such rule.
+    pub service_cidrs: Vec<IpNet>,
 }
 
 /// Where NodePorts are accepted.
@@ -109,6 +112,7 @@ impl NodeConfig {
             masquerade_mark: MasqueradeMark::from_bit(14),
             prefer_same_node: true,
             iptables: IptablesOptions::default(),
+            service_cidrs: Vec::new(),
         }
     }
 
@@ -126,6 +130,41 @@ impl NodeConfig {
             .iter()
             .find(|ip| IpFamily::of(ip) == family)
             .copied()
+    }
+
+    /// The ServiceCIDRs of one family, in flag order.
+    pub fn service_cidrs_of(&self, family: IpFamily) -> impl Iterator<Item = IpNet> + '_ {
+        self.service_cidrs
+            .iter()
+            .copied()
+            .filter(move |net| IpFamily::of_net(net) == family)
+    }
+
+    /// The networks whose local addresses accept NodePorts, or `None` for every local address
+    /// (kube-proxy's `MatchAll`: no network of the family, or a zero-length prefix). `unset` is
+    /// the mode's default when `--nodeport-addresses` was not given (§3).
+    pub fn nodeport_networks(
+        &self,
+        family: IpFamily,
+        unset: &NodePortAddresses,
+    ) -> Option<Vec<IpNet>> {
+        let networks: Vec<IpNet> = match self.nodeport_addresses.as_ref().unwrap_or(unset) {
+            NodePortAddresses::Primary => self
+                .primary_node_ip(family)
+                .and_then(|ip| IpNet::new(ip, family.host_prefix()).ok())
+                .into_iter()
+                .collect(),
+            NodePortAddresses::Cidrs(cidrs) => cidrs
+                .iter()
+                .filter(|c| IpFamily::of_net(c) == family)
+                .copied()
+                .collect(),
+        };
+        if networks.is_empty() || networks.iter().any(|c| c.prefix_len() == 0) {
+            None
+        } else {
+            Some(networks)
+        }
     }
 
     /// All node addresses of a family, in flag order.

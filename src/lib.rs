@@ -2,13 +2,14 @@
 //!
 //! Data flows one way: [`source`] reads manifests into a [`source::ClusterState`], [`model`]
 //! validates it and builds one [`model::ProxyModel`] per IP family, and a translator
-//! ([`iptables`]) turns that into a typed ruleset rendered to text in one place.
+//! ([`iptables`] or [`nftables`]) turns that into a typed ruleset rendered to text in one place.
 
 pub mod config;
 pub mod family;
 pub mod iptables;
 pub mod model;
 pub mod names;
+pub mod nftables;
 pub mod parallel;
 pub mod pipeline;
 pub mod source;

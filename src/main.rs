@@ -73,10 +73,15 @@ struct Common {
     /// Pod network (the first per family tells pod traffic from other traffic). Repeatable.
     #[arg(long = "cluster-cidr", value_name = "CIDR")]
     cluster_cidrs: Vec<String>,
+    /// A ServiceCIDR of the cluster; nftables drops traffic to its unallocated addresses.
+    /// Repeatable.
+    #[arg(long = "service-cidr", value_name = "CIDR")]
+    service_cidrs: Vec<String>,
     /// Masquerade all traffic to cluster IPs.
     #[arg(long)]
     masquerade_all: bool,
-    /// Where NodePorts are accepted: comma-separated CIDRs, or `primary`. Default: every address.
+    /// Where NodePorts are accepted: comma-separated CIDRs, or `primary`. Default: every address
+    /// (iptables) or the primary node IP (nftables).
     #[arg(long, value_name = "CIDR,...")]
     nodeport_addresses: Option<String>,
     /// IP families to proxy.
@@ -117,6 +122,11 @@ impl Common {
             .cluster_cidrs
             .iter()
             .map(|text| parse_cidr_arg(text, "--cluster-cidr"))
+            .collect::<Result<_>>()?;
+        config.service_cidrs = self
+            .service_cidrs
+            .iter()
+            .map(|text| parse_cidr_arg(text, "--service-cidr"))
             .collect::<Result<_>>()?;
         config.masquerade_all = self.masquerade_all;
         config.nodeport_addresses = match self.nodeport_addresses.as_deref() {
@@ -209,7 +219,11 @@ fn render(common: &Common, inputs: &[PathBuf]) -> Result<()> {
             }
             text
         }
-        Mode::Nftables => bail!("--mode nftables is not implemented yet"),
+        // Both families' tables in one script: `nft -f` accepts that as one transaction.
+        Mode::Nftables => pipeline::nftables_rulesets(&plan, &config)
+            .iter()
+            .map(|ruleset| ruleset.to_nft_script())
+            .collect(),
     };
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())

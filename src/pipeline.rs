@@ -3,6 +3,7 @@
 use crate::config::NodeConfig;
 use crate::iptables;
 use crate::model::{validate, ProxyModel};
+use crate::nftables;
 use crate::source::{ClusterState, Note};
 
 /// Which rule backend to produce.
@@ -36,5 +37,13 @@ pub fn iptables_rulesets(plan: &Plan, config: &NodeConfig) -> Vec<iptables::Rule
     plan.models
         .iter()
         .map(|model| iptables::translate(model, config))
+        .collect()
+}
+
+/// nftables mode: one `kube-proxy` table per family (`ip`, then `ip6` for dual-stack).
+pub fn nftables_rulesets(plan: &Plan, config: &NodeConfig) -> Vec<nftables::Ruleset> {
+    plan.models
+        .iter()
+        .map(|model| nftables::translate(model, config))
         .collect()
 }

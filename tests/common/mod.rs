@@ -200,3 +200,90 @@ pub fn iptables_consistency(text: &str) -> Vec<String> {
     }
     problems
 }
+
+/// Normalises an nftables table dump (`add …` lines) the way kube-proxy's nftables tests do
+/// (shared/conformance/kube-proxy/README.md, "Normalisation before comparing", nftables): drop
+/// empty and `#` lines; order by object kind (table, chain, rule, set, map, element), then by
+/// object name; rules of one chain keep their order, other lines of one object sort by text.
+pub fn canonical_nftables(text: &str) -> String {
+    #[derive(PartialEq, Eq, PartialOrd, Ord)]
+    enum Tiebreak {
+        Position(usize),
+        Text(String),
+    }
+    const KINDS: [&str; 6] = ["table", "chain", "rule", "set", "map", "element"];
+    let mut lines: Vec<(usize, String, Tiebreak, &str)> = Vec::new();
+    for (position, line) in text.lines().enumerate() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let words: Vec<&str> = line.split(' ').collect();
+        assert!(
+            words.len() >= 4 && words[0] == "add",
+            "not an `add` line of a table dump: {line:?}"
+        );
+        let kind = KINDS
+            .iter()
+            .position(|k| *k == words[1])
+            .unwrap_or_else(|| panic!("unknown object kind in {line:?}"));
+        let name = words.get(4).copied().unwrap_or_default().to_string();
+        let tiebreak = if words[1] == "rule" {
+            Tiebreak::Position(position)
+        } else {
+            Tiebreak::Text(line.to_string())
+        };
+        lines.push((kind, name, tiebreak, line));
+    }
+    lines.sort();
+    let mut out = String::new();
+    for (_, _, _, line) in lines {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// Cross-references in an nftables table dump: every `jump`/`goto` target is a declared chain,
+/// every `@name` a declared set or map, and every element's container declared. Returns the
+/// problems found.
+pub fn nftables_consistency(text: &str) -> Vec<String> {
+    let mut chains = Vec::new();
+    let mut containers = Vec::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split(' ').collect();
+        match words.as_slice() {
+            ["add", "chain", _, _, name, ..] => chains.push(name.to_string()),
+            ["add", "set" | "map", _, _, name, ..] => containers.push(name.to_string()),
+            _ => {}
+        }
+    }
+    let mut problems = Vec::new();
+    for line in text.lines() {
+        // Quoted comments are prose: `@` or `goto` inside them refer to nothing.
+        let unquoted: String = line.split('"').step_by(2).collect::<Vec<_>>().join("\"\"");
+        let words: Vec<&str> = unquoted.split(' ').collect();
+        if let ["add", "element", _, _, container, ..] = words.as_slice() {
+            if !containers.iter().any(|c| c == container) {
+                problems.push(format!("{line}: container {container} is not declared"));
+            }
+        }
+        if let ["add", "rule", _, _, chain, ..] = words.as_slice() {
+            if !chains.iter().any(|c| c == chain) {
+                problems.push(format!("{line}: chain {chain} is not declared"));
+            }
+        }
+        for pair in words.windows(2) {
+            if (pair[0] == "jump" || pair[0] == "goto") && !chains.iter().any(|c| c == pair[1]) {
+                problems.push(format!("{line}: target {} is not declared", pair[1]));
+            }
+        }
+        for word in &words {
+            if let Some(name) = word.strip_prefix('@') {
+                if !containers.iter().any(|c| c == name) {
+                    problems.push(format!("{line}: @{name} is not declared"));
+                }
+            }
+        }
+    }
+    problems
+}

@@ -1,0 +1,334 @@
+//! Typed nftables objects. A [`Ruleset`] is everything kproxy owns in one family's
+//! `kube-proxy` table; [`super::render`] is the only place that turns it into `nft` text.
+//!
+//! Every object has a stable identity ([`ObjectId`]: kind and name, elements by container and
+//! key) so that a syncer can compare a desired ruleset with the applied one object by object,
+//! and a chain's rules compare as a whole (`Vec<Rule>` equality).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use crate::family::IpFamily;
+use crate::model::Protocol;
+
+/// A chain, set or map name. Shared because service and endpoint names are referenced from
+/// many rules and elements.
+pub type Name = Arc<str>;
+
+/// The table every object lives in (§5.1).
+pub const TABLE_NAME: &str = "kube-proxy";
+
+/// One family's `kube-proxy` table with all its objects, in creation order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ruleset {
+    pub table: Table,
+    /// Every chain with its rules; names are unique.
+    pub chains: Vec<Chain>,
+    pub sets: Vec<Set>,
+    pub maps: Vec<Map>,
+    /// Elements of sets and maps; `(container, key)` is unique.
+    pub elements: Vec<Element>,
+}
+
+impl Ruleset {
+    pub fn family(&self) -> IpFamily {
+        self.table.family
+    }
+
+    pub fn chain(&self, name: &str) -> Option<&Chain> {
+        self.chains.iter().find(|c| &*c.name == name)
+    }
+
+    pub fn set(&self, name: &str) -> Option<&Set> {
+        self.sets.iter().find(|s| &*s.name == name)
+    }
+
+    pub fn map(&self, name: &str) -> Option<&Map> {
+        self.maps.iter().find(|m| &*m.name == name)
+    }
+
+    /// The elements of one set or map, in ruleset order.
+    pub fn elements_of<'a>(&'a self, container: &'a str) -> impl Iterator<Item = &'a Element> {
+        self.elements
+            .iter()
+            .filter(move |e| &*e.container == container)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Table {
+    pub family: IpFamily,
+    pub name: Name,
+    pub comment: Option<Name>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Chain {
+    pub name: Name,
+    /// Set for chains attached to a netfilter hook.
+    pub base: Option<BaseChain>,
+    pub comment: Option<Name>,
+    /// The chain's rules in order; order is significant.
+    pub rules: Vec<Rule>,
+}
+
+impl Chain {
+    /// Same name, hook and comment: the chain can be kept and only its rules rewritten.
+    pub fn same_declaration(&self, other: &Chain) -> bool {
+        self.name == other.name && self.base == other.base && self.comment == other.comment
+    }
+}
+
+/// Type, hook and numeric priority of a base chain (§5.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BaseChain {
+    pub kind: ChainType,
+    pub hook: Hook,
+    pub priority: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChainType {
+    Filter,
+    Nat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Hook {
+    Prerouting,
+    Input,
+    Forward,
+    Output,
+    Postrouting,
+}
+
+/// A named set. Affinity sets carry flags and a timeout (§5A.9).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Set {
+    pub name: Name,
+    /// The key's data types, concatenated with ` . `.
+    pub key_type: Vec<DataType>,
+    pub flags: Vec<SetFlag>,
+    /// Element lifetime in seconds.
+    pub timeout: Option<u32>,
+    pub comment: Option<Name>,
+}
+
+/// A named map from a concatenated key to a value (all of kproxy's maps are verdict maps).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Map {
+    pub name: Name,
+    pub key_type: Vec<DataType>,
+    pub value_type: DataType,
+    pub comment: Option<Name>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DataType {
+    Ipv4Addr,
+    Ipv6Addr,
+    InetProto,
+    InetService,
+    Verdict,
+}
+
+impl DataType {
+    /// `ipv4_addr` or `ipv6_addr`.
+    pub fn addr(family: IpFamily) -> DataType {
+        match family {
+            IpFamily::V4 => DataType::Ipv4Addr,
+            IpFamily::V6 => DataType::Ipv6Addr,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SetFlag {
+    /// Updated from the packet path (`update @set`).
+    Dynamic,
+    Timeout,
+}
+
+/// One element of a set (no value) or map (with a value). Identified by container and key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Element {
+    /// The set or map it belongs to.
+    pub container: Name,
+    pub key: Vec<Value>,
+    pub value: Option<Verdict>,
+    pub comment: Option<Name>,
+}
+
+impl Element {
+    pub fn id(&self) -> ObjectId {
+        ObjectId::Element {
+            container: self.container.clone(),
+            key: self.key.clone(),
+        }
+    }
+}
+
+/// A literal in a rule or an element key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Value {
+    Addr(IpAddr),
+    Net(IpNet),
+    Protocol(Protocol),
+    Port(u16),
+    /// An anonymous set: `{ a , b }`.
+    Set {
+        members: Vec<Value>,
+        joining: Joining,
+    },
+}
+
+/// How anonymous-set members are separated. Both mean the same to nft; kube-proxy writes the
+/// ServiceCIDR list tightly (§5.5) and the firewall sources spaced (§5.7), and kproxy
+/// reproduces its text exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Joining {
+    /// `a,b`
+    Tight,
+    /// `a , b`
+    Spaced,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    Source,
+    Destination,
+}
+
+/// The packet fields rules look at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Field {
+    /// `ip saddr` / `ip6 saddr`
+    SourceAddr,
+    /// `ip daddr` / `ip6 daddr`
+    DestinationAddr,
+    /// `meta l4proto`
+    L4Proto,
+    /// `th dport`
+    DestinationPort,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    Jump(Name),
+    Goto(Name),
+    Drop,
+    Reject,
+}
+
+/// One rule: matches, then statements, then an optional comment.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Rule {
+    pub matches: Vec<Match>,
+    pub statements: Vec<Statement>,
+    pub comment: Option<Name>,
+}
+
+impl Rule {
+    pub fn new(matches: Vec<Match>, statements: Vec<Statement>) -> Rule {
+        Rule {
+            matches,
+            statements,
+            comment: None,
+        }
+    }
+
+    pub fn with_comment(mut self, comment: &str) -> Rule {
+        self.comment = Some(comment.into());
+        self
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Match {
+    /// `ct state new`
+    CtStateNew,
+    /// `ct status dnat`: the connection was DNATed.
+    CtStatusDnat,
+    /// `mark and M != 0`
+    MarkBitSet(Name),
+    /// `fib saddr type local` (or `daddr`): the address belongs to this host.
+    FibLocal(Direction),
+    /// `FIELD [!=] VALUE`
+    Compare {
+        field: Field,
+        negated: bool,
+        value: Value,
+    },
+    /// `FIELD . FIELD … @set`
+    InSet { key: Vec<Field>, set: Name },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Statement {
+    Verdict(Verdict),
+    /// `FIELD . FIELD … vmap @map`
+    VerdictMap {
+        key: Vec<Field>,
+        map: Name,
+    },
+    /// `numgen random mod N vmap { 0 : V0 , 1 : V1 , … }`
+    RandomVerdict(Vec<Verdict>),
+    /// `mark set mark or M`
+    MarkOr(Name),
+    /// `mark set mark xor M`
+    MarkXor(Name),
+    /// `masquerade fully-random`
+    MasqueradeFullyRandom,
+    /// `update @set { FIELD }`: add the packet's field to a dynamic set or refresh its timeout.
+    UpdateSet {
+        set: Name,
+        field: Field,
+    },
+    /// `dnat to ADDR:PORT`
+    Dnat(SocketAddr),
+    /// `dnat ip addr . port to numgen random mod N map { 0 : A0 . P0 , … }` (§5A.7).
+    RandomDnat(Vec<SocketAddr>),
+}
+
+/// The identity of an object inside the table, for diffing desired against applied state.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ObjectId {
+    Table,
+    Chain(Name),
+    Set(Name),
+    Map(Name),
+    Element { container: Name, key: Vec<Value> },
+}
+
+impl ObjectId {
+    /// The object kind's word in `nft` commands.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ObjectId::Table => "table",
+            ObjectId::Chain(_) => "chain",
+            ObjectId::Set(_) => "set",
+            ObjectId::Map(_) => "map",
+            ObjectId::Element { .. } => "element",
+        }
+    }
+}
+
+impl Chain {
+    pub fn id(&self) -> ObjectId {
+        ObjectId::Chain(self.name.clone())
+    }
+}
+
+impl Set {
+    pub fn id(&self) -> ObjectId {
+        ObjectId::Set(self.name.clone())
+    }
+}
+
+impl Map {
+    pub fn id(&self) -> ObjectId {
+        ObjectId::Map(self.name.clone())
+    }
+}

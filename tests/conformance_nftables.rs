@@ -1,0 +1,409 @@
+//! kube-proxy's own expected nftables tables (shared/conformance/kube-proxy, the folders ending
+//! in `-edca5633`) against kproxy's output, compared after kube-proxy's nftables normalisation.
+//! Prints one line per vector: `match` or the first differing line.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use kproxy::config::{MasqueradeMark, NodeConfig, NodePortAddresses};
+use kproxy::family::{parse_cidr_sloppy, parse_ip_sloppy, FamilyMode};
+use kproxy::pipeline;
+use kproxy::source::Manifests;
+use serde::Deserialize;
+
+use common::{canonical_nftables, diff, first_difference, nftables_consistency, shared_dir};
+
+/// The layout revision these vectors (and kproxy's nftables translator) follow.
+const REVISION_SUFFIX: &str = "-edca5633";
+
+/// A nftables vector's `config.yaml`. Unknown settings fail the test rather than being ignored.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct VectorConfig {
+    mode: String,
+    ip_family: String,
+    hostname: String,
+    #[serde(rename = "nodeIP")]
+    node_ip: String,
+    #[serde(rename = "nodeIPs", default)]
+    node_ips: std::collections::BTreeMap<String, Vec<String>>,
+    #[serde(rename = "clusterCIDR")]
+    cluster_cidr: Option<String>,
+    local_detector: String,
+    #[serde(rename = "serviceCIDRs", default)]
+    service_cidrs: Vec<String>,
+    masquerade_all: bool,
+    masquerade_bit: u8,
+    /// The statement the revision writes to request masquerading; checked, not configured.
+    masquerade_rule: String,
+    #[serde(default)]
+    node_port_addresses: Vec<String>,
+}
+
+impl VectorConfig {
+    fn read(dir: &Path) -> VectorConfig {
+        let text = fs::read_to_string(dir.join("config.yaml")).expect("config.yaml");
+        serde_yaml::from_str(&text).expect("config.yaml matches VectorConfig")
+    }
+
+    fn node_config(&self) -> NodeConfig {
+        assert_eq!(self.mode, "nftables");
+        assert_eq!(self.ip_family, "IPv4", "only IPv4 vectors exist");
+        assert_eq!(self.local_detector, "ClusterCIDR");
+        let mut config = NodeConfig::new(&self.hostname);
+        config.family_mode = FamilyMode::V4;
+        // The primary node IP first, then every interface address (without prefix length).
+        config
+            .node_ips
+            .push(parse_ip_sloppy(&self.node_ip).expect("nodeIP"));
+        for addr in self.node_ips.values().flatten() {
+            let ip = parse_ip_sloppy(addr.split('/').next().unwrap_or_default()).expect("nodeIPs");
+            if !config.node_ips.contains(&ip) {
+                config.node_ips.push(ip);
+            }
+        }
+        config.cluster_cidrs = self
+            .cluster_cidr
+            .iter()
+            .map(|c| parse_cidr_sloppy(c).expect("clusterCIDR"))
+            .collect();
+        config.service_cidrs = self
+            .service_cidrs
+            .iter()
+            .map(|c| parse_cidr_sloppy(c).expect("serviceCIDRs"))
+            .collect();
+        config.masquerade_all = self.masquerade_all;
+        // kube-proxy's unit tests inject the literal 0x4000 rather than Go's %#08x form.
+        config.masquerade_mark = MasqueradeMark::short_from_bit(self.masquerade_bit);
+        assert_eq!(
+            self.masquerade_rule,
+            format!("mark set mark or {}", config.masquerade_mark.text),
+            "the vector's mark statement differs from the mark kproxy writes"
+        );
+        config.nodeport_addresses = if self.node_port_addresses.is_empty() {
+            None
+        } else {
+            Some(NodePortAddresses::Cidrs(
+                self.node_port_addresses
+                    .iter()
+                    .map(|c| parse_cidr_sloppy(c).expect("nodePortAddresses"))
+                    .collect(),
+            ))
+        };
+        config
+    }
+}
+
+/// One comparison: the input manifests and the expected table dump.
+struct Case {
+    name: String,
+    dir: PathBuf,
+    input: PathBuf,
+    expected: PathBuf,
+}
+
+/// Every `-edca5633` vector; a stepwise one contributes its first step (later steps need a
+/// syncer's memory of flushed chains).
+fn cases() -> Vec<Case> {
+    let root = shared_dir().join("conformance/kube-proxy");
+    let mut dirs: Vec<PathBuf> = fs::read_dir(&root)
+        .expect("conformance directory")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("nftables-") && n.ends_with(REVISION_SUFFIX))
+        })
+        .collect();
+    dirs.sort();
+    dirs.into_iter()
+        .map(|dir| {
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            let (input, expected) = if dir.join("input.yaml").is_file() {
+                (dir.join("input.yaml"), dir.join("expected.txt"))
+            } else {
+                (
+                    dir.join("input-step01.yaml"),
+                    dir.join("expected-step01.txt"),
+                )
+            };
+            Case {
+                name,
+                dir,
+                input,
+                expected,
+            }
+        })
+        .collect()
+}
+
+fn render(case: &Case) -> String {
+    let node = VectorConfig::read(&case.dir).node_config();
+    let manifests = Manifests::read_paths(std::slice::from_ref(&case.input)).expect("input reads");
+    let plan = pipeline::plan(&manifests.state, &node);
+    assert!(
+        plan.notes.is_empty() && manifests.notes.is_empty(),
+        "kube-proxy accepts every object of {}: {:?} {:?}",
+        case.name,
+        manifests.notes,
+        plan.notes
+    );
+    let rulesets = pipeline::nftables_rulesets(&plan, &node);
+    assert_eq!(rulesets.len(), 1);
+    rulesets[0].to_nft_script()
+}
+
+#[test]
+fn nftables_vectors_match_kube_proxy() {
+    let cases = cases();
+    assert_eq!(
+        cases.len(),
+        4,
+        "expected the four {REVISION_SUFFIX} nftables vectors, found {:?}",
+        cases.iter().map(|c| &c.name).collect::<Vec<_>>()
+    );
+    let mut failures = Vec::new();
+    for case in &cases {
+        let expected = canonical_nftables(
+            &fs::read_to_string(&case.expected)
+                .unwrap_or_else(|e| panic!("{}: {e}", case.expected.display())),
+        );
+        let rendered = render(case);
+        let actual = canonical_nftables(&rendered);
+        let verdict = match first_difference(&expected, &actual) {
+            None => "match".to_string(),
+            Some(first) => {
+                failures.push(format!("{}:\n{}", case.name, diff(&expected, &actual)));
+                first
+            }
+        };
+        println!("conformance {}: {verdict}", case.name);
+        let problems = nftables_consistency(&rendered);
+        assert!(problems.is_empty(), "{}: {problems:#?}", case.name);
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The normaliser must ignore what kube-proxy's comparison ignores and nothing else.
+#[test]
+fn normalisation_can_fail() {
+    let table = "add table ip kube-proxy { comment \"rules for kube-proxy\" ; }";
+    let chain = "add chain ip kube-proxy services";
+    let rule_a =
+        "add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips";
+    let rule_b = "add rule ip kube-proxy services ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports";
+    let set =
+        "add set ip kube-proxy cluster-ips { type ipv4_addr ; comment \"Active ClusterIPs\" ; }";
+    let element_1 = "add element ip kube-proxy cluster-ips { 172.30.0.41 }";
+    let element_2 = "add element ip kube-proxy cluster-ips { 172.30.0.42 }";
+    let join = |lines: &[&str]| lines.join("\n") + "\n";
+    let reference = canonical_nftables(&join(&[
+        table, chain, rule_a, rule_b, set, element_1, element_2,
+    ]));
+
+    // Ignored: object order across kinds, element order, blank and `#` lines.
+    let shuffled = join(&[
+        "# services",
+        element_2,
+        "",
+        set,
+        rule_a,
+        element_1,
+        chain,
+        rule_b,
+        table,
+    ]);
+    assert_eq!(canonical_nftables(&shuffled), reference);
+
+    // Significant: rule order inside a chain, a missing line, changed text.
+    let swapped = join(&[table, chain, rule_b, rule_a, set, element_1, element_2]);
+    let missing = join(&[table, chain, rule_a, rule_b, set, element_1]);
+    let changed = join(&[
+        table,
+        chain,
+        rule_a,
+        &rule_b.replace("@nodeport-ips", "@cluster-ips"),
+        set,
+        element_1,
+        element_2,
+    ]);
+    for broken in [swapped, missing, changed] {
+        let normalised = canonical_nftables(&broken);
+        assert!(
+            first_difference(&reference, &normalised).is_some(),
+            "not detected:\n{broken}"
+        );
+        assert!(diff(&reference, &normalised).contains("@@"));
+    }
+}
+
+#[test]
+fn consistency_check_can_fail() {
+    let broken = "add chain ip kube-proxy services\n\
+                  add rule ip kube-proxy services goto service-X\n\
+                  add rule ip kube-proxy nowhere ip daddr @cluster-ips drop\n\
+                  add element ip kube-proxy service-ips { 1.2.3.4 . tcp . 80 : goto services }\n";
+    let problems = nftables_consistency(broken);
+    assert_eq!(problems.len(), 4, "{problems:#?}");
+}
+
+/// Replays an `nft` transaction (the command forms kproxy and kube-proxy write) against an empty
+/// table and returns the resulting table as a dump of `add` lines, so that a transaction can be
+/// compared with a dump. Only what the worked example uses is modelled.
+fn replay_transaction(script: &str) -> String {
+    #[derive(Default)]
+    struct Chain {
+        declaration: String,
+        rules: Vec<String>,
+    }
+    let mut table = None;
+    let mut chains: Vec<(String, Chain)> = Vec::new();
+    let mut containers: Vec<(String, String)> = Vec::new();
+    let mut elements: Vec<(String, String)> = Vec::new();
+    for line in script.lines().filter(|l| !l.trim().is_empty()) {
+        let words: Vec<&str> = line.split(' ').collect();
+        let (verb, kind, name) = (words[0], words[1], words.get(4).copied().unwrap_or(""));
+        let chain_index = chains.iter().position(|(n, _)| n == name);
+        match (verb, kind) {
+            ("add", "table") => table = Some(line.to_string()),
+            ("add", "chain") => match chain_index {
+                // Re-adding an existing chain changes nothing.
+                Some(_) => {}
+                None => chains.push((
+                    name.to_string(),
+                    Chain {
+                        declaration: line.to_string(),
+                        rules: vec![],
+                    },
+                )),
+            },
+            ("delete", "chain") => {
+                chains.remove(chain_index.expect("deleted chain exists"));
+            }
+            ("flush", "chain") => chains[chain_index.expect("flushed chain exists")]
+                .1
+                .rules
+                .clear(),
+            ("add", "rule") => chains[chain_index.expect("rule's chain exists")]
+                .1
+                .rules
+                .push(line.to_string()),
+            ("add", "set" | "map") => {
+                if !containers.iter().any(|(n, _)| n == name) {
+                    containers.push((name.to_string(), line.to_string()));
+                }
+            }
+            ("flush", "set" | "map") => elements.retain(|(c, _)| c != name),
+            ("add", "element") => {
+                if !elements.iter().any(|(_, l)| l == line) {
+                    elements.push((name.to_string(), line.to_string()));
+                }
+            }
+            _ => panic!("replay does not model {line:?}"),
+        }
+    }
+    let mut dump: Vec<String> = table.into_iter().collect();
+    for (_, chain) in &chains {
+        dump.push(chain.declaration.clone());
+        dump.extend(chain.rules.iter().cloned());
+    }
+    dump.extend(containers.into_iter().map(|(_, l)| l));
+    dump.extend(elements.into_iter().map(|(_, l)| l));
+    dump.join("\n") + "\n"
+}
+
+/// The code blocks of the spec's "12.2, second version" (the `edca5633` layout) and the prose
+/// after it.
+fn worked_example_section() -> String {
+    let spec = fs::read_to_string(shared_dir().join("spec/kube-proxy-rules.md")).expect("spec");
+    let section = spec
+        .split("#### 12.2, second version")
+        .nth(1)
+        .expect("spec has §12.2, second version");
+    section
+        .split("\n## ")
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// kproxy's table for `examples/my-service.yaml` with the worked example's node settings:
+/// IPv4, cluster CIDR 10.244.0.0/16, node IP 192.168.0.2 (NodePorts default to it), ServiceCIDR
+/// 172.30.0.0/16, default mark, no endpoint on this node.
+fn render_worked_example(hostname: &str, edit: impl Fn(String) -> String) -> String {
+    let mut config = NodeConfig::new(hostname);
+    config.node_ips = vec!["192.168.0.2".parse().unwrap()];
+    config.cluster_cidrs = vec!["10.244.0.0/16".parse().unwrap()];
+    config.service_cidrs = vec!["172.30.0.0/16".parse().unwrap()];
+    let input = fs::read_to_string(common::repo_dir().join("examples/my-service.yaml")).unwrap();
+    let mut manifests = Manifests::default();
+    manifests.add_text(&edit(input), "my-service.yaml").unwrap();
+    let plan = pipeline::plan(&manifests.state, &config);
+    assert!(plan.notes.is_empty(), "{:?}", plan.notes);
+    pipeline::nftables_rulesets(&plan, &config)[0].to_nft_script()
+}
+
+/// The spec's worked example is assembled independently of the unit tests: its first-sync
+/// transaction, replayed, must give kproxy's table, and its per-Service dump must be part of it.
+#[test]
+fn worked_example_matches_spec() {
+    let section = worked_example_section();
+    let blocks: Vec<&str> = section.split("```").collect();
+    let (service_objects, transaction) = (blocks[1], blocks[3]);
+    assert!(transaction.contains("add table ip kube-proxy"));
+
+    let actual = render_worked_example("this-node", |text| text);
+    assert!(actual.contains("mark set mark or 0x00004000"));
+    let expected = canonical_nftables(&replay_transaction(transaction));
+    let actual = canonical_nftables(&actual);
+    assert!(
+        expected == actual,
+        "render differs from spec §12.2 (second version):\n{}",
+        diff(&expected, &actual)
+    );
+    for line in service_objects.lines().filter(|l| l.starts_with("add ")) {
+        assert!(actual.lines().any(|l| l == line), "missing {line:?}");
+    }
+}
+
+/// The example's stated variants: without affinity one DNAT-map rule and no endpoint objects;
+/// with 10.244.1.5 on this node, a hairpin element.
+#[test]
+fn worked_example_variants_match_spec() {
+    let section = worked_example_section();
+    let quoted = |start: &str| -> String {
+        section
+            .split('`')
+            .find(|s| s.starts_with(start))
+            .unwrap_or_else(|| panic!("spec quotes a line starting {start:?}"))
+            .to_string()
+    };
+    let dnat_rule =
+        quoted("add rule ip kube-proxy service-6NGMIUMF-default/my-service/tcp/http meta l4proto");
+    let hairpin = quoted("add element ip kube-proxy hairpin-connections");
+
+    let no_affinity = render_worked_example("this-node", |text| {
+        text.replace("sessionAffinity: ClientIP", "sessionAffinity: None")
+    });
+    let service_rules: Vec<&str> = no_affinity
+        .lines()
+        .filter(|l| l.starts_with("add rule ip kube-proxy service-6NGMIUMF"))
+        .collect();
+    assert_eq!(service_rules, vec![dnat_rule.as_str()]);
+    assert!(!no_affinity.contains(" endpoint-"));
+    assert!(!no_affinity.contains(" affinity-"));
+    assert!(!no_affinity.contains("add element ip kube-proxy hairpin-connections"));
+
+    let local = render_worked_example("node-1", |text| text);
+    let hairpins: Vec<&str> = local
+        .lines()
+        .filter(|l| l.starts_with("add element ip kube-proxy hairpin-connections"))
+        .collect();
+    assert_eq!(hairpins, vec![hairpin.as_str()]);
+}
