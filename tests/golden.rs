@@ -11,7 +11,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-const MODES: [&str; 1] = ["iptables"];
+const MODES: [&str; 2] = ["iptables", "nftables"];
 
 fn render(case: &Path, mode: &str) -> String {
     let flags = fs::read_to_string(case.join("flags")).unwrap_or_default();

@@ -1,6 +1,6 @@
 //! The kernel accepts kproxy's nftables output as printed: `nft -c -f` (check) and then a real
 //! `nft -f`, each in a fresh network namespace, for the example (through the `kproxy` binary),
-//! an IPv6 and a dual-stack case, and every `-edca5633` conformance input.
+//! an IPv6 and a dual-stack case, every golden case and every `-edca5633` conformance input.
 //!
 //! Needs root and `nft`. Without them the tests print why and pass, unless
 //! `KPROXY_REQUIRE_KERNEL_TESTS=1`, which turns that into a failure.
@@ -9,93 +9,18 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::Command;
+
+use common::netns::{kernel_tests_possible, Netns};
 
 use kproxy::config::NodeConfig;
 use kproxy::family::FamilyMode;
 use kproxy::pipeline;
 use kproxy::source::Manifests;
 
-const REQUIRE_ENV: &str = "KPROXY_REQUIRE_KERNEL_TESTS";
-
 /// Whether the kernel test can run (root, `ip`, `nft`); panics instead when required.
 fn possible() -> bool {
-    let mut missing = Vec::new();
-    let root = fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false);
-    if !root {
-        missing.push("root");
-    }
-    for (tool, version) in [("ip", "-V"), ("nft", "--version")] {
-        let found = Command::new(tool)
-            .arg(version)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            missing.push(tool);
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    let why = format!(
-        "nft kernel check cannot run: missing {}",
-        missing.join(", ")
-    );
-    if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
-        panic!("{why} (and {REQUIRE_ENV}=1 requires it)");
-    }
-    eprintln!("NOT RUN: {why}; set {REQUIRE_ENV}=1 to make this a failure");
-    false
-}
-
-/// A network namespace `kproxy-test-<pid>-<n>`, deleted when dropped.
-struct Netns {
-    name: String,
-}
-
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-impl Netns {
-    fn new() -> Netns {
-        let name = format!(
-            "kproxy-test-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let status = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("ip runs");
-        assert!(status.success(), "ip netns add {name} failed");
-        Netns { name }
-    }
-
-    fn run(&self, argv: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(argv)
-            .stdin(Stdio::null())
-            .output()
-            .expect("ip netns exec runs")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
+    kernel_tests_possible(&["nft"])
 }
 
 /// Checks, then loads, the script in a fresh namespace and returns `nft list ruleset`, or what
@@ -105,9 +30,9 @@ fn try_load(script: &str) -> Result<String, String> {
     let file = dir.path().join("ruleset.nft");
     fs::write(&file, script).expect("write script");
     let file = file.to_string_lossy().to_string();
-    let ns = Netns::new();
+    let ns = Netns::new("nft");
     for args in [vec!["nft", "-c", "-f", &file], vec!["nft", "-f", &file]] {
-        let out = ns.run(&args);
+        let out = ns.run(&args, None);
         if !out.status.success() {
             return Err(format!(
                 "`{}` refused it:\n{}",
@@ -116,7 +41,7 @@ fn try_load(script: &str) -> Result<String, String> {
             ));
         }
     }
-    let out = ns.run(&["nft", "list", "ruleset"]);
+    let out = ns.run(&["nft", "list", "ruleset"], None);
     if !out.status.success() {
         return Err("nft list ruleset failed".into());
     }
@@ -288,4 +213,26 @@ fn kernel_check_can_fail() {
     let broken = "add table ip kube-proxy\nadd chain ip kube-proxy services\nadd rule ip kube-proxy services goto service-missing\n";
     assert!(try_load(broken).is_err());
     assert!(try_load("add table ip kube-proxy\nadd chain ip kube-proxy services\n").is_ok());
+}
+
+#[test]
+fn golden_nftables_outputs_load() {
+    if !possible() {
+        return;
+    }
+    let root = common::repo_dir().join("rules-golden");
+    let mut checked = 0;
+    for entry in fs::read_dir(root).expect("rules-golden") {
+        let path = entry.expect("entry").path().join("nftables.txt");
+        let Ok(script) = fs::read_to_string(&path) else {
+            continue;
+        };
+        let listing = load(&script, &path.display().to_string());
+        assert!(listing.contains("kube-proxy"), "{listing}");
+        checked += 1;
+    }
+    assert!(
+        checked >= 10,
+        "only {checked} golden nftables outputs found"
+    );
 }
