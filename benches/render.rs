@@ -1,4 +1,4 @@
-//! Render benchmark: a synthetic cluster of 10,000 Services with 10 endpoints each (one in ten
+//! Render benchmark, both modes: a synthetic cluster of 10,000 Services with 10 endpoints each (one in ten
 //! with ClientIP affinity, one in five NodePort), rendered end to end from API objects: validate,
 //! build the model, translate, print. Parsing manifests is not included.
 //!
@@ -51,7 +51,10 @@ fn render(state: &kproxy::source::ClusterState, config: &NodeConfig, mode: Mode)
             .iter()
             .map(|r| r.to_restore_text().len())
             .sum(),
-        Mode::Nftables => unimplemented!("nftables render benchmark"),
+        Mode::Nftables => pipeline::nftables_rulesets(&plan, config)
+            .iter()
+            .map(|r| r.to_nft_script().len())
+            .sum(),
     }
 }
 
@@ -68,9 +71,9 @@ fn main() {
     let mut config = NodeConfig::new("node-1");
     config.node_ips = vec!["192.168.0.2".parse().unwrap()];
     config.cluster_cidrs = vec!["10.128.0.0/9".parse().unwrap()];
+    config.service_cidrs = vec!["10.96.0.0/12".parse().unwrap()];
 
-    {
-        let (mode, name) = (Mode::Iptables, "iptables");
+    for (mode, name) in [(Mode::Iptables, "iptables"), (Mode::Nftables, "nftables")] {
         let baseline = IN_USE.load(Ordering::Relaxed);
         PEAK.store(baseline, Ordering::Relaxed);
         let bytes = render(&state, &config, mode);

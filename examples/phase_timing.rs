@@ -24,15 +24,24 @@ fn main() {
         let t3 = t.elapsed();
         let text = ruleset.to_restore_text();
         let t4 = t.elapsed();
-        drop((cluster, model, ruleset, text));
+        drop((ruleset, text));
         let t5 = t.elapsed();
+        let nft = kproxy::nftables::translate(&model, &config);
+        let t6 = t.elapsed();
+        let script = nft.to_nft_script();
+        let t7 = t.elapsed();
+        drop((cluster, model, nft, script));
+        let t8 = t.elapsed();
         println!(
-            "validate {:?} build {:?} translate {:?} render {:?} drop {:?}",
+            "validate {:?} build {:?} | iptables: translate {:?} render {:?} drop {:?} | nftables: translate {:?} render {:?} drop(all) {:?}",
             t1,
             t2 - t1,
             t3 - t2,
             t4 - t3,
-            t5 - t4
+            t5 - t4,
+            t6 - t5,
+            t7 - t6,
+            t8 - t7
         );
     }
 }

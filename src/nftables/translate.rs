@@ -1,7 +1,7 @@
 //! ProxyModel → nftables [`Ruleset`]: a pure function of the model and the node settings.
 //! Spec §5A (the `edca5633` layout); §5.2–§5.6 for what it shares with the older layout.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -64,12 +64,30 @@ const JUMPS: [(&str, &str, bool); 11] = [
 ];
 
 /// Builds the complete `kube-proxy` table of one family.
+///
+/// Service ports are translated in parallel chunks and merged in model order with the same
+/// rules as sequential insertion, so the result does not depend on the number of threads.
 pub fn translate(model: &ProxyModel, config: &NodeConfig) -> Ruleset {
-    Translator::new(model, config).run()
+    let mut translator = Translator::new(model, config);
+    translator.setup();
+    let parts = crate::parallel::map_chunks(&model.ports, |ports| {
+        let mut part = translator.empty_copy();
+        for port in ports {
+            part.service_port(port);
+        }
+        part.out
+    });
+    for part in parts {
+        translator.out.append(part);
+    }
+    translator.out.finish(Table {
+        family: translator.family,
+        name: TABLE_NAME.into(),
+        comment: Some("rules for kube-proxy".into()),
+    })
 }
 
 struct Translator<'a> {
-    model: &'a ProxyModel,
     config: &'a NodeConfig,
     family: IpFamily,
     mark: Name,
@@ -121,7 +139,6 @@ impl<'a> Translator<'a> {
     fn new(model: &'a ProxyModel, config: &'a NodeConfig) -> Self {
         let family = model.family;
         Translator {
-            model,
             config,
             family,
             mark: config.masquerade_mark.text.as_str().into(),
@@ -133,16 +150,17 @@ impl<'a> Translator<'a> {
         }
     }
 
-    fn run(mut self) -> Ruleset {
-        self.setup();
-        for port in &self.model.ports {
-            self.service_port(port);
-        }
-        self.out.finish(Table {
+    /// The same settings with nothing built yet, to translate a share of the service ports.
+    fn empty_copy(&self) -> Translator<'a> {
+        Translator {
+            config: self.config,
             family: self.family,
-            name: TABLE_NAME.into(),
-            comment: Some("rules for kube-proxy".into()),
-        })
+            mark: self.mark.clone(),
+            pod_cidr: self.pod_cidr,
+            nodeport_networks: self.nodeport_networks.clone(),
+            reject_verdict: self.reject_verdict.clone(),
+            out: Builder::default(),
+        }
     }
 
     fn addr_type(&self) -> DataType {
@@ -398,10 +416,20 @@ impl<'a> Translator<'a> {
         let protocol = port.name.protocol;
         let affinity = port.affinity_timeout;
 
+        // The endpoint chain and affinity set names (affinity only), computed once per endpoint
+        // and indexed like `port.endpoints`.
+        let mut endpoint_objects: Vec<Option<EndpointObjects>> = Vec::new();
+        if affinity.is_some() {
+            endpoint_objects.resize_with(port.endpoints.len(), || None);
+            for &i in &port.selection.reachable {
+                endpoint_objects[i] = Some(EndpointObjects::new(port, &port.endpoints[i]));
+            }
+        }
+
         // 1. Endpoint chains (affinity only) and hairpin elements of local endpoints.
-        for endpoint in port.reachable_endpoints() {
-            if affinity.is_some() {
-                let objects = EndpointObjects::new(port, endpoint);
+        for &i in &port.selection.reachable {
+            let endpoint = &port.endpoints[i];
+            if let Some(Some(objects)) = endpoint_objects.get(i) {
                 self.out.chain(&objects.chain, None, None);
             }
             if endpoint.local {
@@ -451,10 +479,15 @@ impl<'a> Translator<'a> {
                 }
             }
             Some(timeout) => {
-                for endpoint in port.reachable_endpoints() {
-                    let objects = EndpointObjects::new(port, endpoint);
+                let reachable = || {
+                    port.selection
+                        .reachable
+                        .iter()
+                        .filter_map(|&i| Some((&port.endpoints[i], endpoint_objects[i].as_ref()?)))
+                };
+                for (_, objects) in reachable() {
                     self.out.set(Set {
-                        name: objects.affinity_set,
+                        name: objects.affinity_set.clone(),
                         key_type: vec![self.addr_type()],
                         // `dynamic` always: some kernels add it implicitly, and re-adding the
                         // set without it would then fail as a flag change (§5.9).
@@ -464,13 +497,14 @@ impl<'a> Translator<'a> {
                     });
                 }
                 if port.uses_cluster_chain() {
-                    self.affinity_dispatch(port, &chains.cluster, port.cluster_endpoints());
+                    let objects = pick(&endpoint_objects, &port.selection.cluster);
+                    self.affinity_dispatch(&chains.cluster, objects);
                 }
                 if port.uses_local_chain() {
-                    self.affinity_dispatch(port, &chains.local, port.local_endpoints());
+                    let objects = pick(&endpoint_objects, &port.selection.local);
+                    self.affinity_dispatch(&chains.local, objects);
                 }
-                for endpoint in port.reachable_endpoints() {
-                    let objects = EndpointObjects::new(port, endpoint);
+                for (endpoint, objects) in reachable() {
                     self.out.rule(
                         &objects.chain,
                         Rule::new(
@@ -690,32 +724,34 @@ impl<'a> Translator<'a> {
     }
 
     /// With affinity: a lookup per endpoint in sorted order, then a random choice (§5A.9).
-    fn affinity_dispatch<'e>(
-        &mut self,
-        port: &ServicePort,
-        chain: &Name,
-        endpoints: impl Iterator<Item = &'e Endpoint>,
-    ) {
+    fn affinity_dispatch(&mut self, chain: &Name, endpoints: Vec<&EndpointObjects>) {
         let mut choices = Vec::new();
-        for endpoint in endpoints {
-            let objects = EndpointObjects::new(port, endpoint);
+        for objects in endpoints {
             self.out.rule(
                 chain,
                 Rule::new(
                     vec![Match::InSet {
                         key: vec![Field::SourceAddr],
-                        set: objects.affinity_set,
+                        set: objects.affinity_set.clone(),
                     }],
                     vec![verdict(Verdict::Goto(objects.chain.clone()))],
                 ),
             );
-            choices.push(Verdict::Goto(objects.chain));
+            choices.push(Verdict::Goto(objects.chain.clone()));
         }
         self.out.rule(
             chain,
             Rule::new(vec![], vec![Statement::RandomVerdict(choices)]),
         );
     }
+}
+
+/// The per-endpoint objects of the endpoints at `indices`, in that order.
+fn pick<'o>(objects: &'o [Option<EndpointObjects>], indices: &[usize]) -> Vec<&'o EndpointObjects> {
+    indices
+        .iter()
+        .filter_map(|&i| objects.get(i).and_then(Option::as_ref))
+        .collect()
 }
 
 /// nftables creates the firewall chain whenever LB IPs and source ranges exist (§2.7).
@@ -779,12 +815,12 @@ fn truncate_comment(text: &str) -> &str {
 #[derive(Default)]
 struct Builder {
     chains: Vec<Chain>,
-    chain_index: HashMap<Name, usize>,
+    chain_index: FxHashMap<Name, usize>,
     sets: Vec<Set>,
-    set_index: HashMap<Name, usize>,
+    set_index: FxHashMap<Name, usize>,
     maps: Vec<Map>,
     elements: Vec<Element>,
-    element_index: HashMap<(Name, Vec<Value>), usize>,
+    element_index: FxHashMap<(Name, Vec<Value>), usize>,
 }
 
 impl Builder {
@@ -835,12 +871,15 @@ impl Builder {
         value: Option<Verdict>,
         comment: Option<Name>,
     ) {
-        let element = Element {
+        self.insert_element(Element {
             container: container.into(),
             key,
             value,
             comment,
-        };
+        });
+    }
+
+    fn insert_element(&mut self, element: Element) {
         let id = (element.container.clone(), element.key.clone());
         match self.element_index.get(&id) {
             Some(&i) => self.elements[i] = element,
@@ -848,6 +887,28 @@ impl Builder {
                 self.element_index.insert(id, self.elements.len());
                 self.elements.push(element);
             }
+        }
+    }
+
+    /// Adds what another builder built after this one's objects, exactly as if its calls had
+    /// been made on this builder.
+    fn append(&mut self, other: Builder) {
+        for chain in other.chains {
+            match self.chain_index.get(&chain.name) {
+                Some(&i) => self.chains[i].rules.extend(chain.rules),
+                None => {
+                    self.chain_index
+                        .insert(chain.name.clone(), self.chains.len());
+                    self.chains.push(chain);
+                }
+            }
+        }
+        for set in other.sets {
+            self.set(set);
+        }
+        self.maps.extend(other.maps);
+        for element in other.elements {
+            self.insert_element(element);
         }
     }
 
