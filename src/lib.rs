@@ -13,5 +13,6 @@ pub mod nftables;
 pub mod parallel;
 pub mod pipeline;
 pub mod source;
+pub mod sync;
 pub mod synthetic;
 pub mod text;

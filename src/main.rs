@@ -35,6 +35,23 @@ enum Command {
         #[arg(required = true, value_name = "FILE|DIR|-")]
         inputs: Vec<PathBuf>,
     },
+    /// Apply the rules for a set of manifests to this network namespace, then exit.
+    Sync {
+        /// Sync once and exit (the only form so far; `kproxy run` is the node agent).
+        #[arg(long, required = true)]
+        once: bool,
+        #[command(flatten)]
+        common: Common,
+        /// Manifest files or directories; `-` reads stdin.
+        #[arg(required = true, value_name = "FILE|DIR|-")]
+        inputs: Vec<PathBuf>,
+    },
+    /// Remove every rule kproxy owns (both families), and nothing else.
+    Cleanup {
+        /// Rule backend.
+        #[arg(long, value_enum, default_value = "iptables")]
+        mode: ModeArg,
+    },
     /// Print a synthetic cluster (Services and EndpointSlices) as manifests, for benchmarks.
     Generate {
         /// Number of Services.
@@ -182,6 +199,16 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Render { common, inputs } => render(&common, &inputs),
+        Command::Sync {
+            once: _,
+            common,
+            inputs,
+        } => sync_once(&common, &inputs),
+        Command::Cleanup { mode } => match mode {
+            ModeArg::Iptables => kproxy::sync::iptables::cleanup(),
+            ModeArg::Nftables => kproxy::sync::nftables::cleanup(&[IpFamily::V4, IpFamily::V6]),
+        }
+        .context("cleanup failed"),
         Command::Generate {
             services,
             endpoints,
@@ -195,13 +222,48 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn render(common: &Common, inputs: &[PathBuf]) -> Result<()> {
-    let config = common.node_config()?;
+/// Reads the inputs and builds the plan, reporting skipped objects on stderr.
+fn read_plan(config: &NodeConfig, inputs: &[PathBuf]) -> Result<pipeline::Plan> {
     let manifests = Manifests::read_paths(inputs)?;
-    let plan = pipeline::plan(&manifests.state, &config);
+    let plan = pipeline::plan(&manifests.state, config);
     for note in manifests.notes.iter().chain(&plan.notes) {
         eprintln!("kproxy: {note}");
     }
+    Ok(plan)
+}
+
+fn sync_once(common: &Common, inputs: &[PathBuf]) -> Result<()> {
+    let config = common.node_config()?;
+    let plan = read_plan(&config, inputs)?;
+    let reports = match common.mode() {
+        Mode::Iptables => {
+            kproxy::sync::iptables::sync_once(&pipeline::iptables_rulesets(&plan, &config))
+        }
+        Mode::Nftables => {
+            kproxy::sync::nftables::sync_once(&pipeline::nftables_rulesets(&plan, &config))
+        }
+    }
+    .context("sync failed; the rules the kernel had before are unchanged")?;
+    for report in &reports {
+        eprintln!(
+            "kproxy: synced {}: {} sync, {} objects, {} bytes",
+            report.family,
+            if report.full { "full" } else { "partial" },
+            report.objects,
+            report.bytes
+        );
+    }
+    let deleted = kproxy::sync::conntrack::cleanup_stale_udp(&plan.models)
+        .context("removing stale UDP conntrack entries failed")?;
+    if deleted > 0 {
+        eprintln!("kproxy: deleted {deleted} stale UDP conntrack entries");
+    }
+    Ok(())
+}
+
+fn render(common: &Common, inputs: &[PathBuf]) -> Result<()> {
+    let config = common.node_config()?;
+    let plan = read_plan(&config, inputs)?;
     let text = match common.mode() {
         Mode::Iptables => {
             let rulesets = pipeline::iptables_rulesets(&plan, &config);

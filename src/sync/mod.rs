@@ -1,0 +1,56 @@
+//! Applying rulesets to the kernel: the last step of the pipeline, and the only one with I/O.
+//!
+//! Each mode has a syncer that remembers what it last committed, computes the difference to the
+//! desired ruleset, and applies it in one atomic step per IP family through an applier (the
+//! real tools, or a recording fake in tests). [`conntrack`] removes stale UDP flows after a
+//! sync, as kube-proxy does.
+
+pub mod conntrack;
+pub mod iptables;
+pub mod nftables;
+
+use crate::family::IpFamily;
+
+/// What one sync of one family sent to the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncReport {
+    pub family: IpFamily,
+    /// Everything was rewritten (first sync, after a failure or a detected drift, periodic).
+    pub full: bool,
+    /// Objects the transaction touched: nft commands, or restore lines for iptables.
+    pub objects: usize,
+    /// Size of the text handed to the kernel tool.
+    pub bytes: usize,
+}
+
+/// Why a sync or cleanup failed. The kernel keeps the rules it had before a failed transaction.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("cannot run {tool}: {source} (is it installed, and are we root?)")]
+    Spawn {
+        tool: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{tool} refused the {family} transaction{object}: {message}", object = refused_object(.object))]
+    Refused {
+        tool: String,
+        family: IpFamily,
+        /// The object the tool named in its error, when it named one.
+        object: Option<String>,
+        message: String,
+    },
+    #[error("cannot read the {family} rules from the kernel with {tool}: {message}")]
+    Read {
+        tool: String,
+        family: IpFamily,
+        message: String,
+    },
+}
+
+fn refused_object(object: &Option<String>) -> String {
+    object
+        .as_ref()
+        .map(|o| format!(" at {o}"))
+        .unwrap_or_default()
+}
