@@ -142,13 +142,14 @@ impl NodeConfig {
 
     /// The networks whose local addresses accept NodePorts, or `None` for every local address
     /// (kube-proxy's `MatchAll`: no network of the family, or a zero-length prefix). `unset` is
-    /// the mode's default when `--nodeport-addresses` was not given (§3).
+    /// the mode's default when `--nodeport-addresses` was not given (§3): `None` (every
+    /// address) for iptables, `primary` for nftables.
     pub fn nodeport_networks(
         &self,
         family: IpFamily,
-        unset: &NodePortAddresses,
+        unset: Option<&NodePortAddresses>,
     ) -> Option<Vec<IpNet>> {
-        let networks: Vec<IpNet> = match self.nodeport_addresses.as_ref().unwrap_or(unset) {
+        let networks: Vec<IpNet> = match self.nodeport_addresses.as_ref().or(unset)? {
             NodePortAddresses::Primary => self
                 .primary_node_ip(family)
                 .and_then(|ip| IpNet::new(ip, family.host_prefix()).ok())

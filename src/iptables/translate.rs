@@ -16,7 +16,7 @@ use super::{
     KUBE_EXTERNAL_SERVICES, KUBE_FIREWALL, KUBE_FORWARD, KUBE_MARK_MASQ, KUBE_NODEPORTS,
     KUBE_POSTROUTING, KUBE_PROXY_FIREWALL, KUBE_SERVICES,
 };
-use crate::config::{NodeConfig, NodePortAddresses};
+use crate::config::NodeConfig;
 use crate::family::IpFamily;
 use crate::model::{Endpoint, NoEndpointVerdict, ProxyModel, ServicePort};
 use crate::names::IptablesPortNames;
@@ -91,7 +91,8 @@ impl PortChains {
 impl<'a> Translator<'a> {
     fn new(model: &'a ProxyModel, config: &'a NodeConfig) -> Self {
         let family = model.family;
-        let nodeport_cidrs = nodeport_cidrs(config, family);
+        // iptables mode accepts NodePorts on every local address unless told otherwise (§3).
+        let nodeport_cidrs = config.nodeport_networks(family, None);
         // kube-proxy turns localhost NodePorts off unless NodePorts are accepted on 127.0.0.0/8.
         let localhost_nodeports = config.iptables.localhost_nodeports
             && family == IpFamily::V4
@@ -714,28 +715,6 @@ fn dst(addr: Addr) -> Match {
     Match::Destination {
         addr,
         negated: false,
-    }
-}
-
-/// The NodePort networks of this family, or `None` for "every local address" (kube-proxy's
-/// `NodePortAddresses.MatchAll`, which an empty list or a zero CIDR also means).
-fn nodeport_cidrs(config: &NodeConfig, family: IpFamily) -> Option<Vec<IpNet>> {
-    let cidrs: Vec<IpNet> = match config.nodeport_addresses.as_ref()? {
-        NodePortAddresses::Primary => config
-            .primary_node_ip(family)
-            .map(|ip| IpNet::new(ip, family.host_prefix()).expect("host prefix is valid"))
-            .into_iter()
-            .collect(),
-        NodePortAddresses::Cidrs(cidrs) => cidrs
-            .iter()
-            .filter(|c| IpFamily::of_net(c) == family)
-            .copied()
-            .collect(),
-    };
-    if cidrs.is_empty() || cidrs.iter().any(|c| c.prefix_len() == 0) {
-        None
-    } else {
-        Some(cidrs)
     }
 }
 

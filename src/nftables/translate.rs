@@ -144,7 +144,7 @@ impl<'a> Translator<'a> {
             mark: config.masquerade_mark.text.as_str().into(),
             pod_cidr: config.local_cidr(family),
             // nftables mode accepts NodePorts on the primary node IP unless told otherwise (§3).
-            nodeport_networks: config.nodeport_networks(family, &NodePortAddresses::Primary),
+            nodeport_networks: config.nodeport_networks(family, Some(&NodePortAddresses::Primary)),
             reject_verdict: Verdict::Goto(REJECT_CHAIN.into()),
             out: Builder::default(),
         }
