@@ -5,96 +5,17 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use kproxy::config::{MasqueradeMark, NodeConfig, NodePortAddresses};
-use kproxy::family::{parse_cidr_sloppy, parse_ip_sloppy, FamilyMode};
+use kproxy::config::NodeConfig;
 use kproxy::pipeline;
 use kproxy::source::Manifests;
-use serde::Deserialize;
 
+use common::vector::VectorConfig;
 use common::{canonical_nftables, diff, first_difference, nftables_consistency, shared_dir};
 
 /// The layout revision these vectors (and kproxy's nftables translator) follow.
 const REVISION_SUFFIX: &str = "-edca5633";
-
-/// A nftables vector's `config.yaml`. Unknown settings fail the test rather than being ignored.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct VectorConfig {
-    mode: String,
-    ip_family: String,
-    hostname: String,
-    #[serde(rename = "nodeIP")]
-    node_ip: String,
-    #[serde(rename = "nodeIPs", default)]
-    node_ips: std::collections::BTreeMap<String, Vec<String>>,
-    #[serde(rename = "clusterCIDR")]
-    cluster_cidr: Option<String>,
-    local_detector: String,
-    #[serde(rename = "serviceCIDRs", default)]
-    service_cidrs: Vec<String>,
-    masquerade_all: bool,
-    masquerade_bit: u8,
-    /// The statement the revision writes to request masquerading; checked, not configured.
-    masquerade_rule: String,
-    #[serde(default)]
-    node_port_addresses: Vec<String>,
-}
-
-impl VectorConfig {
-    fn read(dir: &Path) -> VectorConfig {
-        let text = fs::read_to_string(dir.join("config.yaml")).expect("config.yaml");
-        serde_yaml::from_str(&text).expect("config.yaml matches VectorConfig")
-    }
-
-    fn node_config(&self) -> NodeConfig {
-        assert_eq!(self.mode, "nftables");
-        assert_eq!(self.ip_family, "IPv4", "only IPv4 vectors exist");
-        assert_eq!(self.local_detector, "ClusterCIDR");
-        let mut config = NodeConfig::new(&self.hostname);
-        config.family_mode = FamilyMode::V4;
-        // The primary node IP first, then every interface address (without prefix length).
-        config
-            .node_ips
-            .push(parse_ip_sloppy(&self.node_ip).expect("nodeIP"));
-        for addr in self.node_ips.values().flatten() {
-            let ip = parse_ip_sloppy(addr.split('/').next().unwrap_or_default()).expect("nodeIPs");
-            if !config.node_ips.contains(&ip) {
-                config.node_ips.push(ip);
-            }
-        }
-        config.cluster_cidrs = self
-            .cluster_cidr
-            .iter()
-            .map(|c| parse_cidr_sloppy(c).expect("clusterCIDR"))
-            .collect();
-        config.service_cidrs = self
-            .service_cidrs
-            .iter()
-            .map(|c| parse_cidr_sloppy(c).expect("serviceCIDRs"))
-            .collect();
-        config.masquerade_all = self.masquerade_all;
-        // kube-proxy's unit tests inject the literal 0x4000 rather than Go's %#08x form.
-        config.masquerade_mark = MasqueradeMark::short_from_bit(self.masquerade_bit);
-        assert_eq!(
-            self.masquerade_rule,
-            format!("mark set mark or {}", config.masquerade_mark.text),
-            "the vector's mark statement differs from the mark kproxy writes"
-        );
-        config.nodeport_addresses = if self.node_port_addresses.is_empty() {
-            None
-        } else {
-            Some(NodePortAddresses::Cidrs(
-                self.node_port_addresses
-                    .iter()
-                    .map(|c| parse_cidr_sloppy(c).expect("nodePortAddresses"))
-                    .collect(),
-            ))
-        };
-        config
-    }
-}
 
 /// One comparison: the input manifests and the expected table dump.
 struct Case {
@@ -144,7 +65,9 @@ fn cases() -> Vec<Case> {
 }
 
 fn render(case: &Case) -> String {
-    let node = VectorConfig::read(&case.dir).node_config();
+    let vector = VectorConfig::read(&case.dir);
+    assert_eq!(vector.mode, "nftables", "{}", case.name);
+    let node = vector.node_config();
     let manifests = Manifests::read_paths(std::slice::from_ref(&case.input)).expect("input reads");
     let plan = pipeline::plan(&manifests.state, &node);
     assert!(

@@ -4,6 +4,7 @@
 
 pub mod netns;
 pub mod topology;
+pub mod vector;
 
 use std::path::{Path, PathBuf};
 
