@@ -452,9 +452,9 @@ const REPEATED_OPERATION_COUNTS: [(u32, usize); 12] = [
 fn stepwise_vector_replays_through_the_syncer() {
     use kproxy::sync::nftables::{FakeKernel, SyncOptions, Syncer};
 
-    let dir = shared_dir()
-        .join("conformance/kube-proxy")
-        .join(format!("nftables-sync-proxy-rules-repeated{REVISION_SUFFIX}"));
+    let dir = shared_dir().join("conformance/kube-proxy").join(format!(
+        "nftables-sync-proxy-rules-repeated{REVISION_SUFFIX}"
+    ));
     let node = VectorConfig::read(&dir).node_config();
     let steps: Steps =
         serde_yaml::from_str(&fs::read_to_string(dir.join("steps.yaml")).expect("steps.yaml"))
@@ -473,7 +473,9 @@ fn stepwise_vector_replays_through_the_syncer() {
         let plan = pipeline::plan(&manifests.state, &node);
         let rulesets = pipeline::nftables_rulesets(&plan, &node);
         let before = syncer.applier().transactions.len();
-        let reports = syncer.sync(&rulesets).expect("the fake kernel accepts every step");
+        let reports = syncer
+            .sync(&rulesets)
+            .expect("the fake kernel accepts every step");
         assert_eq!(reports[0].full, step.step == 1, "step {}", step.step);
 
         // Main transaction: every new one except a pure deletion of stale chains.

@@ -217,7 +217,11 @@ impl<A: Applier> Syncer<A> {
             }
         }
 
-        let mut full = match (&state.applied, state.last_full, self.options.full_sync_period) {
+        let mut full = match (
+            &state.applied,
+            state.last_full,
+            self.options.full_sync_period,
+        ) {
             (None, _, _) => true,
             (Some(_), Some(last), Some(period)) => now.duration_since(last) >= period,
             _ => false,
@@ -244,12 +248,7 @@ impl<A: Applier> Syncer<A> {
             None => {
                 full = true;
                 let kernel = self.applier.read(family)?;
-                full_plan(
-                    desired,
-                    &wanted,
-                    kernel.as_ref(),
-                    self.options.one_shot,
-                )
+                full_plan(desired, &wanted, kernel.as_ref(), self.options.one_shot)
             }
         };
 
@@ -708,5 +707,443 @@ fn container_id(container: &KernelContainer) -> ObjectId {
         ContainerDecl::Set(_) => ObjectId::Set(container.name.clone()),
         ContainerDecl::Other if container.is_map => ObjectId::Map(container.name.clone()),
         ContainerDecl::Other => ObjectId::Set(container.name.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::NodeConfig;
+    use crate::pipeline;
+    use crate::source::Manifests;
+
+    const V4: IpFamily = IpFamily::V4;
+
+    /// `web`: ClientIP affinity over `web_endpoints` (10.244.N.5, N = 1..); `api`: no affinity,
+    /// endpoints 10.244.1.6 (on this node) and `api_extra`; `local`: NodePort with
+    /// externalTrafficPolicy Local, present when `with_local`.
+    fn cluster(web_endpoints: usize, api_extra: &str, timeout: u32, with_local: bool) -> String {
+        let web: String = (1..=web_endpoints)
+            .map(|n| format!("- {{addresses: [10.244.{n}.5], nodeName: node-{n}}}\n"))
+            .collect();
+        let mut text = format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: ns}}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{{name: http, protocol: TCP, port: 80}}]
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {timeout}}}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: ns, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, protocol: TCP, port: 8080}}]
+endpoints:
+{web}---
+apiVersion: v1
+kind: Service
+metadata: {{name: api, namespace: ns}}
+spec:
+  clusterIP: 10.96.0.11
+  ports: [{{name: grpc, protocol: TCP, port: 9000}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: api-1, namespace: ns, labels: {{kubernetes.io/service-name: api}}}}
+addressType: IPv4
+ports: [{{name: grpc, protocol: TCP, port: 9000}}]
+endpoints:
+- {{addresses: [10.244.1.6], nodeName: node-1}}
+- {{addresses: [{api_extra}], nodeName: node-2}}
+"#
+        );
+        if with_local {
+            text.push_str(
+                r#"---
+apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: ns}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  clusterIP: 10.96.0.12
+  ports: [{name: p, protocol: TCP, port: 80, nodePort: 30080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: local-1, namespace: ns, labels: {kubernetes.io/service-name: local}}
+addressType: IPv4
+ports: [{name: p, protocol: TCP, port: 8080}]
+endpoints:
+- {addresses: [10.244.1.7], nodeName: node-1}
+- {addresses: [10.244.2.7], nodeName: node-2}
+"#,
+            );
+        }
+        text
+    }
+
+    fn rulesets(text: &str) -> Vec<Ruleset> {
+        let mut config = NodeConfig::new("node-1");
+        config.node_ips = vec!["10.100.0.1".parse().unwrap()];
+        config.cluster_cidrs = vec!["10.244.0.0/16".parse().unwrap()];
+        let mut manifests = Manifests::default();
+        manifests.add_text(text, "test.yaml").unwrap();
+        let plan = pipeline::plan(&manifests.state, &config);
+        assert!(plan.notes.is_empty(), "{:?}", plan.notes);
+        pipeline::nftables_rulesets(&plan, &config)
+    }
+
+    fn standard() -> Vec<Ruleset> {
+        rulesets(&cluster(3, "10.244.2.6", 10800, false))
+    }
+
+    /// The table's lines in a fixed order, for comparing a dump with a ruleset.
+    fn sorted_lines(text: &str) -> Vec<String> {
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        lines.sort();
+        lines
+    }
+
+    fn syncer() -> Syncer<FakeKernel> {
+        Syncer::new(FakeKernel::new(), SyncOptions::default())
+    }
+
+    fn new_commands(syncer: &Syncer<FakeKernel>, since: usize) -> Vec<String> {
+        syncer.applier().transactions[since..]
+            .iter()
+            .flat_map(|t| t.commands.clone())
+            .collect()
+    }
+
+    fn affinity_sets(ruleset: &Ruleset) -> Vec<Name> {
+        ruleset
+            .sets
+            .iter()
+            .filter(|s| crate::nftables::is_affinity_set_name(&s.name))
+            .map(|s| s.name.clone())
+            .collect()
+    }
+
+    fn client(n: u8) -> Vec<Value> {
+        vec![Value::Addr(format!("10.100.0.{n}").parse().unwrap())]
+    }
+
+    #[test]
+    fn first_sync_creates_the_table() {
+        let desired = standard();
+        let mut s = syncer();
+        let reports = s.sync(&desired).unwrap();
+        assert!(reports[0].full);
+        let sent = &s.applier().transactions;
+        assert_eq!(sent.len(), 1);
+        // Nothing to flush or delete on an empty node: exactly the creation commands.
+        assert_eq!(sent[0].commands.len(), desired[0].creation_commands().len());
+        assert_eq!(reports[0].objects, sent[0].commands.len());
+        assert!(sent[0].commands.iter().all(|c| c.starts_with("add ")));
+        assert_eq!(
+            sorted_lines(&s.applier().dump(V4)),
+            sorted_lines(&desired[0].to_nft_script())
+        );
+    }
+
+    #[test]
+    fn unchanged_state_sends_nothing() {
+        let desired = standard();
+        let mut s = syncer();
+        s.sync(&desired).unwrap();
+        let report = &s.sync(&desired).unwrap()[0];
+        assert_eq!((report.full, report.objects, report.bytes), (false, 0, 0));
+        assert_eq!(s.applier().transactions.len(), 1, "no transaction at all");
+        // Only the cheap drift check talked to the kernel; the table was read once.
+        assert_eq!((s.applier().reads, s.applier().rule_counts), (1, 1));
+    }
+
+    #[test]
+    fn changed_slice_touches_only_its_service_with_the_exact_count() {
+        let mut s = syncer();
+        s.sync(&standard()).unwrap();
+        let before = s.applier().transactions.len();
+        // api's second endpoint moves to another address (and onto this node).
+        let changed = rulesets(&cluster(3, "10.244.1.9", 10800, false).replace(
+            "{addresses: [10.244.1.9], nodeName: node-2}",
+            "{addresses: [10.244.1.9], nodeName: node-1}",
+        ));
+        let report = &s.sync(&changed).unwrap()[0];
+        let sent = new_commands(&s, before);
+        // add + flush + the one DNAT rule of api's service chain, and the new endpoint's
+        // hairpin element: 4 objects (kube-proxy's count for this change, §5A.11).
+        assert_eq!(report.objects, 4, "{sent:#?}");
+        assert_eq!(sent.len(), 4);
+        let api_chain = changed[0]
+            .chains
+            .iter()
+            .find(|c| c.name.ends_with("ns/api/tcp/grpc"))
+            .unwrap()
+            .name
+            .clone();
+        assert_eq!(sent[0], format!("add chain ip kube-proxy {api_chain}"));
+        assert_eq!(sent[1], format!("flush chain ip kube-proxy {api_chain}"));
+        assert!(sent[2].starts_with(&format!("add rule ip kube-proxy {api_chain} ")));
+        assert!(sent[2].contains("10.244.1.9 . 9000"), "{}", sent[2]);
+        assert_eq!(
+            sent[3],
+            "add element ip kube-proxy hairpin-connections { 10.244.1.9 . 10.244.1.9 . tcp . 9000 }"
+        );
+        assert_eq!(
+            sorted_lines(&s.applier().dump(V4)),
+            sorted_lines(&changed[0].to_nft_script())
+        );
+    }
+
+    #[test]
+    fn affinity_state_of_remaining_endpoints_survives() {
+        let mut s = syncer();
+        let three = standard();
+        s.sync(&three).unwrap();
+        let sets = affinity_sets(&three[0]);
+        assert_eq!(sets.len(), 3);
+        for (i, set) in sets.iter().enumerate() {
+            assert!(s
+                .applier_mut()
+                .insert_live_element(V4, set, client(i as u8 + 2)));
+        }
+
+        // An unrelated change (api's endpoint) leaves every affinity set alone.
+        let before = s.applier().transactions.len();
+        s.sync(&rulesets(&cluster(3, "10.244.2.8", 10800, false)))
+            .unwrap();
+        assert!(new_commands(&s, before)
+            .iter()
+            .all(|c| !c.contains("affinity-")));
+
+        // web loses its third endpoint: only that endpoint's set is deleted.
+        let two = rulesets(&cluster(2, "10.244.2.8", 10800, false));
+        let before = s.applier().transactions.len();
+        s.sync(&two).unwrap();
+        let sent = new_commands(&s, before);
+        let removed = &sets[2];
+        for set in &sets[..2] {
+            assert!(
+                sent.iter()
+                    .all(|c| !c.contains(&format!(" {set} ")) && !c.ends_with(&format!(" {set}"))),
+                "remaining set {set} touched: {sent:#?}"
+            );
+            assert_eq!(s.applier().elements(V4, set).len(), 1, "{set} lost state");
+        }
+        assert!(sent.contains(&format!("delete set ip kube-proxy {removed}")));
+        assert!(s.applier().elements(V4, removed).is_empty());
+        // Its endpoint chain is flushed now and deleted only after the grace period.
+        let chain = removed.replacen("affinity-", "endpoint-", 1);
+        assert!(sent.contains(&format!("flush chain ip kube-proxy {chain}")));
+        assert!(!sent.iter().any(|c| c.starts_with("delete chain")));
+        assert_eq!(s.stale_chains(V4), vec![Name::from(chain.as_str())]);
+        let before = s.applier().transactions.len();
+        s.sync(&two).unwrap();
+        assert!(new_commands(&s, before).is_empty(), "grace period not over");
+        s.age_stale_chains(Duration::from_secs(2));
+        s.sync(&two).unwrap();
+        assert_eq!(
+            new_commands(&s, before),
+            vec![format!("delete chain ip kube-proxy {chain}")]
+        );
+        assert!(s.stale_chains(V4).is_empty());
+        assert_eq!(
+            sorted_lines(&s.applier().dump(V4))
+                .into_iter()
+                .filter(|l| !l.starts_with("add element ip kube-proxy affinity-"))
+                .collect::<Vec<_>>(),
+            sorted_lines(&two[0].to_nft_script())
+        );
+    }
+
+    #[test]
+    fn refused_transaction_changes_nothing_and_the_next_sync_is_full() {
+        let mut s = syncer();
+        let old = standard();
+        s.sync(&old).unwrap();
+        let dump = s.applier().dump(V4);
+        s.applier_mut().refuse_next(1);
+        let new = rulesets(&cluster(2, "10.244.2.8", 10800, false));
+        let err = s.sync(&new).unwrap_err();
+        assert!(
+            matches!(&err, SyncError::Refused { object: Some(o), .. } if o.contains("kube-proxy")),
+            "{err}"
+        );
+        assert_eq!(s.applier().dump(V4), dump, "nothing of it applied");
+        let report = &s.sync(&new).unwrap()[0];
+        assert!(report.full);
+        assert_eq!(s.applier().reads, 2, "the full sync re-read the kernel");
+        // The third endpoint's chain, found in the kernel but not wanted, waits flushed.
+        let stale = s.stale_chains(V4);
+        assert_eq!(stale.len(), 1);
+        assert!(stale[0].contains("10.244.3.5"));
+        let stale_line = format!("add chain ip kube-proxy {}", stale[0]);
+        assert_eq!(
+            sorted_lines(&s.applier().dump(V4))
+                .into_iter()
+                .filter(|l| *l != stale_line)
+                .collect::<Vec<_>>(),
+            sorted_lines(&new[0].to_nft_script())
+        );
+        // And back to partial syncs.
+        assert!(!s.sync(&new).unwrap()[0].full);
+    }
+
+    #[test]
+    fn flushed_or_deleted_table_is_restored() {
+        let desired = standard();
+        let mut s = syncer();
+        s.sync(&desired).unwrap();
+        let set = affinity_sets(&desired[0])[0].clone();
+        s.applier_mut().insert_live_element(V4, &set, client(2));
+        let dump = s.applier().dump(V4);
+
+        s.applier_mut().flush_table(V4);
+        assert_ne!(s.applier().dump(V4), dump);
+        assert!(s.sync(&desired).unwrap()[0].full, "drift detected");
+        assert_eq!(
+            s.applier().dump(V4),
+            dump,
+            "rules back, affinity state kept"
+        );
+
+        s.applier_mut().delete_table(V4);
+        assert!(s.sync(&desired).unwrap()[0].full);
+        assert_eq!(
+            sorted_lines(&s.applier().dump(V4)),
+            sorted_lines(&desired[0].to_nft_script())
+        );
+    }
+
+    #[test]
+    fn full_sync_over_an_existing_table_writes_only_what_differs() {
+        let mut kernel = FakeKernel::new();
+        let old = standard();
+        Syncer::new(&mut kernel, SyncOptions::default())
+            .sync(&old)
+            .unwrap();
+        let sets = affinity_sets(&old[0]);
+        for set in &sets {
+            kernel.insert_live_element(V4, set, client(3));
+        }
+        // A new process (restart) with api's endpoint changed.
+        let new = rulesets(&cluster(3, "10.244.2.8", 10800, false));
+        let before = kernel.transactions.len();
+        let mut s = Syncer::new(&mut kernel, SyncOptions::default());
+        assert!(s.sync(&new).unwrap()[0].full);
+        drop(s);
+        let sent: Vec<&String> = kernel.transactions[before..]
+            .iter()
+            .flat_map(|t| &t.commands)
+            .collect();
+        // Elements: only the hairpin-free api change shows (none: the moved endpoint is not
+        // local), so no element is written at all; every set is re-added, never deleted.
+        assert!(
+            !sent.iter().any(|c| c.starts_with("add element")),
+            "{sent:#?}"
+        );
+        assert!(!sent.iter().any(|c| c.starts_with("delete")), "{sent:#?}");
+        for set in &sets {
+            assert!(sent
+                .iter()
+                .any(|c| c.starts_with(&format!("add set ip kube-proxy {set} "))));
+            assert_eq!(kernel.elements(V4, set).len(), 1, "{set} lost state");
+        }
+        // Every chain with rules was flushed and rewritten.
+        let flushes = sent.iter().filter(|c| c.starts_with("flush chain")).count();
+        assert_eq!(
+            flushes,
+            new[0].chains.iter().filter(|c| !c.rules.is_empty()).count()
+        );
+    }
+
+    #[test]
+    fn one_shot_deletes_stale_chains_only_when_no_element_points_at_them() {
+        let mut kernel = FakeKernel::new();
+        let with_local = rulesets(&cluster(3, "10.244.2.6", 10800, true));
+        Syncer::new(&mut kernel, SyncOptions::one_shot())
+            .sync(&with_local)
+            .unwrap();
+        let name = |prefix: &str| -> String {
+            with_local[0]
+                .chains
+                .iter()
+                .find(|c| c.name.starts_with(prefix) && c.name.ends_with("ns/local/tcp/p"))
+                .unwrap()
+                .name
+                .to_string()
+        };
+        let (service, local, external) = (name("service-"), name("local-"), name("external-"));
+
+        // The `local` Service goes away. Its service and external chains are targets of map
+        // elements deleted in the same transaction: flushed only. Its local chain is reached
+        // only from the external chain's rules: flushed and deleted.
+        let without = standard();
+        let before = kernel.transactions.len();
+        Syncer::new(&mut kernel, SyncOptions::one_shot())
+            .sync(&without)
+            .unwrap();
+        let sent: Vec<String> = kernel.transactions[before..]
+            .iter()
+            .flat_map(|t| t.commands.clone())
+            .collect();
+        for chain in [&service, &local, &external] {
+            assert!(sent.contains(&format!("flush chain ip kube-proxy {chain}")));
+        }
+        assert!(sent.contains(&format!("delete chain ip kube-proxy {local}")));
+        for chain in [&service, &external] {
+            assert!(!sent.contains(&format!("delete chain ip kube-proxy {chain}")));
+        }
+
+        // The next run finds them empty and unreferenced, and deletes them.
+        Syncer::new(&mut kernel, SyncOptions::one_shot())
+            .sync(&without)
+            .unwrap();
+        let dump = kernel.dump(V4);
+        assert!(!dump.contains("ns/local/"), "{dump}");
+        assert_eq!(
+            sorted_lines(&dump),
+            sorted_lines(&without[0].to_nft_script())
+        );
+    }
+
+    #[test]
+    fn affinity_timeout_change_updates_the_sets_in_place() {
+        let mut s = syncer();
+        s.sync(&standard()).unwrap();
+        let sets = affinity_sets(&standard()[0]);
+        s.applier_mut().insert_live_element(V4, &sets[0], client(2));
+        let before = s.applier().transactions.len();
+        let longer = rulesets(&cluster(3, "10.244.2.6", 600, false));
+        s.sync(&longer).unwrap();
+        let sent = new_commands(&s, before);
+        assert_eq!(sent.len(), 3, "{sent:#?}");
+        assert!(sent.iter().all(
+            |c| c.starts_with("add set ip kube-proxy affinity-") && c.contains("timeout 600s")
+        ));
+        assert_eq!(s.applier().elements(V4, &sets[0]).len(), 1);
+    }
+
+    #[test]
+    fn cleanup_removes_both_tables_and_only_them() {
+        let mut kernel = FakeKernel::new();
+        let v4 = standard();
+        Syncer::new(&mut kernel, SyncOptions::default())
+            .sync(&v4)
+            .unwrap();
+        cleanup_with(&mut kernel, &[IpFamily::V4, IpFamily::V6]).unwrap();
+        assert_eq!(kernel.dump(V4), "");
+        // Only the existing table was deleted; cleaning up again is fine.
+        let deletes: Vec<&Recorded> = kernel
+            .transactions
+            .iter()
+            .filter(|t| t.commands == ["delete table ip kube-proxy"])
+            .collect();
+        assert_eq!(deletes.len(), 1);
+        cleanup_with(&mut kernel, &[IpFamily::V4, IpFamily::V6]).unwrap();
     }
 }

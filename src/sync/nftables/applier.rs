@@ -168,7 +168,10 @@ impl Applier for NftApplier {
     }
 
     fn read(&mut self, family: IpFamily) -> Result<Option<KernelTable>, SyncError> {
-        let output = self.run(&["-j", "list", "table", family_word(family), TABLE_NAME], None)?;
+        let output = self.run(
+            &["-j", "list", "table", family_word(family), TABLE_NAME],
+            None,
+        )?;
         let read_error = |message: String| SyncError::Read {
             tool: TOOL.into(),
             family,

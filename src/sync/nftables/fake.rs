@@ -308,7 +308,8 @@ impl FakeTable {
                 }
                 match self.sets.get_mut(&set.name) {
                     Some(have) => {
-                        if have.key_type != set.key_type || sorted(&have.flags) != sorted(&set.flags)
+                        if have.key_type != set.key_type
+                            || sorted(&have.flags) != sorted(&set.flags)
                         {
                             return Err(EEXIST);
                         }
@@ -442,7 +443,9 @@ fn rule_chains(rule: &Rule) -> Vec<Name> {
     for statement in &rule.statements {
         match statement {
             Statement::Verdict(v) => out.extend(verdict_chain(v).cloned()),
-            Statement::RandomVerdict(vs) => out.extend(vs.iter().filter_map(verdict_chain).cloned()),
+            Statement::RandomVerdict(vs) => {
+                out.extend(vs.iter().filter_map(verdict_chain).cloned())
+            }
             _ => {}
         }
     }
@@ -590,12 +593,15 @@ mod tests {
             )
             .unwrap_err();
         assert!(
-            err.to_string()
-                .contains("at delete chain ip kube-proxy b: Could not process rule: Device or resource busy"),
+            err.to_string().contains(
+                "at delete chain ip kube-proxy b: Could not process rule: Device or resource busy"
+            ),
             "{err}"
         );
         assert_eq!(fake.dump(IpFamily::V4), before);
-        assert!(fake.apply(IpFamily::V4, &[Command::Delete(&missing)]).is_err());
+        assert!(fake
+            .apply(IpFamily::V4, &[Command::Delete(&missing)])
+            .is_err());
         // Flushing the rule first releases the reference.
         let a_id = ObjectId::Chain("a".into());
         fake.apply(

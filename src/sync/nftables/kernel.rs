@@ -500,7 +500,13 @@ mod tests {
             Some(Verdict::Goto("ep-a".into()))
         );
         assert_eq!(
-            table.container("cluster-ips").unwrap().elements.as_ref().unwrap()[0].key,
+            table
+                .container("cluster-ips")
+                .unwrap()
+                .elements
+                .as_ref()
+                .unwrap()[0]
+                .key,
             vec![Value::Addr("10.96.0.10".parse().unwrap())]
         );
         assert_eq!(
