@@ -503,3 +503,52 @@ fn cleanup_removes_kproxys_tables_and_nothing_else() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The drift check's netlink rule count agrees with nft's listing, also for a flushed table
+/// and a missing one, in another namespace than the test's.
+#[test]
+fn drift_check_counts_rules_like_nft() {
+    if !possible() {
+        return;
+    }
+    let topology = Topology::new(1);
+    let manifests = [service("web", WEB_IP, None, None), slice("web", &[1])].concat();
+    sync_once(&topology, &manifests);
+    let mut applier = NftApplier::in_netns(&topology.node.name);
+    let listed = |topology: &Topology| {
+        let args = ["-j", "list", "chain", "ip", "kube-proxy", "services"];
+        nft(topology, &args).matches("{\"rule\": ").count()
+    };
+    let netlink = |family| {
+        let ns = Some(topology.node.name.as_str());
+        kproxy::sync::nftables::netlink_rule_count(ns, family, "kube-proxy", "services")
+            .expect("netlink dump")
+    };
+    let expected = rulesets(&manifests)[0]
+        .chain("services")
+        .expect("services chain")
+        .rules
+        .len();
+    assert!(expected > 0);
+    assert_eq!(listed(&topology), expected);
+    assert_eq!(netlink(IpFamily::V4), expected);
+    assert_eq!(
+        applier.rule_count(IpFamily::V4, "services").ok(),
+        Some(Some(expected))
+    );
+    assert_eq!(
+        applier.rule_count(IpFamily::V4, "nat-prerouting").ok(),
+        Some(Some(1))
+    );
+
+    nft(&topology, &["flush", "table", "ip", "kube-proxy"]);
+    assert_eq!(listed(&topology), 0);
+    assert_eq!(netlink(IpFamily::V4), 0);
+    assert_eq!(
+        applier.rule_count(IpFamily::V4, "services").ok(),
+        Some(Some(0))
+    );
+    nft(&topology, &["delete", "table", "ip", "kube-proxy"]);
+    assert_eq!(netlink(IpFamily::V4), 0);
+    assert_eq!(netlink(IpFamily::V6), 0);
+}

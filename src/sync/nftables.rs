@@ -41,6 +41,7 @@
 mod applier;
 mod fake;
 mod kernel;
+mod netlink;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -52,6 +53,7 @@ pub use fake::{FakeKernel, Recorded};
 pub use kernel::{
     parse_listing, ChainKind, ContainerDecl, KernelChain, KernelContainer, KernelTable,
 };
+pub use netlink::count_rules as netlink_rule_count;
 
 use super::{SyncError, SyncReport};
 use crate::family::IpFamily;

@@ -62,6 +62,10 @@ pub fn render_transaction(family: IpFamily, commands: &[Command<'_>]) -> Result<
 pub struct NftApplier {
     /// The program and the arguments that come before nft's own.
     argv: Vec<String>,
+    /// Where the netlink drift check runs: `Some(None)` in this process's namespace,
+    /// `Some(Some(name))` in a named one, `None` when unknown (a custom command line; the
+    /// check then lists the chain with nft).
+    netns: Option<Option<String>>,
 }
 
 impl Default for NftApplier {
@@ -80,22 +84,59 @@ impl NftApplier {
     pub fn new() -> NftApplier {
         NftApplier {
             argv: vec![TOOL.into()],
+            netns: Some(None),
         }
     }
 
     /// Another command line for nft, e.g. `["ip", "netns", "exec", "ns1", "nft"]`.
     pub fn with_command(argv: Vec<String>) -> NftApplier {
-        NftApplier { argv }
+        NftApplier { argv, netns: None }
     }
 
     /// nft inside the named network namespace (`ip netns exec NAME nft`).
     pub fn in_netns(name: &str) -> NftApplier {
-        NftApplier::with_command(
-            ["ip", "netns", "exec", name, TOOL]
+        NftApplier {
+            argv: ["ip", "netns", "exec", name, TOOL]
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
-        )
+            netns: Some(Some(name.to_string())),
+        }
+    }
+
+    /// The rule count from nft's listing: correct everywhere, but slow on large tables.
+    fn listed_rule_count(&self, family: IpFamily, chain: &str) -> Result<Option<usize>, SyncError> {
+        // `-t` (terse): set elements are not needed to count rules.
+        let output = self.run(
+            &[
+                "-t",
+                "-j",
+                "list",
+                "chain",
+                family_word(family),
+                TABLE_NAME,
+                chain,
+            ],
+            None,
+        )?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            if stderr.contains(NOT_FOUND) {
+                return Ok(None);
+            }
+            return Err(SyncError::Read {
+                tool: TOOL.into(),
+                family,
+                message: stderr.trim().to_string(),
+            });
+        }
+        kernel::count_rules(&output.stdout)
+            .map(Some)
+            .map_err(|e| SyncError::Read {
+                tool: TOOL.into(),
+                family,
+                message: e.to_string(),
+            })
     }
 
     fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<std::process::Output, SyncError> {
@@ -190,37 +231,15 @@ impl Applier for NftApplier {
     }
 
     fn rule_count(&mut self, family: IpFamily, chain: &str) -> Result<Option<usize>, SyncError> {
-        // `-t` (terse): set elements are not needed to count rules.
-        let output = self.run(
-            &[
-                "-t",
-                "-j",
-                "list",
-                "chain",
-                family_word(family),
-                TABLE_NAME,
-                chain,
-            ],
-            None,
-        )?;
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            if stderr.contains(NOT_FOUND) {
-                return Ok(None);
+        if let Some(netns) = &self.netns {
+            // A missing table or chain counts 0 rules, which never matches what kproxy wrote.
+            if let Ok(count) =
+                super::netlink::count_rules(netns.as_deref(), family, TABLE_NAME, chain)
+            {
+                return Ok(Some(count));
             }
-            return Err(SyncError::Read {
-                tool: TOOL.into(),
-                family,
-                message: stderr.trim().to_string(),
-            });
         }
-        kernel::count_rules(&output.stdout)
-            .map(Some)
-            .map_err(|e| SyncError::Read {
-                tool: TOOL.into(),
-                family,
-                message: e.to_string(),
-            })
+        self.listed_rule_count(family, chain)
     }
 
     fn table_exists(&mut self, family: IpFamily) -> Result<bool, SyncError> {
