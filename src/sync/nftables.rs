@@ -100,7 +100,7 @@ impl SyncOptions {
 struct FamilyState {
     /// Exactly what the kernel holds since the last successful sync (besides the stale chains
     /// and live affinity elements); `None`: unknown, the next sync is full.
-    applied: Option<Ruleset>,
+    applied: Option<Applied>,
     /// Chains flushed because no longer wanted, with the time of the flush.
     stale: BTreeMap<Name, Instant>,
     last_full: Option<Instant>,
@@ -177,7 +177,6 @@ impl<A: Applier> Syncer<A> {
     fn sync_family(&mut self, desired: &Ruleset) -> Result<SyncReport, SyncError> {
         let family = desired.family();
         let now = Instant::now();
-        let wanted = Index::new(desired);
         let state = self.families.entry(family).or_default();
         let mut report = SyncReport {
             family,
@@ -187,13 +186,19 @@ impl<A: Applier> Syncer<A> {
         };
 
         // Stale chains past their grace period go first, in a transaction of their own.
-        if state.applied.is_some() {
+        let delay = self.options.stale_chain_delay;
+        if state.applied.is_some()
+            && state
+                .stale
+                .values()
+                .any(|flushed| now.duration_since(*flushed) >= delay)
+        {
+            let wanted: FxHashSet<&str> = desired.chains.iter().map(|c| &*c.name).collect();
             let due: Vec<ObjectId> = state
                 .stale
                 .iter()
                 .filter(|(name, flushed)| {
-                    now.duration_since(**flushed) >= self.options.stale_chain_delay
-                        && !wanted.chains.contains_key(&***name)
+                    now.duration_since(**flushed) >= delay && !wanted.contains(&***name)
                 })
                 .map(|(name, _)| ObjectId::Chain(name.clone()))
                 .collect();
@@ -232,7 +237,7 @@ impl<A: Applier> Syncer<A> {
             let expected = state
                 .applied
                 .as_ref()
-                .and_then(|a| a.chain(SERVICES))
+                .and_then(|a| a.chains.get(SERVICES))
                 .map(|c| c.rules.len());
             // A failed check counts as drift: the full sync will say what is wrong.
             let found = self.applier.rule_count(family, SERVICES).ok().flatten();
@@ -242,7 +247,7 @@ impl<A: Applier> Syncer<A> {
         let mut plan = None;
         if !full {
             if let Some(applied) = &state.applied {
-                plan = partial(applied, desired, &wanted, &state.stale);
+                plan = partial(applied, desired, &state.stale);
             }
         }
         let plan = match plan {
@@ -250,6 +255,7 @@ impl<A: Applier> Syncer<A> {
             None => {
                 full = true;
                 let kernel = self.applier.read(family)?;
+                let wanted = Index::new(desired);
                 full_plan(desired, &wanted, kernel.as_ref(), self.options.one_shot)
             }
         };
@@ -284,7 +290,10 @@ impl<A: Applier> Syncer<A> {
                 state.stale.insert(name, now);
             }
         }
-        state.applied = Some(desired.clone());
+        match (&mut state.applied, full) {
+            (Some(applied), false) => applied.update(&plan.changes),
+            _ => state.applied = Some(Applied::new(desired)),
+        }
         report.full = full;
         Ok(report)
     }
@@ -450,106 +459,268 @@ struct Plan<'a> {
     stale_added: Vec<Name>,
     /// Stale chains the transaction writes again.
     stale_revived: Vec<Name>,
+    /// What a partial transaction changes, to bring [`Applied`] up to date once it is applied.
+    changes: Changes<'a>,
+}
+
+/// The objects a partial transaction writes or removes.
+#[derive(Default)]
+struct Changes<'a> {
+    chains: Vec<&'a Chain>,
+    removed_chains: Vec<Name>,
+    sets: Vec<&'a Set>,
+    maps: Vec<&'a Map>,
+    removed_containers: Vec<Name>,
+    elements: Vec<&'a Element>,
+    removed_elements: Vec<(Name, Vec<Value>)>,
+}
+
+/// What this syncer committed to one family's table, indexed by identity. Kept up to date by
+/// each partial transaction's changes, so that a partial sync costs lookups, not a rebuild.
+#[derive(Debug, Default)]
+struct Applied {
+    chains: FxHashMap<Name, Chain>,
+    sets: FxHashMap<Name, Set>,
+    maps: FxHashMap<Name, Map>,
+    /// Elements by container, then key.
+    elements: FxHashMap<Name, FxHashMap<Vec<Value>, Element>>,
+    element_count: usize,
+}
+
+impl Applied {
+    fn new(ruleset: &Ruleset) -> Applied {
+        let mut applied = Applied {
+            chains: ruleset
+                .chains
+                .iter()
+                .map(|c| (c.name.clone(), c.clone()))
+                .collect(),
+            sets: ruleset
+                .sets
+                .iter()
+                .map(|s| (s.name.clone(), s.clone()))
+                .collect(),
+            maps: ruleset
+                .maps
+                .iter()
+                .map(|m| (m.name.clone(), m.clone()))
+                .collect(),
+            ..Applied::default()
+        };
+        for element in &ruleset.elements {
+            applied.insert_element(element);
+        }
+        applied
+    }
+
+    fn element(&self, container: &str, key: &[Value]) -> Option<&Element> {
+        self.elements.get(container)?.get(key)
+    }
+
+    fn insert_element(&mut self, element: &Element) {
+        let old = self
+            .elements
+            .entry(element.container.clone())
+            .or_default()
+            .insert(element.key.clone(), element.clone());
+        if old.is_none() {
+            self.element_count += 1;
+        }
+    }
+
+    fn update(&mut self, changes: &Changes) {
+        for chain in &changes.chains {
+            self.chains.insert(chain.name.clone(), (*chain).clone());
+        }
+        for name in &changes.removed_chains {
+            self.chains.remove(name);
+        }
+        for set in &changes.sets {
+            self.sets.insert(set.name.clone(), (*set).clone());
+        }
+        for map in &changes.maps {
+            self.maps.insert(map.name.clone(), (*map).clone());
+        }
+        for (container, key) in &changes.removed_elements {
+            if let Some(elements) = self.elements.get_mut(container) {
+                if elements.remove(key.as_slice()).is_some() {
+                    self.element_count -= 1;
+                }
+            }
+        }
+        for name in &changes.removed_containers {
+            self.sets.remove(name);
+            self.maps.remove(name);
+            if let Some(elements) = self.elements.remove(name) {
+                self.element_count -= elements.len();
+            }
+        }
+        for element in &changes.elements {
+            self.insert_element(element);
+        }
+    }
 }
 
 /// The difference from what was applied to what is wanted; `None` when it cannot be written as
 /// differences (a chain or container declaration changed) and a full sync must do it.
+///
+/// Each wanted object is looked up in what was applied; only when fewer were found than were
+/// applied does something need deleting, and only then is the wanted side indexed too.
+/// Removals are sorted by name, so the transaction text is deterministic.
 fn partial<'a>(
-    applied: &'a Ruleset,
+    applied: &Applied,
     desired: &'a Ruleset,
-    wanted: &Index<'a>,
     stale: &BTreeMap<Name, Instant>,
 ) -> Option<Plan<'a>> {
-    let have = Index::new(applied);
     let mut tx = Transaction::new();
+    let mut changes = Changes::default();
     let mut stale_added = Vec::new();
     let mut stale_revived = Vec::new();
 
     // Chains: rewritten when their rules changed. `add` + `flush` also for new chains, as
     // kube-proxy does (§5A.11 operation counts): the flush makes the write exact even if the
     // chain unexpectedly exists.
+    let mut found = 0;
     for chain in &desired.chains {
-        match have.chains.get(&*chain.name) {
-            Some(old) if !old.same_declaration(chain) => return None,
-            Some(old) if old.rules == chain.rules => {}
-            Some(_) => tx.rewrite_chain(chain, true),
+        match applied.chains.get(&*chain.name) {
+            Some(old) => {
+                found += 1;
+                if !old.same_declaration(chain) {
+                    return None;
+                }
+                if old.rules != chain.rules {
+                    tx.rewrite_chain(chain, true);
+                    changes.chains.push(chain);
+                }
+            }
             None => {
                 if stale.contains_key(&chain.name) {
                     stale_revived.push(chain.name.clone());
                 }
                 tx.rewrite_chain(chain, true);
+                changes.chains.push(chain);
             }
         }
     }
-    for chain in &applied.chains {
-        if !wanted.chains.contains_key(&*chain.name) {
+    if found < applied.chains.len() {
+        let wanted: FxHashSet<&str> = desired.chains.iter().map(|c| &*c.name).collect();
+        let mut gone: Vec<&Chain> = applied
+            .chains
+            .values()
+            .filter(|c| !wanted.contains(&*c.name))
+            .collect();
+        gone.sort_by(|a, b| a.name.cmp(&b.name));
+        for chain in gone {
             if !chain.rules.is_empty() {
                 tx.flush(Phase::StaleFlush, chain.id());
             }
             stale_added.push(chain.name.clone());
+            changes.removed_chains.push(chain.name.clone());
         }
     }
 
     // Sets and maps: added when new; an unchanged one is not touched, so affinity sets keep
     // their elements. Only a timeout may change in place (`add set` updates it).
+    let mut found = 0;
     for set in &desired.sets {
-        match have.sets.get(&*set.name) {
-            None if have.maps.contains_key(&*set.name) => return None,
-            None => tx.add(Phase::ContainerAdd, Object::Set(set)),
-            Some(old) if *old == set => {}
-            Some(old) if old.key_type == set.key_type && old.flags == set.flags => {
-                tx.add(Phase::ContainerAdd, Object::Set(set))
+        match applied.sets.get(&*set.name) {
+            None if applied.maps.contains_key(&*set.name) => return None,
+            None => {}
+            Some(old) if *old == *set => {
+                found += 1;
+                continue;
             }
+            Some(old) if old.key_type == set.key_type && old.flags == set.flags => found += 1,
             Some(_) => return None,
         }
+        tx.add(Phase::ContainerAdd, Object::Set(set));
+        changes.sets.push(set);
     }
     for map in &desired.maps {
-        match have.maps.get(&*map.name) {
-            None if have.sets.contains_key(&*map.name) => return None,
-            None => tx.add(Phase::ContainerAdd, Object::Map(map)),
-            Some(old) if *old == map => {}
+        match applied.maps.get(&*map.name) {
+            None if applied.sets.contains_key(&*map.name) => return None,
+            None => {}
+            Some(old) if *old == *map => {
+                found += 1;
+                continue;
+            }
             Some(old) if old.key_type == map.key_type && old.value_type == map.value_type => {
-                tx.add(Phase::ContainerAdd, Object::Map(map))
+                found += 1
             }
             Some(_) => return None,
         }
+        tx.add(Phase::ContainerAdd, Object::Map(map));
+        changes.maps.push(map);
     }
-    for set in &applied.sets {
-        if !wanted.has_container(&set.name) {
-            tx.delete(Phase::ContainerDelete, set.id());
-        }
-    }
-    for map in &applied.maps {
-        if !wanted.has_container(&map.name) {
-            tx.delete(Phase::ContainerDelete, map.id());
+    if found < applied.sets.len() + applied.maps.len() {
+        let wanted: FxHashSet<&str> = desired
+            .sets
+            .iter()
+            .map(|s| &*s.name)
+            .chain(desired.maps.iter().map(|m| &*m.name))
+            .collect();
+        let mut gone: Vec<ObjectId> = applied
+            .sets
+            .values()
+            .filter(|s| !wanted.contains(&*s.name))
+            .map(Set::id)
+            .chain(
+                applied
+                    .maps
+                    .values()
+                    .filter(|m| !wanted.contains(&*m.name))
+                    .map(Map::id),
+            )
+            .collect();
+        gone.sort();
+        for id in gone {
+            if let ObjectId::Set(name) | ObjectId::Map(name) = &id {
+                changes.removed_containers.push(name.clone());
+            }
+            tx.delete(Phase::ContainerDelete, id);
         }
     }
 
-    // Elements: differences only.
+    // Elements: differences only. (Affinity sets have no elements in a ruleset: theirs are
+    // the packet path's, and never appear here.)
+    let mut found = 0;
     for element in &desired.elements {
-        if wanted.is_live(&element.container) {
-            continue;
-        }
-        match have
-            .elements
-            .get(&(&*element.container, element.key.as_slice()))
-        {
-            Some(old) if *old == element => {}
+        match applied.element(&element.container, &element.key) {
             Some(old) => {
-                tx.delete(Phase::ElementDelete, old.id());
-                tx.add(Phase::ElementAdd, Object::Element(element));
+                found += 1;
+                if *old != *element {
+                    tx.delete(Phase::ElementDelete, old.id());
+                    tx.add(Phase::ElementAdd, Object::Element(element));
+                    changes.elements.push(element);
+                }
             }
-            None => tx.add(Phase::ElementAdd, Object::Element(element)),
+            None => {
+                tx.add(Phase::ElementAdd, Object::Element(element));
+                changes.elements.push(element);
+            }
         }
     }
-    for element in &applied.elements {
-        if wanted.has_container(&element.container)
-            && !wanted.is_live(&element.container)
-            && !wanted
-                .elements
-                .contains_key(&(&*element.container, element.key.as_slice()))
-        {
-            tx.delete(Phase::ElementDelete, element.id());
+    if found < applied.element_count {
+        let wanted: FxHashSet<(&str, &[Value])> = desired
+            .elements
+            .iter()
+            .map(|e| (&*e.container, e.key.as_slice()))
+            .collect();
+        let mut gone: Vec<&Element> = applied
+            .elements
+            .values()
+            .flat_map(|elements| elements.values())
+            .filter(|e| !wanted.contains(&(&*e.container, e.key.as_slice())))
+            .collect();
+        gone.sort_by(|a, b| (&a.container, &a.key).cmp(&(&b.container, &b.key)));
+        for element in gone {
+            // Elements of a deleted container go with it.
+            if !changes.removed_containers.contains(&element.container) {
+                tx.delete(Phase::ElementDelete, element.id());
+            }
+            changes
+                .removed_elements
+                .push((element.container.clone(), element.key.clone()));
         }
     }
 
@@ -557,6 +728,7 @@ fn partial<'a>(
         transaction: tx,
         stale_added,
         stale_revived,
+        changes,
     })
 }
 
@@ -700,6 +872,7 @@ fn full_plan<'a>(
         transaction: tx,
         stale_added,
         stale_revived: Vec::new(),
+        changes: Changes::default(),
     }
 }
 
