@@ -48,14 +48,19 @@ struct Timed {
     last_text: String,
     nft_time: Duration,
     check_time: Duration,
+    /// When the last transaction reached the applier, and when nft had finished with it.
+    entered: Option<Instant>,
+    left: Option<Instant>,
 }
 
 impl Applier for Timed {
     fn apply(&mut self, family: IpFamily, commands: &[Command<'_>]) -> Result<usize, SyncError> {
+        self.entered = Some(Instant::now());
         let text = render_transaction(family, commands)?;
         let start = Instant::now();
         self.inner.apply_text(family, &text)?;
         self.nft_time += start.elapsed();
+        self.left = Some(Instant::now());
         self.last_text = text;
         Ok(self.last_text.len())
     }
@@ -71,6 +76,45 @@ impl Applier for Timed {
     fn table_exists(&mut self, family: IpFamily) -> Result<bool, SyncError> {
         self.inner.table_exists(family)
     }
+}
+
+/// An applier that only renders (and keeps the last text): kproxy's own work with no kernel
+/// behind it, and a shadow of the measured syncer that knows each transaction beforehand.
+#[derive(Default)]
+struct Null {
+    last_text: String,
+}
+
+impl Applier for Null {
+    fn apply(&mut self, family: IpFamily, commands: &[Command<'_>]) -> Result<usize, SyncError> {
+        self.last_text = render_transaction(family, commands)?;
+        Ok(self.last_text.len())
+    }
+    fn read(&mut self, _: IpFamily) -> Result<Option<KernelTable>, SyncError> {
+        Ok(None)
+    }
+    fn rule_count(&mut self, _: IpFamily, _: &str) -> Result<Option<usize>, SyncError> {
+        Ok(Some(3))
+    }
+    fn table_exists(&mut self, _: IpFamily) -> Result<bool, SyncError> {
+        Ok(false)
+    }
+}
+
+/// Median time of `runs` incremental syncs (alternating between the two states) with [`Null`].
+fn cpu_only(full: &[Ruleset], changed: &[Ruleset], runs: usize) -> Duration {
+    let mut syncer = Syncer::new(Null::default(), SyncOptions::default());
+    syncer.sync(full).expect("null sync");
+    let mut times: Vec<Duration> = (0..runs)
+        .map(|i| {
+            let desired = if i % 2 == 0 { changed } else { full };
+            let start = Instant::now();
+            syncer.sync(desired).expect("null sync");
+            start.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[runs / 2]
 }
 
 fn rulesets(state: &kproxy::source::ClusterState) -> Vec<Ruleset> {
@@ -101,16 +145,40 @@ fn nft_alone(ns: &Netns, text: &str) -> Duration {
     elapsed
 }
 
-fn row(step: &str, n: usize, kproxy: Duration, nft: Duration, inner_nft: Duration, objects: usize) {
-    let overhead = kproxy.as_secs_f64() - inner_nft.as_secs_f64();
+/// One measured sync: kproxy's time, nft's time inside it, nft alone, objects, and kproxy's
+/// time before the transaction reached the applier.
+struct Sample {
+    kproxy: Duration,
+    inner_nft: Duration,
+    alone: Duration,
+    objects: usize,
+    before_apply: Duration,
+}
+
+fn row(step: &str, n: usize, samples: &mut [Sample]) {
+    // The median by kproxy's time, and the median of nft alone, taken separately.
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let kproxy = median(samples.iter().map(|s| s.kproxy).collect());
+    let alone = median(samples.iter().map(|s| s.alone).collect());
+    let own = median(samples.iter().map(|s| s.kproxy - s.inner_nft).collect());
+    let before = median(samples.iter().map(|s| s.before_apply).collect());
+    let objects = samples[0].objects;
     println!(
-        "| {n:>6} | {step:<11} | {:>10.3} s | {:>10.3} s | {:>+7.1} % | {:>8.3} s | {objects:>8} |",
+        "| {n:>6} | {step:<11} | {:>3} | {:>9.4} s | {:>9.4} s | {:>+6.1} % | {:>8.4} s | {:>8.4} s | {objects:>6} |",
+        samples.len(),
         kproxy.as_secs_f64(),
-        nft.as_secs_f64(),
-        (kproxy.as_secs_f64() / nft.as_secs_f64() - 1.0) * 100.0,
-        overhead,
+        alone.as_secs_f64(),
+        (kproxy.as_secs_f64() / alone.as_secs_f64() - 1.0) * 100.0,
+        own.as_secs_f64(),
+        before.as_secs_f64(),
     );
 }
+
+/// Incremental syncs measured per size: alternately the changed state and back.
+const ROUNDS: usize = 9;
 
 fn main() {
     let sizes: Vec<usize> = {
@@ -124,8 +192,8 @@ fn main() {
             args
         }
     };
-    println!("| services | sync | kproxy sync | nft -f alone | kproxy vs nft | kproxy's own time | objects |");
-    println!("|---:|---|---:|---:|---:|---:|---:|");
+    println!("| services | sync | runs | kproxy sync (median) | nft -f alone (median) | kproxy vs nft | kproxy's own time | of which before nft | objects |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     for n in sizes {
         let mut state = kproxy::synthetic::cluster(n, 10);
         let start = Instant::now();
@@ -144,31 +212,69 @@ fn main() {
                 last_text: String::new(),
                 nft_time: Duration::ZERO,
                 check_time: Duration::ZERO,
+                entered: None,
+                left: None,
             },
             SyncOptions::default(),
         );
 
-        for (step, desired) in [("full", &full), ("incremental", &changed)] {
+        // The shadow computes each transaction first, so that nft alone can run before
+        // kproxy in every other round: neither side always goes first.
+        let mut shadow = Syncer::new(Null::default(), SyncOptions::default());
+        let mut round = 0;
+        let mut measure = |desired: &[Ruleset], full: bool| -> Sample {
+            shadow.sync(desired).expect("shadow sync");
+            let text = shadow.applier().last_text.clone();
+            round += 1;
+            let alone_first = round % 2 == 0;
+            let mut alone = if alone_first {
+                nft_alone(&ns_nft, &text)
+            } else {
+                Duration::ZERO
+            };
             let applier = syncer.applier_mut();
             applier.nft_time = Duration::ZERO;
             applier.check_time = Duration::ZERO;
             let start = Instant::now();
             let reports = syncer.sync(desired).expect("kproxy sync");
             let kproxy = start.elapsed();
-            let report = &reports[0];
-            assert_eq!(report.full, step == "full");
-            let text = syncer.applier().last_text.clone();
-            let nft = nft_alone(&ns_nft, &text);
+            assert_eq!(reports[0].full, full);
             let applier = syncer.applier();
-            row(step, n, kproxy, nft, applier.nft_time, report.objects);
-            if step == "incremental" {
-                eprintln!(
-                    "  n={n}: translate {:.3} s (not part of the sync); drift check {:.3} s; incremental transaction:\n{}",
-                    translate.as_secs_f64(),
-                    applier.check_time.as_secs_f64(),
-                    text.lines().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
-                );
+            assert!(
+                applier.last_text == text,
+                "the shadow syncer predicted another transaction"
+            );
+            if !alone_first {
+                alone = nft_alone(&ns_nft, &text);
             }
-        }
+            Sample {
+                kproxy,
+                inner_nft: applier.nft_time,
+                alone,
+                objects: reports[0].objects,
+                before_apply: applier
+                    .entered
+                    .map_or(Duration::ZERO, |e| e.duration_since(start)),
+            }
+        };
+        row("full", n, &mut [measure(&full, true)]);
+        let mut samples: Vec<Sample> = (0..ROUNDS)
+            .map(|i| measure(if i % 2 == 0 { &changed } else { &full }, false))
+            .collect();
+        let check = syncer.applier().check_time;
+        row("incremental", n, &mut samples);
+        eprintln!(
+            "  n={n}: translate {:.3} s (not part of the sync); last drift check {:.4} s; diff+render without a kernel (median of 9) {:.4} s; incremental transaction:\n{}",
+            translate.as_secs_f64(),
+            check.as_secs_f64(),
+            cpu_only(&full, &changed, 9).as_secs_f64(),
+            syncer
+                .applier()
+                .last_text
+                .lines()
+                .map(|l| format!("    {l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
     }
 }

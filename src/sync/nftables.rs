@@ -438,6 +438,19 @@ impl<'a> Transaction<'a> {
         }
     }
 
+    /// Adds another transaction's operations after this one's, phase by phase.
+    fn append(&mut self, other: Transaction<'a>) {
+        let offset = self.ids.len();
+        self.ids.extend(other.ids);
+        for (mine, theirs) in self.phases.iter_mut().zip(other.phases) {
+            mine.extend(theirs.into_iter().map(|op| match op {
+                Op::Add(object) => Op::Add(object),
+                Op::Flush(i) => Op::Flush(i + offset),
+                Op::Delete(i) => Op::Delete(i + offset),
+            }));
+        }
+    }
+
     fn commands(&self) -> Vec<Command<'_>> {
         let len = self.phases.iter().map(Vec::len).sum();
         let mut commands = Vec::with_capacity(len);
@@ -572,6 +585,106 @@ fn partial<'a>(
     desired: &'a Ruleset,
     stale: &BTreeMap<Name, Instant>,
 ) -> Option<Plan<'a>> {
+    // Elements are compared on a second thread when there are many: the two halves share
+    // nothing, and this is most of a partial sync's own time (see examples/sync_bench.rs).
+    let (structure, elements) = if desired.elements.len() >= PARALLEL_ELEMENTS {
+        std::thread::scope(|scope| {
+            let elements = scope.spawn(|| diff_elements(applied, desired));
+            let structure = diff_structure(applied, desired, stale);
+            let elements = elements
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (structure, elements)
+        })
+    } else {
+        (
+            diff_structure(applied, desired, stale),
+            diff_elements(applied, desired),
+        )
+    };
+    let mut plan = structure?;
+    plan.transaction.append(elements.transaction);
+    plan.changes.elements = elements.changed;
+    for (container, key) in elements.gone {
+        // Elements of a deleted container go with it.
+        if !plan.changes.removed_containers.contains(&container) {
+            plan.transaction.delete(
+                Phase::ElementDelete,
+                ObjectId::Element {
+                    container: container.clone(),
+                    key: key.clone(),
+                },
+            );
+        }
+        plan.changes.removed_elements.push((container, key));
+    }
+    Some(plan)
+}
+
+/// From this many elements on, a partial sync compares elements on a second thread.
+const PARALLEL_ELEMENTS: usize = 4096;
+
+/// The element half of a partial diff.
+struct ElementDiff<'a> {
+    transaction: Transaction<'a>,
+    /// Elements written (new, or replacing one with another value or comment).
+    changed: Vec<&'a Element>,
+    /// Elements applied but no longer wanted, in a fixed order.
+    gone: Vec<(Name, Vec<Value>)>,
+}
+
+/// Elements: differences only. (Affinity sets have no elements in a ruleset: theirs are the
+/// packet path's, and never appear here.)
+fn diff_elements<'a>(applied: &Applied, desired: &'a Ruleset) -> ElementDiff<'a> {
+    let mut tx = Transaction::new();
+    let mut changed = Vec::new();
+    let mut found = 0;
+    for element in &desired.elements {
+        match applied.element(&element.container, &element.key) {
+            Some(old) => {
+                found += 1;
+                if *old != *element {
+                    tx.delete(Phase::ElementDelete, old.id());
+                    tx.add(Phase::ElementAdd, Object::Element(element));
+                    changed.push(element);
+                }
+            }
+            None => {
+                tx.add(Phase::ElementAdd, Object::Element(element));
+                changed.push(element);
+            }
+        }
+    }
+    let mut gone = Vec::new();
+    if found < applied.element_count {
+        let wanted: FxHashSet<(&str, &[Value])> = desired
+            .elements
+            .iter()
+            .map(|e| (&*e.container, e.key.as_slice()))
+            .collect();
+        gone = applied
+            .elements
+            .values()
+            .flat_map(|elements| elements.values())
+            .filter(|e| !wanted.contains(&(&*e.container, e.key.as_slice())))
+            .map(|e| (e.container.clone(), e.key.clone()))
+            .collect();
+        gone.sort();
+    }
+    ElementDiff {
+        transaction: tx,
+        changed,
+        gone,
+    }
+}
+
+/// Chains, sets and maps: the part of a partial diff that may find a change only a full sync
+/// can make (`None`).
+fn diff_structure<'a>(
+    applied: &Applied,
+    desired: &'a Ruleset,
+    stale: &BTreeMap<Name, Instant>,
+) -> Option<Plan<'a>> {
     let mut tx = Transaction::new();
     let mut changes = Changes::default();
     let mut stale_added = Vec::new();
@@ -678,49 +791,6 @@ fn partial<'a>(
                 changes.removed_containers.push(name.clone());
             }
             tx.delete(Phase::ContainerDelete, id);
-        }
-    }
-
-    // Elements: differences only. (Affinity sets have no elements in a ruleset: theirs are
-    // the packet path's, and never appear here.)
-    let mut found = 0;
-    for element in &desired.elements {
-        match applied.element(&element.container, &element.key) {
-            Some(old) => {
-                found += 1;
-                if *old != *element {
-                    tx.delete(Phase::ElementDelete, old.id());
-                    tx.add(Phase::ElementAdd, Object::Element(element));
-                    changes.elements.push(element);
-                }
-            }
-            None => {
-                tx.add(Phase::ElementAdd, Object::Element(element));
-                changes.elements.push(element);
-            }
-        }
-    }
-    if found < applied.element_count {
-        let wanted: FxHashSet<(&str, &[Value])> = desired
-            .elements
-            .iter()
-            .map(|e| (&*e.container, e.key.as_slice()))
-            .collect();
-        let mut gone: Vec<&Element> = applied
-            .elements
-            .values()
-            .flat_map(|elements| elements.values())
-            .filter(|e| !wanted.contains(&(&*e.container, e.key.as_slice())))
-            .collect();
-        gone.sort_by(|a, b| (&a.container, &a.key).cmp(&(&b.container, &b.key)));
-        for element in gone {
-            // Elements of a deleted container go with it.
-            if !changes.removed_containers.contains(&element.container) {
-                tx.delete(Phase::ElementDelete, element.id());
-            }
-            changes
-                .removed_elements
-                .push((element.container.clone(), element.key.clone()));
         }
     }
 
@@ -1321,4 +1391,70 @@ endpoints:
         assert_eq!(deletes.len(), 1);
         cleanup_with(&mut kernel, &[IpFamily::V4, IpFamily::V6]).unwrap();
     }
+}
+
+#[cfg(test)]
+mod large_tests {
+    use super::*;
+    use crate::config::NodeConfig;
+    use crate::pipeline;
+
+    fn rulesets(state: &crate::source::ClusterState) -> Vec<Ruleset> {
+        let mut config = NodeConfig::new("node-1");
+        config.node_ips = vec!["10.100.0.1".parse().unwrap()];
+        config.cluster_cidrs = vec!["10.128.0.0/9".parse().unwrap()];
+        let plan = pipeline::plan(state, &config);
+        pipeline::nftables_rulesets(&plan, &config)
+    }
+
+    /// Enough elements for the two-thread diff: one changed and one removed Service give
+    /// exactly their objects, in a fixed order, and the table ends up as wanted.
+    #[test]
+    fn large_partial_sync_is_exact() {
+        let mut state = crate::synthetic::cluster(1500, 3);
+        let first = rulesets(&state);
+        assert!(first[0].elements.len() >= PARALLEL_ELEMENTS);
+        let mut s = Syncer::new(FakeKernel::new(), SyncOptions::default());
+        s.sync(&first).unwrap();
+
+        // svc-7's local endpoint (node-1) moves; svc-1499 (no affinity, no NodePort) goes.
+        state.endpoint_slices[7].endpoints[1].addresses = vec!["10.127.0.7".into()];
+        state.services.remove(1499);
+        let second = rulesets(&state);
+        let before = s.applier().transactions.len();
+        let report = &s.sync(&second).unwrap()[0];
+        let sent = s.applier().transactions[before..]
+            .iter()
+            .flat_map(|t| t.commands.clone())
+            .collect::<Vec<_>>();
+        let expected = [
+            "add chain ip kube-proxy service-GDSB2ZQ3-ns7/svc-7/tcp/http",
+            "flush chain ip kube-proxy service-GDSB2ZQ3-ns7/svc-7/tcp/http",
+            // svc-1499: its chain waits flushed; its elements go, in (container, key) order.
+            "flush chain ip kube-proxy service-CLN6YCYK-ns99/svc-1499/tcp/http",
+            "delete element ip kube-proxy cluster-ips { 10.96.5.220 }",
+            "delete element ip kube-proxy hairpin-connections { 10.128.0.23 . 10.128.0.23 . tcp . 8080 }",
+            "delete element ip kube-proxy hairpin-connections { 10.128.17.147 . 10.128.17.147 . tcp . 8080 }",
+            "delete element ip kube-proxy service-ips { 10.96.5.220 . tcp . 80 }",
+        ];
+        assert_eq!(&sent[..expected.len()], &expected, "{sent:#?}");
+        assert!(sent[expected.len()].contains("10.127.0.7 . 8080"));
+        assert_eq!(
+            sent[expected.len() + 1],
+            "add element ip kube-proxy hairpin-connections { 10.127.0.7 . 10.127.0.7 . tcp . 8080 }"
+        );
+        assert_eq!(report.objects, expected.len() + 2);
+        let mut dump: Vec<String> = s.applier().dump(V4).lines().map(str::to_string).collect();
+        dump.retain(|l| !l.contains("svc-1499/"));
+        dump.sort();
+        let mut want: Vec<String> = second[0]
+            .to_nft_script()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        want.sort();
+        assert_eq!(dump, want);
+    }
+
+    const V4: IpFamily = IpFamily::V4;
 }
