@@ -6,9 +6,15 @@
 //! (`kproxy::synthetic::cluster(n, 10)`) into the first through kproxy's library syncer, and
 //! feeds the very same transaction text to `nft -f FILE` in the second; then it changes one
 //! Service's endpoints and does the same with the incremental transaction, so both namespaces
-//! start each step from identical tables. Printed per step: kproxy's sync time (diff, render,
-//! drift check, `nft -f -`), the time of `nft -f` alone, kproxy's share, and the objects
-//! (commands) sent. Both run nft as `ip netns exec NS nft`.
+//! start each step from identical tables. The incremental step is measured 9 times, alternating
+//! between the changed and the original endpoints, and nft alone runs first in every other
+//! round (a shadow syncer without a kernel knows each transaction beforehand).
+//!
+//! Printed per step: kproxy's sync time (drift check, diff, render, `nft -f -`; medians for the
+//! incremental step), the time of `nft -f FILE` alone, kproxy's own time (its sync time minus
+//! the time nft ran inside it; the figure that does not depend on the kernel's run-to-run
+//! noise of several milliseconds), and the objects (commands) sent. Both run nft as
+//! `ip netns exec NS nft`. Per-round times and the incremental transaction go to stderr.
 
 use std::process::Command as Process;
 use std::time::{Duration, Instant};
@@ -263,6 +269,21 @@ fn main() {
             .collect();
         let check = syncer.applier().check_time;
         row("incremental", n, &mut samples);
+        for (i, sample) in samples.iter().enumerate() {
+            eprintln!(
+                "  round {}{}: kproxy {:.4} s (nft inside {:.4} s), nft alone {:.4} s",
+                i + 1,
+                // Rounds are counted from the full sync, which was round 1.
+                if (i + 2) % 2 == 0 {
+                    " (nft alone first)"
+                } else {
+                    ""
+                },
+                sample.kproxy.as_secs_f64(),
+                sample.inner_nft.as_secs_f64(),
+                sample.alone.as_secs_f64()
+            );
+        }
         eprintln!(
             "  n={n}: translate {:.3} s (not part of the sync); last drift check {:.4} s; diff+render without a kernel (median of 9) {:.4} s; incremental transaction:\n{}",
             translate.as_secs_f64(),

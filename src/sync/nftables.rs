@@ -22,10 +22,16 @@
 //! atomic); the error names the refused command, and the next sync is full.
 //!
 //! **Drift** (someone flushed or deleted kproxy's table or chains): before a partial sync the
-//! syncer counts the rules of the `services` chain in the kernel (`nft -t -j list chain`); a
-//! missing table or chain, or another count, turns the sync into a full one. A flush of the
-//! table or of `services` is caught this way; changes to individual service chains are
-//! repaired by the next periodic full sync, or when that service changes.
+//! syncer counts the rules of the `services` chain in the kernel, with a netlink dump the
+//! kernel filters to that one chain ([`netlink_rule_count`]; `nft list chain` would take
+//! seconds on a large table). A missing table or chain, or another count, turns the sync into
+//! a full one, which restores everything. A flushed or deleted table, a flushed ruleset and a
+//! flushed or deleted `services` chain are caught this way; edits to individual service
+//! chains are repaired by the next periodic full sync, or when that service changes.
+//!
+//! **Cost**: a partial sync looks every wanted object up in an index of what was applied
+//! (`Applied`, kept current from each transaction's changes) and compares it; sets of
+//! wanted names are built only when something was removed. Nothing is re-read or re-indexed.
 //!
 //! **One-shot** (`kproxy sync --once`, [`sync_once`]): every run is a full sync, and no grace
 //! period can pass inside one process. A stale chain is flushed, and deleted in the same
