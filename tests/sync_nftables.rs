@@ -552,3 +552,136 @@ fn drift_check_counts_rules_like_nft() {
     assert_eq!(netlink(IpFamily::V4), 0);
     assert_eq!(netlink(IpFamily::V6), 0);
 }
+
+/// Records what an nft applier sends.
+struct Recording {
+    inner: NftApplier,
+    sent: Vec<String>,
+}
+
+impl Applier for Recording {
+    fn apply(&mut self, family: IpFamily, commands: &[Command<'_>]) -> Result<usize, SyncError> {
+        let text = kproxy::sync::nftables::render_transaction(family, commands)?;
+        self.sent.extend(text.lines().map(str::to_string));
+        self.inner.apply(family, commands)
+    }
+    fn read(&mut self, family: IpFamily) -> Result<Option<KernelTable>, SyncError> {
+        self.inner.read(family)
+    }
+    fn rule_count(&mut self, family: IpFamily, chain: &str) -> Result<Option<usize>, SyncError> {
+        self.inner.rule_count(family, chain)
+    }
+    fn table_exists(&mut self, family: IpFamily) -> Result<bool, SyncError> {
+        self.inner.table_exists(family)
+    }
+}
+
+/// A one-shot sync over tables kproxy wrote before reads them back from `nft -j` exactly:
+/// for both families, every element kind (concatenations, IPv6 addresses, comments, drop and
+/// goto verdicts) compares equal, so nothing but the chains' rules and the idempotent set and
+/// map declarations is written again.
+#[test]
+fn resync_reads_both_families_back_exactly() {
+    if !possible() {
+        return;
+    }
+    let ns = common::netns::Netns::new("dual");
+    let manifests = r#"apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: ns}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  clusterIP: 10.96.0.50
+  clusterIPs: [10.96.0.50, fd00:10:96::50]
+  ipFamilies: [IPv4, IPv6]
+  ports:
+  - {name: http, protocol: TCP, port: 80, nodePort: 30080}
+  - {name: dns, protocol: UDP, port: 53, nodePort: 30053}
+  loadBalancerSourceRanges: [203.0.113.0/24, "2001:db8:1::/64"]
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}
+status:
+  loadBalancer:
+    ingress: [{ip: 5.6.7.8}, {ip: "2001:db8:2::8"}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, namespace: ns, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports:
+- {name: http, protocol: TCP, port: 8080}
+- {name: dns, protocol: UDP, port: 5353}
+endpoints:
+- {addresses: ["fd00:10:244::1"], nodeName: node-1}
+- {addresses: ["fd00:10:244::2"], nodeName: other-node}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v4, namespace: ns, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {name: http, protocol: TCP, port: 8080}
+- {name: dns, protocol: UDP, port: 5353}
+endpoints:
+- {addresses: [10.244.1.2], nodeName: node-1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: ns}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.51
+  clusterIPs: [10.96.0.51, fd00:10:96::51]
+  ipFamilies: [IPv4, IPv6]
+  ports: [{name: p, protocol: TCP, port: 80, nodePort: 30081}]
+"#;
+    let mut config = NodeConfig::new("node-1");
+    config.family_mode = kproxy::family::FamilyMode::Dual;
+    config.node_ips = vec![
+        "10.100.0.1".parse().unwrap(),
+        "2001:db8::1".parse().unwrap(),
+    ];
+    config.cluster_cidrs = vec![
+        "10.244.0.0/16".parse().unwrap(),
+        "fd00:10:244::/64".parse().unwrap(),
+    ];
+    config.service_cidrs = vec![
+        "10.96.0.0/16".parse().unwrap(),
+        "fd00:10:96::/112".parse().unwrap(),
+    ];
+    let mut state = Manifests::default();
+    state.add_text(manifests, "dual.yaml").expect("manifests");
+    let plan = pipeline::plan(&state.state, &config);
+    assert!(plan.notes.is_empty(), "{:?}", plan.notes);
+    let desired = pipeline::nftables_rulesets(&plan, &config);
+    assert_eq!(desired.len(), 2);
+    for ruleset in &desired {
+        assert!(
+            ruleset.elements.iter().any(|e| e.comment.is_some()),
+            "no-endpoint elements with comments are part of the check"
+        );
+    }
+
+    let recording = || Recording {
+        inner: NftApplier::in_netns(&ns.name),
+        sent: Vec::new(),
+    };
+    let mut first = Syncer::new(recording(), SyncOptions::one_shot());
+    first.sync(&desired).expect("first sync");
+    let listing = |ns: &common::netns::Netns| {
+        let out = ns.run(&["nft", "list", "ruleset"], None);
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let before = listing(&ns);
+    assert!(before.contains("table ip6 kube-proxy") && before.contains("table ip kube-proxy"));
+
+    let mut again = Syncer::new(recording(), SyncOptions::one_shot());
+    let reports = again.sync(&desired).expect("second sync");
+    assert!(reports.iter().all(|r| r.full));
+    let sent = &again.applier().sent;
+    let elements: Vec<&String> = sent.iter().filter(|c| c.contains(" element ")).collect();
+    assert!(elements.is_empty(), "elements written again: {elements:#?}");
+    assert!(!sent.iter().any(|c| c.starts_with("delete ")), "{sent:#?}");
+    assert_eq!(listing(&ns), before);
+}
