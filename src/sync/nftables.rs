@@ -1380,6 +1380,73 @@ endpoints:
     }
 
     #[test]
+    fn periodic_full_sync_rereads_the_kernel() {
+        let desired = standard();
+        let options = SyncOptions {
+            full_sync_period: Some(Duration::ZERO),
+            ..SyncOptions::default()
+        };
+        let mut s = Syncer::new(FakeKernel::new(), options);
+        s.sync(&desired).unwrap();
+        let report = &s.sync(&desired).unwrap()[0];
+        assert!(report.full);
+        assert_eq!(s.applier().reads, 2);
+        // Everything already there: only idempotent adds, flushes and rules; no element.
+        let last = s.applier().last_applied().unwrap();
+        assert!(last.commands.iter().all(|c| !c.contains(" element ")));
+    }
+
+    #[test]
+    fn refused_stale_chain_deletion_turns_into_a_full_sync() {
+        let mut s = syncer();
+        s.sync(&standard()).unwrap();
+        let two = rulesets(&cluster(2, "10.244.2.6", 10800, false));
+        s.sync(&two).unwrap();
+        let stale = s.stale_chains(V4);
+        assert_eq!(stale.len(), 1);
+        s.age_stale_chains(Duration::from_secs(2));
+        s.applier_mut().refuse_next(1);
+        let report = &s.sync(&two).unwrap()[0];
+        assert!(
+            report.full,
+            "the refused deletion made this sync a full one"
+        );
+        // The full sync found the chain again (empty) and waits anew before deleting it.
+        assert_eq!(s.stale_chains(V4), stale);
+        let before = s.applier().transactions.len();
+        s.age_stale_chains(Duration::from_secs(2));
+        s.sync(&two).unwrap();
+        assert_eq!(
+            new_commands(&s, before),
+            vec![format!("delete chain ip kube-proxy {}", stale[0])]
+        );
+    }
+
+    #[test]
+    fn changed_base_chain_declaration_is_recreated_by_a_full_sync() {
+        let mut s = syncer();
+        s.sync(&standard()).unwrap();
+        let mut changed = standard();
+        let chain = changed[0]
+            .chains
+            .iter_mut()
+            .find(|c| &*c.name == crate::nftables::NAT_PREROUTING)
+            .unwrap();
+        if let Some(base) = &mut chain.base {
+            base.priority = -99;
+        }
+        let before = s.applier().transactions.len();
+        let report = &s.sync(&changed).unwrap()[0];
+        assert!(report.full, "a declaration change is not a partial sync");
+        let sent = new_commands(&s, before);
+        assert!(sent.contains(&"delete chain ip kube-proxy nat-prerouting".to_string()));
+        assert_eq!(
+            sorted_lines(&s.applier().dump(V4)),
+            sorted_lines(&changed[0].to_nft_script())
+        );
+    }
+
+    #[test]
     fn cleanup_removes_both_tables_and_only_them() {
         let mut kernel = FakeKernel::new();
         let v4 = standard();
