@@ -186,6 +186,21 @@ impl Topology {
             .collect()
     }
 
+    /// Gives the node a default route through an uplink that leads nowhere (a veth whose peer
+    /// stays down), as a real node has a default route. Without it, packets to a Service
+    /// address that no rule DNATs (e.g. a Service without endpoints) fail routing before the
+    /// filter hooks that reject them could see them.
+    pub fn add_node_uplink(&self) {
+        must(
+            &self.node,
+            &[
+                "ip", "link", "add", "up0", "type", "veth", "peer", "name", "up0p",
+            ],
+        );
+        must(&self.node, &["ip", "link", "set", "up0", "up"]);
+        must(&self.node, &["ip", "route", "add", "default", "dev", "up0"]);
+    }
+
     /// Runs the real `kproxy` binary in the node namespace.
     pub fn kproxy(&self, args: &[&str]) -> std::process::Output {
         let mut argv = vec![env!("CARGO_BIN_EXE_kproxy")];

@@ -1,0 +1,304 @@
+//! How a transaction reaches the kernel. [`Applier`] is the seam: [`NftApplier`] runs the `nft`
+//! tool (one `nft -f -` per transaction, as kube-proxy does, §5.1); a netlink applier could
+//! implement the same trait; [`super::fake::FakeKernel`] models a table in memory for tests.
+
+use std::io::Write;
+use std::process::{Command as Process, Stdio};
+
+use super::kernel::{self, KernelTable};
+use crate::family::IpFamily;
+use crate::nftables::{write_command, Command, TABLE_NAME};
+use crate::sync::SyncError;
+
+/// Applies transactions to one network namespace's `kube-proxy` tables and reads them back.
+pub trait Applier {
+    /// Runs `commands` on `family`'s table as one atomic transaction: either all of them take
+    /// effect or none does. Returns the size of what was handed to the kernel (bytes of text).
+    fn apply(&mut self, family: IpFamily, commands: &[Command<'_>]) -> Result<usize, SyncError>;
+
+    /// What the kernel holds in `family`'s table; `None` when there is no such table.
+    fn read(&mut self, family: IpFamily) -> Result<Option<KernelTable>, SyncError>;
+
+    /// The number of rules in one chain of `family`'s table; `None` when the chain or the table
+    /// is missing. A cheap drift check.
+    fn rule_count(&mut self, family: IpFamily, chain: &str) -> Result<Option<usize>, SyncError>;
+
+    /// Whether `family`'s table exists.
+    fn table_exists(&mut self, family: IpFamily) -> Result<bool, SyncError>;
+}
+
+impl<A: Applier + ?Sized> Applier for &mut A {
+    fn apply(&mut self, family: IpFamily, commands: &[Command<'_>]) -> Result<usize, SyncError> {
+        (**self).apply(family, commands)
+    }
+    fn read(&mut self, family: IpFamily) -> Result<Option<KernelTable>, SyncError> {
+        (**self).read(family)
+    }
+    fn rule_count(&mut self, family: IpFamily, chain: &str) -> Result<Option<usize>, SyncError> {
+        (**self).rule_count(family, chain)
+    }
+    fn table_exists(&mut self, family: IpFamily) -> Result<bool, SyncError> {
+        (**self).table_exists(family)
+    }
+}
+
+/// The text of a transaction for `nft -f`: one command per line.
+pub fn render_transaction(family: IpFamily, commands: &[Command<'_>]) -> Result<String, SyncError> {
+    let mut text = String::with_capacity(commands.len() * 100);
+    for command in commands {
+        write_command(&mut text, family, command).map_err(|_| SyncError::Refused {
+            tool: "kproxy".into(),
+            family,
+            object: Some(format!("{command:?}")),
+            message: "this command has no nft form".into(),
+        })?;
+        text.push('\n');
+    }
+    Ok(text)
+}
+
+/// Runs the `nft` tool, optionally through a prefix such as `ip netns exec NAME`.
+#[derive(Debug, Clone)]
+pub struct NftApplier {
+    /// The program and the arguments that come before nft's own.
+    argv: Vec<String>,
+    /// Where the netlink drift check runs: `Some(None)` in this process's namespace,
+    /// `Some(Some(name))` in a named one, `None` when unknown (a custom command line; the
+    /// check then lists the chain with nft).
+    netns: Option<Option<String>>,
+}
+
+impl Default for NftApplier {
+    fn default() -> Self {
+        NftApplier::new()
+    }
+}
+
+const TOOL: &str = "nft";
+
+/// nft's message for a table or chain that does not exist.
+const NOT_FOUND: &str = "No such file or directory";
+
+impl NftApplier {
+    /// `nft` from `PATH`, in this process's network namespace.
+    pub fn new() -> NftApplier {
+        NftApplier {
+            argv: vec![TOOL.into()],
+            netns: Some(None),
+        }
+    }
+
+    /// Another command line for nft, e.g. `["ip", "netns", "exec", "ns1", "nft"]`.
+    pub fn with_command(argv: Vec<String>) -> NftApplier {
+        NftApplier { argv, netns: None }
+    }
+
+    /// nft inside the named network namespace (`ip netns exec NAME nft`).
+    pub fn in_netns(name: &str) -> NftApplier {
+        NftApplier {
+            argv: ["ip", "netns", "exec", name, TOOL]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            netns: Some(Some(name.to_string())),
+        }
+    }
+
+    /// The rule count from nft's listing: correct everywhere, but slow on large tables.
+    fn listed_rule_count(&self, family: IpFamily, chain: &str) -> Result<Option<usize>, SyncError> {
+        // `-t` (terse): set elements are not needed to count rules.
+        let output = self.run(
+            &[
+                "-t",
+                "-j",
+                "list",
+                "chain",
+                family_word(family),
+                TABLE_NAME,
+                chain,
+            ],
+            None,
+        )?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            if stderr.contains(NOT_FOUND) {
+                return Ok(None);
+            }
+            return Err(SyncError::Read {
+                tool: TOOL.into(),
+                family,
+                message: stderr.trim().to_string(),
+            });
+        }
+        kernel::count_rules(&output.stdout)
+            .map(Some)
+            .map_err(|e| SyncError::Read {
+                tool: TOOL.into(),
+                family,
+                message: e.to_string(),
+            })
+    }
+
+    fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<std::process::Output, SyncError> {
+        let spawn_error = |source| SyncError::Spawn {
+            tool: self.argv.join(" "),
+            source,
+        };
+        let (program, prefix) = self
+            .argv
+            .split_first()
+            .ok_or_else(|| spawn_error(std::io::Error::other("empty nft command line")))?;
+        let mut child = Process::new(program)
+            .args(prefix)
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(spawn_error)?;
+        // nft reads all of its input before it answers, but a writer thread keeps a large
+        // transaction from ever deadlocking against a full stderr pipe.
+        let writer = match (stdin, child.stdin.take()) {
+            (Some(text), Some(mut pipe)) => {
+                let text = text.to_vec();
+                Some(std::thread::spawn(move || pipe.write_all(&text)))
+            }
+            _ => None,
+        };
+        let output = child.wait_with_output().map_err(spawn_error)?;
+        if let Some(writer) = writer {
+            // A write error (nft exited early) shows up in nft's own status and message.
+            let _ = writer.join();
+        }
+        Ok(output)
+    }
+
+    /// Applies an already rendered transaction; public for benchmarks that time the text.
+    pub fn apply_text(&self, family: IpFamily, text: &str) -> Result<(), SyncError> {
+        let output = self.run(&["-f", "-"], Some(text.as_bytes()))?;
+        if output.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let (object, message) = parse_error(&stderr);
+        Err(SyncError::Refused {
+            tool: TOOL.into(),
+            family,
+            object,
+            message,
+        })
+    }
+}
+
+fn family_word(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "ip",
+        IpFamily::V6 => "ip6",
+    }
+}
+
+impl Applier for NftApplier {
+    fn apply(&mut self, family: IpFamily, commands: &[Command<'_>]) -> Result<usize, SyncError> {
+        let text = render_transaction(family, commands)?;
+        self.apply_text(family, &text)?;
+        Ok(text.len())
+    }
+
+    fn read(&mut self, family: IpFamily) -> Result<Option<KernelTable>, SyncError> {
+        let output = self.run(
+            &["-j", "list", "table", family_word(family), TABLE_NAME],
+            None,
+        )?;
+        let read_error = |message: String| SyncError::Read {
+            tool: TOOL.into(),
+            family,
+            message,
+        };
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            if stderr.contains(NOT_FOUND) {
+                return Ok(None);
+            }
+            return Err(read_error(stderr.trim().to_string()));
+        }
+        kernel::parse_listing(&output.stdout)
+            .map(Some)
+            .map_err(|e| read_error(e.to_string()))
+    }
+
+    fn rule_count(&mut self, family: IpFamily, chain: &str) -> Result<Option<usize>, SyncError> {
+        if let Some(netns) = &self.netns {
+            // A missing table or chain counts 0 rules, which never matches what kproxy wrote.
+            if let Ok(count) =
+                super::netlink::count_rules(netns.as_deref(), family, TABLE_NAME, chain)
+            {
+                return Ok(Some(count));
+            }
+        }
+        self.listed_rule_count(family, chain)
+    }
+
+    fn table_exists(&mut self, family: IpFamily) -> Result<bool, SyncError> {
+        let output = self.run(&["list", "tables", family_word(family)], None)?;
+        if !output.status.success() {
+            return Err(SyncError::Read {
+                tool: TOOL.into(),
+                family,
+                message: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            });
+        }
+        let wanted = format!("table {} {TABLE_NAME}", family_word(family));
+        Ok(String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .any(|l| l.trim() == wanted))
+    }
+}
+
+/// Finds the refused command in nft's error output, which looks like
+///
+/// ```text
+/// /dev/stdin:3:26-35: Error: Could not process rule: Device or resource busy
+/// delete set ip kube-proxy affinity-a
+///                          ^^^^^^^^^^
+/// ```
+///
+/// Returns the quoted command line (the object) and the error text of the first error.
+pub fn parse_error(stderr: &str) -> (Option<String>, String) {
+    let lines: Vec<&str> = stderr.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        if let Some(at) = line.find("Error: ") {
+            let message = line[at + "Error: ".len()..].trim().to_string();
+            let object = lines
+                .get(i + 1)
+                .map(|l| l.trim())
+                .filter(|l| !l.is_empty() && !l.starts_with('^'))
+                .map(str::to_string);
+            return (object, message);
+        }
+    }
+    (None, stderr.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_command_is_found_in_nfts_message() {
+        let stderr = "/dev/stdin:3:26-35: Error: Could not process rule: Device or resource busy\n\
+                      delete set ip kube-proxy affinity-a\n\
+                      \x20                        ^^^^^^^^^^\n";
+        let (object, message) = parse_error(stderr);
+        assert_eq!(
+            object.as_deref(),
+            Some("delete set ip kube-proxy affinity-a")
+        );
+        assert_eq!(message, "Could not process rule: Device or resource busy");
+        let (object, message) = parse_error("nft: something odd\n");
+        assert_eq!((object, message.as_str()), (None, "nft: something odd"));
+    }
+}
