@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use kproxy::config::NodeConfig;
 use kproxy::pipeline;
 use kproxy::source::Manifests;
+use serde::Deserialize;
 
 use common::vector::VectorConfig;
 use common::{canonical_nftables, diff, first_difference, nftables_consistency, shared_dir};
