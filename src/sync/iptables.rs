@@ -701,6 +701,9 @@ fn describe_line(payload: &RestorePayload, line: usize) -> String {
         .and_then(|rest| rest.split(' ').next());
     match chain {
         Some(chain) => format!("line {line} (table {table}, chain {chain}): {text}"),
+        // nft reports some refusals (a jump to a missing chain) at the commit; its message
+        // names the object.
+        None if text == "COMMIT" => format!("line {line}, the commit of table {table}"),
         None => format!("line {line} (table {table}): {text}"),
     }
 }

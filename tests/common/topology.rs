@@ -186,6 +186,29 @@ impl Topology {
             .collect()
     }
 
+    /// Gives the node a default route, as a real node has one: packets to addresses nobody
+    /// has (e.g. a cluster IP without rules) are then forwarded, passing the FORWARD chain,
+    /// instead of being refused by routing. The gateway (10.100.0.254) does not exist, so what
+    /// is forwarded there goes nowhere. The gateway shares the client link, so ICMP redirects
+    /// are turned off: they would use up the per-host ICMP rate limit that REJECT's replies
+    /// need.
+    pub fn add_node_default_route(&self) {
+        for conf in ["all", "n0"] {
+            must(
+                &self.node,
+                &[
+                    "sysctl",
+                    "-qw",
+                    &format!("net.ipv4.conf.{conf}.send_redirects=0"),
+                ],
+            );
+        }
+        must(
+            &self.node,
+            &["ip", "route", "add", "default", "via", "10.100.0.254"],
+        );
+    }
+
     /// Runs the real `kproxy` binary in the node namespace.
     pub fn kproxy(&self, args: &[&str]) -> std::process::Output {
         let mut argv = vec![env!("CARGO_BIN_EXE_kproxy")];
