@@ -313,8 +313,9 @@ fn drifted(applier: &mut impl Applier, family: IpFamily) -> Result<bool, SyncErr
 fn full_sync(applier: &mut impl Applier, desired: &Ruleset) -> Result<RestorePayload, SyncError> {
     let family = desired.family;
     let kernel = [
-        read_table(applier, family, desired.filter.name.as_str())?,
-        read_table(applier, family, desired.nat.name.as_str())?,
+        // filter comes first in the payload: only its rules may need writing back (`apply`).
+        read_table(applier, family, desired.filter.name.as_str(), true)?,
+        read_table(applier, family, desired.nat.name.as_str(), false)?,
     ];
     let canary = ChainName::fixed(KUBE_PROXY_CANARY);
     let patches: Vec<TablePatch> = desired
@@ -347,8 +348,8 @@ fn full_sync(applier: &mut impl Applier, desired: &Ruleset) -> Result<RestorePay
     apply(applier, family, &payload, &patches, |table| {
         kernel
             .iter()
-            .position(|k| k.table == table)
-            .map(|i| Before::Kernel(&kernel[i]))
+            .find(|k| k.table == table && k.rules_kept)
+            .map(Before::Kernel)
     })?;
     ensure_jumps(applier, desired, &kernel)?;
     ensure_mangle_canary(applier, family)?;
@@ -598,8 +599,9 @@ struct KernelTable {
     table: String,
     /// Every chain, in save order (names a restore could not write are left out).
     chains: Vec<ChainName>,
-    /// The saved rule lines of kproxy's chains (empty chains included).
+    /// The saved rule lines of kproxy's chains (empty chains included), if kept.
     rules: FxHashMap<ChainName, Vec<String>>,
+    rules_kept: bool,
     /// Rules of other chains that jump to one of kproxy's chains, as saved.
     jumps: FxHashSet<String>,
 }
@@ -610,13 +612,15 @@ impl KernelTable {
     }
 }
 
-/// Parses `iptables-save` output into its tables.
-fn parse_save(text: &str) -> Vec<KernelTable> {
+/// Parses `iptables-save` output into its tables; with `keep_rules`, the rule lines of
+/// kproxy's chains too.
+fn parse_save(text: &str, keep_rules: bool) -> Vec<KernelTable> {
     let mut tables: Vec<KernelTable> = Vec::new();
     for line in text.lines() {
         if let Some(name) = line.strip_prefix('*') {
             tables.push(KernelTable {
                 table: name.trim().to_string(),
+                rules_kept: keep_rules,
                 ..KernelTable::default()
             });
             continue;
@@ -629,15 +633,16 @@ fn parse_save(text: &str) -> Vec<KernelTable> {
                 continue;
             };
             table.chains.push(name);
-            if is_owned_chain(&name) {
+            if keep_rules && is_owned_chain(&name) {
                 table.rules.entry(name).or_default();
             }
         } else if let Some(rule) = line.strip_prefix("-A ") {
             let chain = rule.split(' ').next().and_then(ChainName::new);
             match chain {
-                Some(chain) if is_owned_chain(&chain) => {
+                Some(chain) if is_owned_chain(&chain) && keep_rules => {
                     table.rules.entry(chain).or_default().push(line.to_string());
                 }
+                Some(chain) if is_owned_chain(&chain) => {}
                 _ if rule.contains(" -j KUBE-") => {
                     table.jumps.insert(line.to_string());
                 }
@@ -653,6 +658,7 @@ fn read_table(
     applier: &mut impl Applier,
     family: IpFamily,
     table: &str,
+    keep_rules: bool,
 ) -> Result<KernelTable, SyncError> {
     let exit = applier.save(family, Some(table)).map_err(spawn_error)?;
     if !exit.success() {
@@ -662,11 +668,12 @@ fn read_table(
             message: tool_message(&exit),
         });
     }
-    Ok(parse_save(&exit.stdout)
+    Ok(parse_save(&exit.stdout, keep_rules)
         .into_iter()
         .find(|t| t.table == table)
         .unwrap_or_else(|| KernelTable {
             table: table.to_string(),
+            rules_kept: keep_rules,
             ..KernelTable::default()
         }))
 }
@@ -783,7 +790,7 @@ fn cleanup_family(applier: &mut impl Applier, family: IpFamily) -> Result<(), Sy
             message: tool_message(&exit),
         });
     }
-    let tables = parse_save(&exit.stdout);
+    let tables = parse_save(&exit.stdout, false);
     let owned = |table: &KernelTable, name: &ChainName| match table.table.as_str() {
         "filter" | "nat" => is_owned_chain(name),
         "mangle" => &**name == KUBE_PROXY_CANARY,
