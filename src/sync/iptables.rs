@@ -3,8 +3,8 @@
 //!
 //! The [`IptablesSyncer`] keeps the ruleset it last committed. A *full* sync (first sync,
 //! after a failure, after drift, periodically) re-reads the kernel with `iptables-save`,
-//! rewrites every chain, deletes stale per-service chains, then ensures the jump rules from
-//! the built-in chains and the mangle canary (§4.2). A *partial* sync rewrites the top-level
+//! ensures the jump rules from the built-in chains and the mangle canary (§4.2), then
+//! rewrites every chain and deletes stale per-service chains. A *partial* sync rewrites the top-level
 //! chains and only the per-service chains whose rules differ from what was committed, and
 //! deletes the per-service chains no longer wanted; unchanged chains are not touched, so their
 //! `recent` lists (ClientIP affinity, §4.8) and counters stay as they are.
@@ -308,8 +308,8 @@ fn drifted(applier: &mut impl Applier, family: IpFamily) -> Result<bool, SyncErr
     Ok(false)
 }
 
-/// Rewrites every chain; stale per-service chains found in the kernel are deleted, retired
-/// top-level ones emptied; then the jump rules and the mangle canary are ensured.
+/// Ensures the jump rules and the mangle canary, then rewrites every chain; stale per-service
+/// chains found in the kernel are deleted, retired top-level ones emptied.
 fn full_sync(applier: &mut impl Applier, desired: &Ruleset) -> Result<RestorePayload, SyncError> {
     let family = desired.family;
     let kernel = [
@@ -345,14 +345,18 @@ fn full_sync(applier: &mut impl Applier, desired: &Ruleset) -> Result<RestorePay
         })
         .collect();
     let payload = restore_payload(&patches);
+    // Jump rules and the mangle canary first, as kube-proxy does: on a fresh node the tables
+    // are still empty then, which matters for legacy iptables, where every single command
+    // rewrites its whole table (after the restore, 28 commands on a 10,000-Service nat table
+    // took 67 s). An empty chain jumped to meanwhile lets packets pass through unchanged.
+    ensure_jumps(applier, desired, &kernel)?;
+    ensure_chain(applier, family, "mangle", KUBE_PROXY_CANARY)?;
     apply(applier, family, &payload, &patches, |table| {
         kernel
             .iter()
             .find(|k| k.table == table && k.rules_kept)
             .map(Before::Kernel)
     })?;
-    ensure_jumps(applier, desired, &kernel)?;
-    ensure_mangle_canary(applier, family)?;
     Ok(payload)
 }
 
@@ -529,14 +533,16 @@ fn roll_back(
     })
 }
 
-/// Inserts the missing jump rules of §4.2 whose target chain the ruleset has: `-C`, then
-/// `-I` at the top. A rule the pre-sync `iptables-save` already showed needs no `-C`.
+/// Inserts the missing jump rules of §4.2 whose target chain the ruleset has: the target
+/// chain is created if the save did not show it, then `-C`, and `-I` at the top if missing.
+/// A rule the `iptables-save` of this sync already showed needs no `-C`.
 fn ensure_jumps(
     applier: &mut impl Applier,
     desired: &Ruleset,
     kernel: &[KernelTable],
 ) -> Result<(), SyncError> {
     let family = desired.family;
+    let mut created: Vec<(&str, &str)> = Vec::new();
     for jump in JUMPS {
         let Some(table) = desired
             .tables()
@@ -548,12 +554,15 @@ fn ensure_jumps(
         if !table.chains.iter().any(|c| &*c.name == jump.target) {
             continue;
         }
-        let saved = kernel
-            .iter()
-            .find(|k| k.table == jump.table)
-            .is_some_and(|k| k.jumps.contains(&jump.save_line()));
-        if saved {
+        let kernel = kernel.iter().find(|k| k.table == jump.table);
+        if kernel.is_some_and(|k| k.jumps.contains(&jump.save_line())) {
             continue;
+        }
+        // A jump needs its target: create it empty (the restore fills it).
+        let target = (jump.table, jump.target);
+        if !kernel.is_some_and(|k| k.has_chain(jump.target)) && !created.contains(&target) {
+            ensure_chain(applier, family, jump.table, jump.target)?;
+            created.push(target);
         }
         let check = applier
             .iptables(family, &jump.args("-C"))
@@ -576,19 +585,23 @@ fn ensure_jumps(
     Ok(())
 }
 
-/// Creates the mangle canary (§4.2); filter's and nat's are declared in the full payload.
-fn ensure_mangle_canary(applier: &mut impl Applier, family: IpFamily) -> Result<(), SyncError> {
+/// `iptables -t TABLE -N CHAIN`; a chain that exists already (exit status 1) is fine.
+fn ensure_chain(
+    applier: &mut impl Applier,
+    family: IpFamily,
+    table: &str,
+    chain: &str,
+) -> Result<(), SyncError> {
     let exit = applier
-        .iptables(family, &["-t", "mangle", "-N", KUBE_PROXY_CANARY])
+        .iptables(family, &["-t", table, "-N", chain])
         .map_err(spawn_error)?;
-    // Exit status 1: the chain exists already.
     if exit.success() || exit.code == Some(1) {
         return Ok(());
     }
     Err(SyncError::Refused {
         tool: applier.program(family, Tool::Iptables),
         family,
-        object: Some(format!("chain {KUBE_PROXY_CANARY} in table mangle")),
+        object: Some(format!("chain {chain} in table {table}")),
         message: tool_message(&exit),
     })
 }

@@ -334,6 +334,9 @@ fn first_sync_is_full_and_declares_every_chain() {
     // localhost NodePorts has KUBE-FIREWALL), each checked, found missing and inserted.
     assert_eq!(kernel.commands_with("-C"), 14);
     assert_eq!(kernel.commands_with("-I"), 14);
+    // Their 8 target chains and the mangle canary were created first.
+    assert_eq!(kernel.commands_with("-N"), 9);
+    assert!(kernel.commands[0].contains(" -N "), "{:?}", kernel.commands);
     assert!(kernel
         .rules(IpFamily::V4, "nat", "PREROUTING")
         .expect("nat PREROUTING")
