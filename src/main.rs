@@ -51,6 +51,9 @@ enum Command {
         /// Rule backend.
         #[arg(long, value_enum, default_value = "iptables")]
         mode: ModeArg,
+        /// iptables: which iptables to clean; `auto` cleans both nft and legacy.
+        #[arg(long, value_enum, default_value = "auto")]
+        iptables_backend: IptablesBackendArg,
     },
     /// Print a synthetic cluster (Services and EndpointSlices) as manifests, for benchmarks.
     Generate {
@@ -67,6 +70,24 @@ enum Command {
 enum ModeArg {
     Iptables,
     Nftables,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum IptablesBackendArg {
+    Auto,
+    Nft,
+    Legacy,
+}
+
+impl IptablesBackendArg {
+    fn choice(self) -> kproxy::sync::iptables::BackendChoice {
+        use kproxy::sync::iptables::BackendChoice;
+        match self {
+            IptablesBackendArg::Auto => BackendChoice::Auto,
+            IptablesBackendArg::Nft => BackendChoice::Nft,
+            IptablesBackendArg::Legacy => BackendChoice::Legacy,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -113,6 +134,10 @@ struct Common {
     /// iptables: accept NodePorts on 127.0.0.0/8 as kube-proxy does by default.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     iptables_localhost_nodeports: bool,
+    /// iptables: the iptables backend; `auto` finds the one the node uses (kubelet's hint
+    /// chains, else the `iptables` alternative).
+    #[arg(long, value_enum, default_value = "auto")]
+    iptables_backend: IptablesBackendArg,
     /// iptables: the host's iptables lacks `MASQUERADE --random-fully`.
     #[arg(long)]
     no_random_fully: bool,
@@ -204,8 +229,11 @@ fn run(cli: Cli) -> Result<()> {
             common,
             inputs,
         } => sync_once(&common, &inputs),
-        Command::Cleanup { mode } => match mode {
-            ModeArg::Iptables => kproxy::sync::iptables::cleanup(),
+        Command::Cleanup {
+            mode,
+            iptables_backend,
+        } => match mode {
+            ModeArg::Iptables => kproxy::sync::iptables::cleanup_with(iptables_backend.choice()),
             ModeArg::Nftables => kproxy::sync::nftables::cleanup(&[IpFamily::V4, IpFamily::V6]),
         }
         .context("cleanup failed"),
@@ -236,9 +264,10 @@ fn sync_once(common: &Common, inputs: &[PathBuf]) -> Result<()> {
     let config = common.node_config()?;
     let plan = read_plan(&config, inputs)?;
     let reports = match common.mode() {
-        Mode::Iptables => {
-            kproxy::sync::iptables::sync_once(&pipeline::iptables_rulesets(&plan, &config))
-        }
+        Mode::Iptables => kproxy::sync::iptables::sync_once_with(
+            &pipeline::iptables_rulesets(&plan, &config),
+            common.iptables_backend.choice(),
+        ),
         Mode::Nftables => {
             kproxy::sync::nftables::sync_once(&pipeline::nftables_rulesets(&plan, &config))
         }

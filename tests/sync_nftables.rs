@@ -176,7 +176,7 @@ fn cluster_ip_nodeport_and_no_endpoints() {
         return;
     }
     let topology = Topology::new(2);
-    topology.add_node_uplink();
+    topology.add_node_default_route();
     let manifests = [
         service("web", WEB_IP, None, Some(30080)),
         slice("web", &[1, 2]),

@@ -186,19 +186,27 @@ impl Topology {
             .collect()
     }
 
-    /// Gives the node a default route through an uplink that leads nowhere (a veth whose peer
-    /// stays down), as a real node has a default route. Without it, packets to a Service
-    /// address that no rule DNATs (e.g. a Service without endpoints) fail routing before the
-    /// filter hooks that reject them could see them.
-    pub fn add_node_uplink(&self) {
+    /// Gives the node a default route, as a real node has one: packets to addresses nobody
+    /// has (e.g. a cluster IP without rules) are then forwarded, passing the FORWARD chain,
+    /// instead of being refused by routing. The gateway (10.100.0.254) does not exist, so what
+    /// is forwarded there goes nowhere. The gateway shares the client link, so ICMP redirects
+    /// are turned off: they would use up the per-host ICMP rate limit that REJECT's replies
+    /// need.
+    pub fn add_node_default_route(&self) {
+        for conf in ["all", "n0"] {
+            must(
+                &self.node,
+                &[
+                    "sysctl",
+                    "-qw",
+                    &format!("net.ipv4.conf.{conf}.send_redirects=0"),
+                ],
+            );
+        }
         must(
             &self.node,
-            &[
-                "ip", "link", "add", "up0", "type", "veth", "peer", "name", "up0p",
-            ],
+            &["ip", "route", "add", "default", "via", "10.100.0.254"],
         );
-        must(&self.node, &["ip", "link", "set", "up0", "up"]);
-        must(&self.node, &["ip", "route", "add", "default", "dev", "up0"]);
     }
 
     /// Runs the real `kproxy` binary in the node namespace.

@@ -1,0 +1,245 @@
+//! iptables sync benchmark: the synthetic cluster (`kproxy::synthetic::cluster(n, 10)`) synced
+//! through kproxy's library syncer into a fresh network namespace, against `iptables-restore`
+//! alone loading the very same payload into an identically prepared namespace.
+//!
+//! Run (as root, with iptables installed):
+//!
+//! ```text
+//! cargo run --release --example sync_bench_iptables -- [SERVICES...] [--backend nft|legacy]
+//! ```
+//!
+//! Default sizes: 1000 5000 10000. For each size it reports
+//! - the full first sync: `IptablesSyncer::sync` wall time (kernel read, payload rendering,
+//!   the restore, jump rules and canary), the part of it spent in `iptables-restore`, and
+//!   `iptables-restore --noflush --counters -w 5 -W 100000 < file` alone on the same payload
+//!   in another fresh namespace;
+//! - an incremental sync after one EndpointSlice changed (one endpoint replaced): the same
+//!   three figures, the tool alone running in a namespace holding the same rules;
+//! - the objects (payload lines) and bytes sent.
+//!
+//! "Overhead" is sync time minus tool-alone time: what kproxy adds around the kernel tool.
+//! The columns split the sync into the restore as kproxy ran it, the other tools it ran
+//! (`iptables-save` of a full sync, drift probes of a partial one, jump rules, canary), and
+//! its own work (diff, rendering, piping).
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kproxy::config::NodeConfig;
+use kproxy::family::IpFamily;
+use kproxy::iptables::Ruleset;
+use kproxy::sync::iptables::{
+    Applier, Backend, Exit, IptablesSyncer, SpawnError, SystemApplier, Tool, RESTORE_FLAGS,
+    WAIT_FLAGS,
+};
+
+/// A throwaway network namespace.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("kp-bench-{tag}-{}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip netns add {name} failed (root needed)");
+        Netns(name)
+    }
+
+    fn prefix(&self) -> [&str; 4] {
+        ["ip", "netns", "exec", &self.0]
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// The real applier, remembering the last restore payload and the time spent in each tool.
+struct Recording {
+    inner: SystemApplier,
+    last_payload: String,
+    restore_time: Duration,
+    /// `iptables-save` and single `iptables` commands (kernel read, probes, jump rules).
+    other_time: Duration,
+}
+
+impl Applier for Recording {
+    fn program(&self, family: IpFamily, tool: Tool) -> String {
+        self.inner.program(family, tool)
+    }
+
+    fn restore(&mut self, family: IpFamily, payload: &str) -> Result<Exit, SpawnError> {
+        let start = Instant::now();
+        let exit = self.inner.restore(family, payload);
+        self.restore_time += start.elapsed();
+        self.last_payload = payload.to_string();
+        exit
+    }
+
+    fn save(&mut self, family: IpFamily, table: Option<&str>) -> Result<Exit, SpawnError> {
+        let start = Instant::now();
+        let exit = self.inner.save(family, table);
+        self.other_time += start.elapsed();
+        exit
+    }
+
+    fn iptables(&mut self, family: IpFamily, args: &[&str]) -> Result<Exit, SpawnError> {
+        let start = Instant::now();
+        let exit = self.inner.iptables(family, args);
+        self.other_time += start.elapsed();
+        exit
+    }
+}
+
+/// `iptables-restore` alone, reading the payload from a file, in `ns`.
+fn restore_alone(ns: &Netns, backend: Backend, payload: &str) -> Duration {
+    let mut file = tempfile::NamedTempFile::new().expect("temp file");
+    file.write_all(payload.as_bytes()).expect("write payload");
+    file.flush().expect("flush payload");
+    let input = std::fs::File::open(file.path()).expect("reopen payload");
+    let program = backend.program(IpFamily::V4, Tool::Restore);
+    let start = Instant::now();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.0, program])
+        .args(RESTORE_FLAGS)
+        .args(WAIT_FLAGS)
+        .stdin(Stdio::from(input))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("iptables-restore runs");
+    let elapsed = start.elapsed();
+    assert!(
+        out.status.success(),
+        "{program} refused the payload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    elapsed
+}
+
+fn rulesets(state: &kproxy::source::ClusterState, config: &NodeConfig) -> Vec<Ruleset> {
+    let plan = kproxy::pipeline::plan(state, config);
+    kproxy::pipeline::iptables_rulesets(&plan, config)
+}
+
+struct Row {
+    services: usize,
+    kind: &'static str,
+    sync: Duration,
+    in_restore: Duration,
+    in_other_tools: Duration,
+    alone: Duration,
+    objects: usize,
+    bytes: usize,
+    chains_written: usize,
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let backend = match args
+        .iter()
+        .position(|a| a == "--backend")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+    {
+        Some("legacy") => Backend::Legacy,
+        _ => Backend::Nft,
+    };
+    let mut sizes: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
+    if sizes.is_empty() {
+        sizes = vec![1000, 5000, 10000];
+    }
+    let mut config = NodeConfig::new("node-1");
+    config.cluster_cidrs = vec!["10.128.0.0/9".parse().expect("constant CIDR")];
+
+    let mut rows = Vec::new();
+    for &services in &sizes {
+        let mut state = kproxy::synthetic::cluster(services, 10);
+        let desired = rulesets(&state, &config);
+
+        // Full first sync into a fresh namespace.
+        let synced = Netns::new("sync");
+        let alone = Netns::new("alone");
+        let mut syncer = IptablesSyncer::new(Recording {
+            inner: SystemApplier::for_backend(backend, &synced.prefix()),
+            last_payload: String::new(),
+            restore_time: Duration::ZERO,
+            other_time: Duration::ZERO,
+        });
+        let start = Instant::now();
+        let reports = syncer.sync(desired).expect("full sync");
+        let sync_time = start.elapsed();
+        let payload = std::mem::take(&mut syncer.applier_mut().last_payload);
+        let alone_time = restore_alone(&alone, backend, &payload);
+        rows.push(Row {
+            services,
+            kind: "full",
+            sync: sync_time,
+            in_restore: syncer.applier().restore_time,
+            in_other_tools: syncer.applier().other_time,
+            alone: alone_time,
+            objects: reports[0].objects,
+            bytes: reports[0].bytes,
+            chains_written: payload.lines().filter(|l| l.starts_with(':')).count(),
+        });
+
+        // One EndpointSlice changes: one endpoint of the middle Service is replaced.
+        let slice = &mut state.endpoint_slices[services / 2];
+        slice.endpoints[0].addresses = vec!["10.127.255.254".into()];
+        let changed = rulesets(&state, &config);
+        syncer.applier_mut().restore_time = Duration::ZERO;
+        syncer.applier_mut().other_time = Duration::ZERO;
+        let start = Instant::now();
+        let reports = syncer.sync(changed).expect("incremental sync");
+        let sync_time = start.elapsed();
+        assert!(!reports[0].full, "the second sync should be partial");
+        let payload = std::mem::take(&mut syncer.applier_mut().last_payload);
+        let alone_time = restore_alone(&alone, backend, &payload);
+        rows.push(Row {
+            services,
+            kind: "incremental",
+            sync: sync_time,
+            in_restore: syncer.applier().restore_time,
+            in_other_tools: syncer.applier().other_time,
+            alone: alone_time,
+            objects: reports[0].objects,
+            bytes: reports[0].bytes,
+            chains_written: payload.lines().filter(|l| l.starts_with(':')).count(),
+        });
+        eprintln!("done: {services} services");
+    }
+
+    println!("backend: {backend}");
+    println!(
+        "| services | sync | kproxy sync (s) | in iptables-restore (s) | in other tools (s) | kproxy's own work (s) | iptables-restore alone (s) | overhead (s) | overhead | objects (lines) | chains declared | bytes |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for row in &rows {
+        let overhead = row.sync.as_secs_f64() - row.alone.as_secs_f64();
+        let own = row.sync.saturating_sub(row.in_restore + row.in_other_tools);
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {:.3} | {:.1}% | {} | {} | {} |",
+            row.services,
+            row.kind,
+            secs(row.sync),
+            secs(row.in_restore),
+            secs(row.in_other_tools),
+            secs(own),
+            secs(row.alone),
+            overhead,
+            100.0 * overhead / row.alone.as_secs_f64(),
+            row.objects,
+            row.chains_written,
+            row.bytes
+        );
+    }
+}

@@ -1,0 +1,340 @@
+//! Running the iptables tools. The syncer talks to the kernel only through [`Applier`], so a
+//! recording fake serves unit tests and a wrapper can inject faults; [`SystemApplier`] runs
+//! the real programs of one backend (nf_tables or legacy), optionally inside a network
+//! namespace.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use crate::family::IpFamily;
+
+/// Passed to every tool, as kube-proxy does (spec §4.1): wait up to 5 s for the xtables lock,
+/// polling every 100 ms. (iptables 1.8.9 legacy ignores `-W` with a note on stderr.)
+pub const WAIT_FLAGS: [&str; 4] = ["-w", "5", "-W", "100000"];
+
+/// Flags of every `iptables-restore` call (§4.1): only declared chains are flushed.
+pub const RESTORE_FLAGS: [&str; 2] = ["--noflush", "--counters"];
+
+/// Which iptables backend to use (`--iptables-backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendChoice {
+    /// The one the node already uses, found like kubernetes-sigs/iptables-wrappers does.
+    #[default]
+    Auto,
+    Nft,
+    Legacy,
+}
+
+/// A resolved backend: which programs to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `iptables-nft*`: rules kept by nf_tables.
+    Nft,
+    /// `iptables-legacy*`: the x_tables kernel interface.
+    Legacy,
+    /// The plain names (`iptables`, `iptables-restore`, …): whichever backend the system's
+    /// alternative points to.
+    System,
+}
+
+/// The three programs of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tool {
+    Iptables,
+    Save,
+    Restore,
+}
+
+impl Backend {
+    /// The program name of `tool` for `family` (`ip6tables-nft-restore`, …).
+    pub fn program(self, family: IpFamily, tool: Tool) -> &'static str {
+        use {Backend::*, IpFamily::*, Tool::*};
+        match (self, family, tool) {
+            (Nft, V4, Iptables) => "iptables-nft",
+            (Nft, V4, Save) => "iptables-nft-save",
+            (Nft, V4, Restore) => "iptables-nft-restore",
+            (Nft, V6, Iptables) => "ip6tables-nft",
+            (Nft, V6, Save) => "ip6tables-nft-save",
+            (Nft, V6, Restore) => "ip6tables-nft-restore",
+            (Legacy, V4, Iptables) => "iptables-legacy",
+            (Legacy, V4, Save) => "iptables-legacy-save",
+            (Legacy, V4, Restore) => "iptables-legacy-restore",
+            (Legacy, V6, Iptables) => "ip6tables-legacy",
+            (Legacy, V6, Save) => "ip6tables-legacy-save",
+            (Legacy, V6, Restore) => "ip6tables-legacy-restore",
+            (System, V4, Iptables) => "iptables",
+            (System, V4, Save) => "iptables-save",
+            (System, V4, Restore) => "iptables-restore",
+            (System, V6, Iptables) => "ip6tables",
+            (System, V6, Save) => "ip6tables-save",
+            (System, V6, Restore) => "ip6tables-restore",
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Nft => "nft",
+            Backend::Legacy => "legacy",
+            Backend::System => "system default",
+        })
+    }
+}
+
+/// How a finished program ended.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Exit {
+    /// `None` when killed by a signal.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Exit {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// A finished run with this exit code and no output (for fakes).
+    pub fn code(code: i32) -> Exit {
+        Exit {
+            code: Some(code),
+            ..Exit::default()
+        }
+    }
+}
+
+/// A program could not be started at all.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot run {program}: {source}")]
+pub struct SpawnError {
+    pub program: String,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// The kernel side of the iptables syncer: the three tools, one family at a time.
+pub trait Applier {
+    /// The program behind `tool`, for messages.
+    fn program(&self, family: IpFamily, tool: Tool) -> String;
+
+    /// `iptables-restore --noflush --counters -w 5 -W 100000`, fed `payload` on stdin.
+    fn restore(&mut self, family: IpFamily, payload: &str) -> Result<Exit, SpawnError>;
+
+    /// `iptables-save`, of one table or (`None`) of every table that exists; the latter
+    /// creates no table, which matters for the legacy backend.
+    fn save(&mut self, family: IpFamily, table: Option<&str>) -> Result<Exit, SpawnError>;
+
+    /// One `iptables -w 5 -W 100000 ARGS` command.
+    fn iptables(&mut self, family: IpFamily, args: &[&str]) -> Result<Exit, SpawnError>;
+}
+
+/// Runs the real programs of one backend.
+#[derive(Debug, Clone)]
+pub struct SystemApplier {
+    backend: Backend,
+    /// Prepended to every command line, e.g. `ip netns exec NAME`.
+    prefix: Vec<String>,
+}
+
+impl SystemApplier {
+    /// The programs of `choice`, detecting the backend for [`BackendChoice::Auto`].
+    pub fn new(choice: BackendChoice) -> SystemApplier {
+        SystemApplier::with_command_prefix(choice, &[])
+    }
+
+    /// Like [`SystemApplier::new`], with every command (detection included) run through
+    /// `prefix`, e.g. `["ip", "netns", "exec", "NAME"]` to work in another network namespace.
+    pub fn with_command_prefix(choice: BackendChoice, prefix: &[&str]) -> SystemApplier {
+        let prefix: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
+        let backend = match choice {
+            BackendChoice::Nft => Backend::Nft,
+            BackendChoice::Legacy => Backend::Legacy,
+            BackendChoice::Auto => detect_backend(&prefix),
+        };
+        SystemApplier { backend, prefix }
+    }
+
+    /// A resolved backend, no detection.
+    pub fn for_backend(backend: Backend, prefix: &[&str]) -> SystemApplier {
+        SystemApplier {
+            backend,
+            prefix: prefix.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    fn run(
+        &self,
+        family: IpFamily,
+        tool: Tool,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<Exit, SpawnError> {
+        run_program(
+            &self.prefix,
+            self.backend.program(family, tool),
+            args,
+            stdin,
+        )
+    }
+}
+
+impl Applier for SystemApplier {
+    fn program(&self, family: IpFamily, tool: Tool) -> String {
+        self.backend.program(family, tool).to_string()
+    }
+
+    fn restore(&mut self, family: IpFamily, payload: &str) -> Result<Exit, SpawnError> {
+        let args: Vec<&str> = RESTORE_FLAGS.iter().chain(&WAIT_FLAGS).copied().collect();
+        self.run(family, Tool::Restore, &args, Some(payload))
+    }
+
+    fn save(&mut self, family: IpFamily, table: Option<&str>) -> Result<Exit, SpawnError> {
+        match table {
+            Some(table) => self.run(family, Tool::Save, &["-t", table], None),
+            None => self.run(family, Tool::Save, &[], None),
+        }
+    }
+
+    fn iptables(&mut self, family: IpFamily, args: &[&str]) -> Result<Exit, SpawnError> {
+        let all: Vec<&str> = WAIT_FLAGS
+            .iter()
+            .copied()
+            .chain(args.iter().copied())
+            .collect();
+        self.run(family, Tool::Iptables, &all, None)
+    }
+}
+
+/// Runs `prefix… program args…`, writing `stdin` from another thread so that a tool that
+/// stops reading early (it found an error) cannot block us; its exit status tells.
+fn run_program(
+    prefix: &[String],
+    program: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<Exit, SpawnError> {
+    let mut command = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut command = Command::new(first);
+            command.args(rest).arg(program);
+            command
+        }
+        None => Command::new(program),
+    };
+    command
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Tools print messages we parse (line numbers): keep them untranslated.
+        .env("LC_ALL", "C");
+    let spawn_error = |source| SpawnError {
+        program: program.to_string(),
+        source,
+    };
+    let mut child = command.spawn().map_err(spawn_error)?;
+    let pipe = child.stdin.take();
+    let output = std::thread::scope(|scope| {
+        if let (Some(mut pipe), Some(text)) = (pipe, stdin) {
+            // A write error means the tool exited early; its status and stderr say why.
+            scope.spawn(move || {
+                let _ = pipe.write_all(text.as_bytes());
+            });
+        }
+        child.wait_with_output()
+    })
+    .map_err(spawn_error)?;
+    Ok(Exit {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
+}
+
+/// Chains whose presence in mangle tells which backend the node's Kubernetes components use:
+/// kubelet's hint and canary (what kubernetes-sigs/iptables-wrappers looks for), and kproxy's
+/// own canary, so that kproxy stays with the backend it used before.
+const BACKEND_HINTS: [&str; 3] = [
+    ":KUBE-IPTABLES-HINT ",
+    ":KUBE-KUBELET-CANARY ",
+    ":KUBE-PROXY-CANARY ",
+];
+
+fn has_backend_hint(save: &str) -> bool {
+    save.lines()
+        .any(|line| BACKEND_HINTS.iter().any(|hint| line.starts_with(hint)))
+}
+
+/// Finds the backend the node uses, the way kubernetes-sigs/iptables-wrappers does: hint
+/// chains in nft's mangle table (either family) mean nft; in legacy's tables, legacy (the
+/// legacy save reads every table because `-t mangle` would create that table); otherwise the
+/// system's `iptables` alternative. Failures to run a tool count as "no hint".
+pub fn detect_backend(prefix: &[String]) -> Backend {
+    let hint = |backend: Backend, family: IpFamily, table: Option<&str>| {
+        let args: &[&str] = match table {
+            Some(table) => &["-t", table],
+            None => &[],
+        };
+        run_program(prefix, backend.program(family, Tool::Save), args, None)
+            .is_ok_and(|exit| exit.success() && has_backend_hint(&exit.stdout))
+    };
+    let families = [IpFamily::V4, IpFamily::V6];
+    if families
+        .iter()
+        .any(|&family| hint(Backend::Nft, family, Some("mangle")))
+    {
+        return Backend::Nft;
+    }
+    if families
+        .iter()
+        .any(|&family| hint(Backend::Legacy, family, None))
+    {
+        return Backend::Legacy;
+    }
+    Backend::System
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_are_whole_chain_declarations() {
+        assert!(has_backend_hint(
+            "*mangle\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n"
+        ));
+        assert!(has_backend_hint(
+            "*mangle\n:KUBE-PROXY-CANARY - [0:0]\nCOMMIT\n"
+        ));
+        assert!(!has_backend_hint("*mangle\n:KUBE-IPTABLES-HINTS - [0:0]\n"));
+        assert!(!has_backend_hint(
+            "-A X -m comment --comment :KUBE-KUBELET-CANARY -j Y\n"
+        ));
+    }
+
+    #[test]
+    fn program_names_follow_backend_and_family() {
+        assert_eq!(
+            Backend::Nft.program(IpFamily::V6, Tool::Restore),
+            "ip6tables-nft-restore"
+        );
+        assert_eq!(
+            Backend::Legacy.program(IpFamily::V4, Tool::Save),
+            "iptables-legacy-save"
+        );
+        assert_eq!(
+            Backend::System.program(IpFamily::V4, Tool::Iptables),
+            "iptables"
+        );
+    }
+}
