@@ -533,9 +533,10 @@ fn roll_back(
     })
 }
 
-/// Inserts the missing jump rules of §4.2 whose target chain the ruleset has: the target
-/// chain is created if the save did not show it, then `-C`, and `-I` at the top if missing.
-/// A rule the `iptables-save` of this sync already showed needs no `-C`.
+/// Inserts the missing jump rules of §4.2 whose target chain the ruleset has, at the top
+/// (`-I`). The `iptables-save` of this sync decides what to ask: a rule it shows exists; a
+/// target chain it does not show is created, and nothing can jump to it yet; otherwise `-C`
+/// tells.
 fn ensure_jumps(
     applier: &mut impl Applier,
     desired: &Ruleset,
@@ -558,17 +559,19 @@ fn ensure_jumps(
         if kernel.is_some_and(|k| k.jumps.contains(&jump.save_line())) {
             continue;
         }
-        // A jump needs its target: create it empty (the restore fills it).
+        // A jump needs its target: create it empty (the restore fills it). Where the save
+        // showed no such chain, nothing can jump to it yet, so `-C` is skipped.
         let target = (jump.table, jump.target);
-        if !kernel.is_some_and(|k| k.has_chain(jump.target)) && !created.contains(&target) {
+        if kernel.is_some_and(|k| k.has_chain(jump.target)) {
+            let check = applier
+                .iptables(family, &jump.args("-C"))
+                .map_err(spawn_error)?;
+            if check.success() {
+                continue;
+            }
+        } else if !created.contains(&target) {
             ensure_chain(applier, family, jump.table, jump.target)?;
             created.push(target);
-        }
-        let check = applier
-            .iptables(family, &jump.args("-C"))
-            .map_err(spawn_error)?;
-        if check.success() {
-            continue;
         }
         let insert = applier
             .iptables(family, &jump.args("-I"))
