@@ -222,20 +222,7 @@ impl<A: Applier> IptablesSyncer<A> {
     /// Makes the kernel hold `desired`: one restore per family. Families are independent: a
     /// failure of one is returned after the others were synced.
     pub fn sync(&mut self, desired: Vec<Ruleset>) -> Result<Vec<SyncReport>, SyncError> {
-        let mut reports = Vec::with_capacity(desired.len());
-        let mut first_error = None;
-        for ruleset in desired {
-            match self.sync_family(ruleset) {
-                Ok(report) => reports.push(report),
-                Err(err) => {
-                    first_error.get_or_insert(err);
-                }
-            }
-        }
-        match first_error {
-            Some(err) => Err(err),
-            None => Ok(reports),
-        }
+        super::each_family(desired, |ruleset| self.sync_family(ruleset))
     }
 
     fn sync_family(&mut self, desired: Ruleset) -> Result<SyncReport, SyncError> {

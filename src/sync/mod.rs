@@ -54,3 +54,25 @@ fn refused_object(object: &Option<String>) -> String {
         .map(|o| format!(" at {o}"))
         .unwrap_or_default()
 }
+
+/// Syncs every family in turn. Families are independent: a failure of one does not stop the
+/// others, and the first error is returned once all were attempted.
+pub(crate) fn each_family<R>(
+    rulesets: impl IntoIterator<Item = R>,
+    mut sync_family: impl FnMut(R) -> Result<SyncReport, SyncError>,
+) -> Result<Vec<SyncReport>, SyncError> {
+    let mut reports = Vec::new();
+    let mut first_error = None;
+    for ruleset in rulesets {
+        match sync_family(ruleset) {
+            Ok(report) => reports.push(report),
+            Err(err) => {
+                first_error.get_or_insert(err);
+            }
+        }
+    }
+    match first_error {
+        Some(err) => Err(err),
+        None => Ok(reports),
+    }
+}

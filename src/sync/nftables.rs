@@ -164,20 +164,7 @@ impl<A: Applier> Syncer<A> {
     /// Brings every family's table to its desired ruleset. Every family is attempted; the
     /// first error is returned (and that family's next sync is full).
     pub fn sync(&mut self, desired: &[Ruleset]) -> Result<Vec<SyncReport>, SyncError> {
-        let mut reports = Vec::with_capacity(desired.len());
-        let mut first_error = None;
-        for ruleset in desired {
-            match self.sync_family(ruleset) {
-                Ok(report) => reports.push(report),
-                Err(err) => {
-                    first_error.get_or_insert(err);
-                }
-            }
-        }
-        match first_error {
-            Some(err) => Err(err),
-            None => Ok(reports),
-        }
+        super::each_family(desired, |ruleset| self.sync_family(ruleset))
     }
 
     fn sync_family(&mut self, desired: &Ruleset) -> Result<SyncReport, SyncError> {
