@@ -14,7 +14,8 @@
 //!   `iptables-restore --noflush --counters -w 5 -W 100000 < file` alone on the same payload
 //!   in another fresh namespace;
 //! - an incremental sync after one EndpointSlice changed (one endpoint replaced): the same
-//!   three figures, the tool alone running in a namespace holding the same rules;
+//!   three figures, the tool alone running in a namespace holding the same rules (medians of
+//!   five such syncs, each changing another Service);
 //! - the objects (payload lines) and bytes sent.
 //!
 //! "Overhead" is sync time minus tool-alone time: what kproxy adds around the kernel tool.
@@ -66,6 +67,8 @@ struct Recording {
     restore_time: Duration,
     /// `iptables-save` and single `iptables` commands (kernel read, probes, jump rules).
     other_time: Duration,
+    /// The `iptables` commands that changed something (`-N`, `-I`), to replay elsewhere.
+    changes: Vec<Vec<String>>,
 }
 
 impl Applier for Recording {
@@ -92,6 +95,10 @@ impl Applier for Recording {
         let start = Instant::now();
         let exit = self.inner.iptables(family, args);
         self.other_time += start.elapsed();
+        if args.contains(&"-N") || args.contains(&"-I") {
+            self.changes
+                .push(args.iter().map(|a| a.to_string()).collect());
+        }
         exit
     }
 }
@@ -126,6 +133,9 @@ fn rulesets(state: &kproxy::source::ClusterState, config: &NodeConfig) -> Vec<Ru
     let plan = kproxy::pipeline::plan(state, config);
     kproxy::pipeline::iptables_rulesets(&plan, config)
 }
+
+/// Incremental syncs per size; the table shows medians.
+const INCREMENTAL_RUNS: usize = 5;
 
 struct Row {
     services: usize,
@@ -174,12 +184,23 @@ fn main() {
             last_payload: String::new(),
             restore_time: Duration::ZERO,
             other_time: Duration::ZERO,
+            changes: Vec::new(),
         });
         let start = Instant::now();
         let reports = syncer.sync(desired).expect("full sync");
         let sync_time = start.elapsed();
         let payload = std::mem::take(&mut syncer.applier_mut().last_payload);
         let alone_time = restore_alone(&alone, backend, &payload);
+        // The other namespace gets the jump rules and canary too, so that both hold the same
+        // for the incremental syncs (restores take longer with them there).
+        let mut plain = SystemApplier::for_backend(backend, &alone.prefix());
+        for args in std::mem::take(&mut syncer.applier_mut().changes) {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let exit = plain.iptables(IpFamily::V4, &args).expect("iptables runs");
+            // `-N` of a chain the restore created already: exit status 1.
+            let exists = args.contains(&"-N") && exit.code == Some(1);
+            assert!(exit.success() || exists, "{args:?}: {}", exit.stderr);
+        }
         rows.push(Row {
             services,
             kind: "full",
@@ -192,28 +213,44 @@ fn main() {
             chains_written: payload.lines().filter(|l| l.starts_with(':')).count(),
         });
 
-        // One EndpointSlice changes: one endpoint of the middle Service is replaced.
-        let slice = &mut state.endpoint_slices[services / 2];
-        slice.endpoints[0].addresses = vec!["10.127.255.254".into()];
-        let changed = rulesets(&state, &config);
-        syncer.applier_mut().restore_time = Duration::ZERO;
-        syncer.applier_mut().other_time = Duration::ZERO;
-        let start = Instant::now();
-        let reports = syncer.sync(changed).expect("incremental sync");
-        let sync_time = start.elapsed();
-        assert!(!reports[0].full, "the second sync should be partial");
-        let payload = std::mem::take(&mut syncer.applier_mut().last_payload);
-        let alone_time = restore_alone(&alone, backend, &payload);
+        // One EndpointSlice changes (one endpoint replaced), five times over, a different
+        // Service each time; medians are reported.
+        let mut runs: Vec<Row> = Vec::new();
+        for k in 0..INCREMENTAL_RUNS {
+            let slice = &mut state.endpoint_slices[(services / 2 + k * 7) % services];
+            slice.endpoints[0].addresses = vec![format!("10.127.255.{}", 200 + k)];
+            let changed = rulesets(&state, &config);
+            syncer.applier_mut().restore_time = Duration::ZERO;
+            syncer.applier_mut().other_time = Duration::ZERO;
+            let start = Instant::now();
+            let reports = syncer.sync(changed).expect("incremental sync");
+            let sync_time = start.elapsed();
+            assert!(!reports[0].full, "an incremental sync should be partial");
+            let payload = std::mem::take(&mut syncer.applier_mut().last_payload);
+            let alone_time = restore_alone(&alone, backend, &payload);
+            runs.push(Row {
+                services,
+                kind: "incremental",
+                sync: sync_time,
+                in_restore: syncer.applier().restore_time,
+                in_other_tools: syncer.applier().other_time,
+                alone: alone_time,
+                objects: reports[0].objects,
+                bytes: reports[0].bytes,
+                chains_written: payload.lines().filter(|l| l.starts_with(':')).count(),
+            });
+        }
+        let median = |f: fn(&Row) -> Duration| {
+            let mut values: Vec<Duration> = runs.iter().map(f).collect();
+            values.sort();
+            values[values.len() / 2]
+        };
         rows.push(Row {
-            services,
-            kind: "incremental",
-            sync: sync_time,
-            in_restore: syncer.applier().restore_time,
-            in_other_tools: syncer.applier().other_time,
-            alone: alone_time,
-            objects: reports[0].objects,
-            bytes: reports[0].bytes,
-            chains_written: payload.lines().filter(|l| l.starts_with(':')).count(),
+            sync: median(|r| r.sync),
+            in_restore: median(|r| r.in_restore),
+            in_other_tools: median(|r| r.in_other_tools),
+            alone: median(|r| r.alone),
+            ..runs.swap_remove(0)
         });
         eprintln!("done: {services} services");
     }

@@ -286,6 +286,17 @@ fn clear_recent_lists(topology: &Topology) {
     }
 }
 
+/// Two dumps are equal; the failure shows a diff.
+#[track_caller]
+fn assert_same(expected: &[String], actual: &[String], what: &str) {
+    if expected != actual {
+        panic!(
+            "{what}:\n{}",
+            common::diff(&(expected.join("\n") + "\n"), &(actual.join("\n") + "\n"))
+        );
+    }
+}
+
 fn distinct(placement: &BTreeMap<u8, String>) -> usize {
     placement.values().collect::<BTreeSet<_>>().len()
 }
@@ -400,7 +411,11 @@ fn traffic_follows_the_synced_rules() {
     // kernel: no duplicate jump rules, same chains.
     let first = save(&topology, "iptables-nft-save", None);
     sync(&topology, &services, &[]);
-    assert_eq!(save(&topology, "iptables-nft-save", None), first);
+    assert_same(
+        &first,
+        &save(&topology, "iptables-nft-save", None),
+        "a second sync changed the kernel",
+    );
 }
 
 #[test]
@@ -561,7 +576,11 @@ fn a_refused_transaction_leaves_the_old_rules_working() {
     );
     // Nothing of it stayed: the kernel holds exactly what it held, and traffic flows by the
     // old rules.
-    assert_eq!(save(&topology, "iptables-nft-save", None), kernel_before);
+    assert_same(
+        &kernel_before,
+        &save(&topology, "iptables-nft-save", None),
+        "the refused sync left changes",
+    );
     assert_eq!(
         topology.connect("tcp", 3, "10.96.0.11", 80, 1),
         vec!["backend-2"]
@@ -589,7 +608,11 @@ fn a_refused_transaction_leaves_the_old_rules_working() {
     syncer.request_full_sync();
     syncer.applier_mut().armed = true;
     syncer.sync(rulesets(&before)).expect_err("refused again");
-    assert_eq!(save(&topology, "iptables-nft-save", None), kernel_before);
+    assert_same(
+        &kernel_before,
+        &save(&topology, "iptables-nft-save", None),
+        "the refused sync left changes",
+    );
     assert_eq!(
         topology.connect("tcp", 3, "10.96.0.12", 80, 1),
         vec!["backend-2"]
@@ -617,7 +640,11 @@ fn flushed_or_deleted_chains_are_restored_by_the_next_sync() {
     assert!(topology.connect("tcp", 2, "10.96.0.10", 80, 1)[0].starts_with("ERR:"));
     // ...and the library's next sync notices and does a full one.
     assert!(syncer.sync(rulesets(&services)).expect("repair")[0].full);
-    assert_eq!(save(&topology, "iptables-nft-save", None), good);
+    assert_same(
+        &good,
+        &save(&topology, "iptables-nft-save", None),
+        "not repaired",
+    );
     assert_eq!(
         topology.connect("tcp", 2, "10.96.0.10", 80, 1),
         vec!["backend-1"]
@@ -645,7 +672,11 @@ fn flushed_or_deleted_chains_are_restored_by_the_next_sync() {
     run(&topology, &["iptables", "-t", "nat", "-F", "KUBE-SERVICES"]);
     run(&topology, &["iptables", "-t", "nat", "-X", "KUBE-SERVICES"]);
     assert!(syncer.sync(rulesets(&services)).expect("repair")[0].full);
-    assert_eq!(save(&topology, "iptables-nft-save", None), good);
+    assert_same(
+        &good,
+        &save(&topology, "iptables-nft-save", None),
+        "not repaired",
+    );
     assert_eq!(
         topology.connect("tcp", 2, "10.96.0.10", 80, 1),
         vec!["backend-1"]
@@ -655,7 +686,11 @@ fn flushed_or_deleted_chains_are_restored_by_the_next_sync() {
     run(&topology, &["iptables", "-t", "filter", "-F"]);
     run(&topology, &["iptables", "-t", "nat", "-F"]);
     sync(&topology, &services, &[]);
-    assert_eq!(save(&topology, "iptables-nft-save", None), good);
+    assert_same(
+        &good,
+        &save(&topology, "iptables-nft-save", None),
+        "not repaired",
+    );
 }
 
 #[test]
@@ -727,9 +762,10 @@ fn cleanup_leaves_nothing_behind_and_spares_user_rules() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(
-        meaningful(&save(&topology, "iptables-nft-save", None)),
-        user_state
+    assert_same(
+        &user_state,
+        &meaningful(&save(&topology, "iptables-nft-save", None)),
+        "cleanup left something behind or took something of the user's",
     );
     assert!(meaningful(&save(&topology, "iptables-legacy-save", None)).is_empty());
     assert!(meaningful(&save(&topology, "ip6tables-nft-save", None)).is_empty());
@@ -741,9 +777,10 @@ fn cleanup_leaves_nothing_behind_and_spares_user_rules() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(
-        meaningful(&save(&topology, "iptables-nft-save", None)),
-        user_state
+    assert_same(
+        &user_state,
+        &meaningful(&save(&topology, "iptables-nft-save", None)),
+        "cleanup left something behind or took something of the user's",
     );
 }
 
@@ -778,7 +815,11 @@ fn legacy_backend_syncs_is_detected_and_cleans_up() {
     let list = recent_list(&topology, "iptables-legacy-save", "10.244.1.2");
     let sources = recent_sources(&topology, &list);
     sync(&topology, &services, &[]);
-    assert_eq!(save(&topology, "iptables-legacy-save", None), legacy);
+    assert_same(
+        &legacy,
+        &save(&topology, "iptables-legacy-save", None),
+        "the auto-detected sync changed legacy rules",
+    );
     assert!(recent_sources(&topology, &list).is_superset(&sources));
     assert_eq!(placement(&topology, "tcp", "10.96.0.11", 80), first);
     assert!(!save(&topology, "iptables-nft-save", None)

@@ -30,9 +30,10 @@ pub use applier::{
 use super::{SyncError, SyncReport};
 use crate::family::IpFamily;
 use crate::iptables::{
-    is_owned_chain, is_service_chain, restore_payload, ChainContent, ChainName, RestorePayload,
-    Ruleset, Table, TablePatch, KUBE_EXTERNAL_SERVICES, KUBE_FIREWALL, KUBE_FORWARD,
-    KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_PROXY_CANARY, KUBE_PROXY_FIREWALL, KUBE_SERVICES,
+    is_owned_chain, is_service_chain, restore_payload, Chain, ChainContent, ChainName,
+    RestorePayload, Ruleset, Table, TablePatch, KUBE_EXTERNAL_SERVICES, KUBE_FIREWALL,
+    KUBE_FORWARD, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_PROXY_CANARY, KUBE_PROXY_FIREWALL,
+    KUBE_SERVICES,
 };
 
 /// kube-proxy's full-sync period (§6): at least one full sync an hour.
@@ -248,6 +249,10 @@ impl<A: Applier> IptablesSyncer<A> {
         };
         let sent = result?;
         state.applied = Some(desired);
+        // Freeing a large ruleset takes a while (30 ms for 10,000 Services): not on the way.
+        if let Some(previous) = previous {
+            std::thread::spawn(move || drop(previous));
+        }
         if full {
             state.last_full = Some(Instant::now());
             state.full_requested = false;
@@ -372,20 +377,21 @@ fn partial_sync(
 }
 
 fn partial_patch<'a>(table: &'a Table, before: &Table) -> TablePatch<'a> {
-    let previous: FxHashMap<ChainName, &[crate::iptables::Rule]> = before
-        .chains
-        .iter()
-        .map(|c| (c.name, c.rules.as_slice()))
-        .collect();
+    // Top-level chains are always written (§4.11); a service chain when it is new or its
+    // rules differ from what was committed. The comparison is the bulk of a partial sync's
+    // own work (0.1 s for 10,000 Services), so it runs in parallel chunks.
+    let pairs = service_chain_pairs(table, before);
+    let changed = crate::parallel::map_chunks(&pairs, |pairs| {
+        pairs
+            .iter()
+            .filter(|(chain, previous)| previous.is_none_or(|p| p.rules != chain.rules))
+            .map(|(chain, _)| chain.name)
+            .collect::<FxHashSet<ChainName>>()
+    });
     let write = table
         .chains
         .iter()
-        .filter(|chain| {
-            !is_service_chain(&chain.name)
-                || previous
-                    .get(&chain.name)
-                    .is_none_or(|rules| *rules != chain.rules.as_slice())
-        })
+        .filter(|c| !is_service_chain(&c.name) || changed.iter().any(|set| set.contains(&c.name)))
         .map(ChainContent::Rules)
         .collect();
     let wanted: FxHashSet<ChainName> = table.chains.iter().map(|c| c.name).collect();
@@ -403,6 +409,43 @@ fn partial_patch<'a>(table: &'a Table, before: &Table) -> TablePatch<'a> {
         flush: gone().filter(|name| !is_service_chain(name)).collect(),
         delete: gone().filter(|name| is_service_chain(name)).collect(),
     }
+}
+
+/// Each service chain of `table` with the chain of the same name in `before`, if any. The
+/// translator emits service chains sorted by name, so this is a merge; any other order
+/// falls back to a hash lookup.
+fn service_chain_pairs<'a, 'b>(
+    table: &'a Table,
+    before: &'b Table,
+) -> Vec<(&'a Chain, Option<&'b Chain>)> {
+    let desired: Vec<&Chain> = table
+        .chains
+        .iter()
+        .filter(|c| is_service_chain(&c.name))
+        .collect();
+    let previous: Vec<&Chain> = before
+        .chains
+        .iter()
+        .filter(|c| is_service_chain(&c.name))
+        .collect();
+    let sorted = |chains: &[&Chain]| chains.windows(2).all(|w| w[0].name < w[1].name);
+    if !sorted(&desired) || !sorted(&previous) {
+        let index: FxHashMap<ChainName, &Chain> = previous.iter().map(|c| (c.name, *c)).collect();
+        return desired
+            .into_iter()
+            .map(|c| (c, index.get(&c.name).copied()))
+            .collect();
+    }
+    let mut pairs = Vec::with_capacity(desired.len());
+    let mut rest = previous.as_slice();
+    for chain in desired {
+        while rest.first().is_some_and(|p| p.name < chain.name) {
+            rest = &rest[1..];
+        }
+        let same = rest.first().copied().filter(|p| p.name == chain.name);
+        pairs.push((chain, same));
+    }
+    pairs
 }
 
 /// What a table held before a sync, to put it back when a later table of the same payload
