@@ -103,7 +103,19 @@ fn stale_udp_flow_is_deleted_and_follows_the_new_rules() {
         .node
         .enter(|| cleanup_stale_udp(&models))
         .expect("conntrack cleanup runs");
-    assert_eq!(deleted, 1, "one stale (service IP, backend) pair");
+    assert_eq!(
+        deleted, 1,
+        "one stale entry: the client's flow to backend-1"
+    );
+    // The conntrack tool, an independent reader of the table, no longer sees that entry.
+    let listing = topology.node.run(&["conntrack", "-L", "-p", "udp"], None);
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        !listing
+            .lines()
+            .any(|l| l.contains("dst=10.96.0.53") && l.contains(&format!("src={} ", first.ip))),
+        "the stale entry is still listed:\n{listing}"
+    );
     assert_eq!(same_flow(&topology, 2), vec![second.name.clone(); 2]);
 
     // Nothing is stale now: no deletion, and the flow stays where it is.

@@ -4,12 +4,15 @@
 //! every UDP entry towards a service address whose reply source is not a serving endpoint is
 //! deleted.
 //!
-//! Planning is pure ([`UdpTargets`], [`stale_flows`]); listing and deleting go through the
-//! `conntrack` tool.
+//! Planning is pure ([`UdpTargets`], [`is_stale`]); the table is read and entries are deleted
+//! over ctnetlink ([`netlink`]), one entry at a time by its original tuple.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::process::Command;
+
+mod netlink;
+
+pub use netlink::ConntrackTable;
 
 use super::SyncError;
 use crate::family::IpFamily;
@@ -64,210 +67,127 @@ impl UdpTargets {
     }
 }
 
-/// The parts of a UDP conntrack entry that decide whether it is stale.
+/// The original direction of a UDP conntrack entry: what identifies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowTuple {
+    pub source: IpAddr,
+    pub destination: IpAddr,
+    pub source_port: u16,
+    pub destination_port: u16,
+}
+
+/// A UDP conntrack entry: where the client sent it, and who answered (after DNAT, the
+/// backend; the service address itself when no rule translated it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UdpFlow {
-    pub original_destination: IpAddr,
-    pub original_destination_port: u16,
+    pub original: FlowTuple,
     pub reply_source: IpAddr,
 }
 
-/// One `conntrack -D` filter: every UDP entry matching it goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum StaleFlows {
-    ToServiceIp {
-        service_ip: IpAddr,
-        reply_source: IpAddr,
-    },
-    ToNodePort {
-        node_port: u16,
-        reply_source: IpAddr,
-    },
+/// A flow is stale when it goes to a UDP service address or NodePort and its answers do not
+/// come from one of that service's serving endpoints (§7 step 2).
+pub fn is_stale(targets: &UdpTargets, flow: &UdpFlow) -> bool {
+    let answered_by_other = |serving: &BTreeSet<IpAddr>| !serving.contains(&flow.reply_source);
+    targets
+        .by_ip
+        .get(&flow.original.destination)
+        .is_some_and(answered_by_other)
+        || targets
+            .by_node_port
+            .get(&flow.original.destination_port)
+            .is_some_and(answered_by_other)
 }
 
-/// The deletions that remove every stale flow among `flows` (§7 step 2), without duplicates.
-pub fn stale_flows(targets: &UdpTargets, flows: &[UdpFlow]) -> Vec<StaleFlows> {
-    let mut stale = BTreeSet::new();
-    for flow in flows {
-        if let Some(serving) = targets.by_ip.get(&flow.original_destination) {
-            if !serving.contains(&flow.reply_source) {
-                stale.insert(StaleFlows::ToServiceIp {
-                    service_ip: flow.original_destination,
-                    reply_source: flow.reply_source,
-                });
-            }
-        }
-        if let Some(serving) = targets.by_node_port.get(&flow.original_destination_port) {
-            if !serving.contains(&flow.reply_source) {
-                stale.insert(StaleFlows::ToNodePort {
-                    node_port: flow.original_destination_port,
-                    reply_source: flow.reply_source,
-                });
-            }
-        }
-    }
-    stale.into_iter().collect()
-}
-
-/// Parses `conntrack -L -p udp` output: the first `dst=`/`dport=` are the original direction,
-/// the second `src=` the reply direction. Lines that do not parse are skipped.
-pub fn parse_flows(listing: &str) -> Vec<UdpFlow> {
-    listing
-        .lines()
-        .filter(|line| line.starts_with("udp"))
-        .filter_map(|line| {
-            let mut sources = Vec::new();
-            let mut destination = None;
-            let mut destination_port = None;
-            for token in line.split_whitespace() {
-                if let Some(v) = token.strip_prefix("src=") {
-                    sources.push(v.parse::<IpAddr>().ok()?);
-                } else if let Some(v) = token.strip_prefix("dst=") {
-                    if destination.is_none() {
-                        destination = Some(v.parse::<IpAddr>().ok()?);
-                    }
-                } else if let Some(v) = token.strip_prefix("dport=") {
-                    if destination_port.is_none() {
-                        destination_port = Some(v.parse::<u16>().ok()?);
-                    }
-                }
-            }
-            Some(UdpFlow {
-                original_destination: destination?,
-                original_destination_port: destination_port?,
-                reply_source: *sources.get(1)?,
-            })
-        })
-        .collect()
-}
-
-/// Deletes UDP flows to a service address whose backend is no longer a serving endpoint.
-/// Returns the number of deletions issued (each may remove several entries).
+/// Deletes UDP flows to a service address whose backend is no longer a serving endpoint, in
+/// the calling thread's network namespace. Returns the number of entries deleted.
 pub fn cleanup_stale_udp(models: &[ProxyModel]) -> Result<usize, SyncError> {
-    let mut issued = 0;
+    let mut table = None;
+    let mut deleted = 0;
     for model in models {
         let targets = UdpTargets::of(model);
         if targets.is_empty() {
             continue; // no UDP service: nothing can be stale, and no need to list the table
         }
-        let family = family_flag(model.family);
-        let listing = conntrack(&["-L", "-f", family, "-p", "udp"], model.family)?;
-        for stale in stale_flows(&targets, &parse_flows(&listing)) {
-            let (filter, value, reply_source) = match stale {
-                StaleFlows::ToServiceIp {
-                    service_ip,
-                    reply_source,
-                } => ("--orig-dst", service_ip.to_string(), reply_source),
-                StaleFlows::ToNodePort {
-                    node_port,
-                    reply_source,
-                } => ("--orig-port-dst", node_port.to_string(), reply_source),
-            };
-            let reply = reply_source.to_string();
-            conntrack(
-                &[
-                    "-D",
-                    "-f",
-                    family,
-                    "-p",
-                    "udp",
-                    filter,
-                    &value,
-                    "--reply-src",
-                    &reply,
-                ],
-                model.family,
-            )?;
-            issued += 1;
+        let table = match &mut table {
+            Some(table) => table,
+            None => table
+                .insert(ConntrackTable::open().map_err(failed("open a socket for", model.family))?),
+        };
+        let flows = table
+            .udp_flows(model.family)
+            .map_err(failed("list", model.family))?;
+        for flow in flows.iter().filter(|flow| is_stale(&targets, flow)) {
+            if table
+                .delete(&flow.original)
+                .map_err(failed("delete", model.family))?
+            {
+                deleted += 1;
+            }
         }
     }
-    Ok(issued)
+    Ok(deleted)
 }
 
-fn family_flag(family: IpFamily) -> &'static str {
-    match family {
-        IpFamily::V4 => "ipv4",
-        IpFamily::V6 => "ipv6",
+fn failed(action: &'static str, family: IpFamily) -> impl FnOnce(std::io::Error) -> SyncError {
+    move |source| SyncError::Conntrack {
+        action,
+        family,
+        source,
     }
-}
-
-/// Runs `conntrack`; "0 flow entries" (exit status 1) is not an error.
-fn conntrack(args: &[&str], family: IpFamily) -> Result<String, SyncError> {
-    let out = Command::new("conntrack")
-        .args(args)
-        .output()
-        .map_err(|source| SyncError::Spawn {
-            tool: "conntrack".into(),
-            source,
-        })?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() && !stderr.contains(" 0 flow entries") {
-        return Err(SyncError::Read {
-            tool: format!("conntrack {}", args.join(" ")),
-            family,
-            message: stderr.trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const LISTING: &str = "\
-udp      17 29 src=10.100.0.2 dst=10.96.0.10 sport=40001 dport=53 src=10.244.1.2 dst=10.100.0.2 sport=8080 dport=40001 mark=0 use=1
-udp      17 29 src=10.100.0.3 dst=10.96.0.10 sport=40002 dport=53 [UNREPLIED] src=10.96.0.10 dst=10.100.0.3 sport=53 dport=40002 mark=0 use=1
-udp      17 29 src=10.100.0.4 dst=10.100.0.1 sport=40003 dport=30053 src=10.244.3.2 dst=10.100.0.4 sport=8080 dport=40003 mark=0 use=1
-udp      17 29 src=10.100.0.5 dst=10.0.0.99 sport=40004 dport=53 src=10.0.0.99 dst=10.100.0.5 sport=53 dport=40004 mark=0 use=1
-tcp      6 431999 ESTABLISHED src=10.100.0.2 dst=10.96.0.10 sport=1 dport=53 src=10.244.9.9 dst=10.100.0.2 sport=53 dport=1 use=1
-";
-
-    #[test]
-    fn parses_original_destination_and_reply_source() {
-        let flows = parse_flows(LISTING);
-        assert_eq!(flows.len(), 4, "TCP lines are not UDP flows: {flows:?}");
-        assert_eq!(
-            flows[0],
-            UdpFlow {
-                original_destination: "10.96.0.10".parse().unwrap(),
-                original_destination_port: 53,
-                reply_source: "10.244.1.2".parse().unwrap(),
-            }
-        );
-        // A flow created while the service had no endpoints answers from the service IP.
-        assert_eq!(
-            flows[1].reply_source,
-            "10.96.0.10".parse::<IpAddr>().unwrap()
-        );
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
     }
 
-    #[test]
-    fn flows_to_gone_or_missing_backends_are_stale() {
+    fn flow(destination: &str, destination_port: u16, reply_source: &str) -> UdpFlow {
+        UdpFlow {
+            original: FlowTuple {
+                source: ip("10.100.0.2"),
+                destination: ip(destination),
+                source_port: 40001,
+                destination_port,
+            },
+            reply_source: ip(reply_source),
+        }
+    }
+
+    /// Service 10.96.0.10 is served by 10.244.2.2; NodePort 30053 by 10.244.3.2.
+    fn targets() -> UdpTargets {
         let mut targets = UdpTargets::default();
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         targets
             .by_ip
             .insert(ip("10.96.0.10"), [ip("10.244.2.2")].into_iter().collect());
         targets
             .by_node_port
             .insert(30053, [ip("10.244.3.2")].into_iter().collect());
-        let stale = stale_flows(&targets, &parse_flows(LISTING));
-        assert_eq!(
-            stale,
-            vec![
-                // The no-endpoint flow answered from the VIP; 10.244.1.2 no longer serves.
-                // (Sorted by address.)
-                StaleFlows::ToServiceIp {
-                    service_ip: ip("10.96.0.10"),
-                    reply_source: ip("10.96.0.10")
-                },
-                StaleFlows::ToServiceIp {
-                    service_ip: ip("10.96.0.10"),
-                    reply_source: ip("10.244.1.2")
-                },
-            ],
-            "the NodePort flow goes to a serving endpoint; 10.0.0.99 is no service"
-        );
+        targets
+    }
+
+    #[test]
+    fn flows_to_gone_or_missing_backends_are_stale() {
+        let targets = targets();
+        // 10.244.1.2 no longer serves the service.
+        assert!(is_stale(&targets, &flow("10.96.0.10", 53, "10.244.1.2")));
+        // Sent while the service had no endpoints: answered by the VIP itself.
+        assert!(is_stale(&targets, &flow("10.96.0.10", 53, "10.96.0.10")));
+        // NodePort flow answered by a pod that no longer serves it.
+        assert!(is_stale(&targets, &flow("10.100.0.1", 30053, "10.244.1.2")));
+    }
+
+    #[test]
+    fn flows_to_serving_endpoints_or_elsewhere_are_kept() {
+        let targets = targets();
+        assert!(!is_stale(&targets, &flow("10.96.0.10", 53, "10.244.2.2")));
+        assert!(!is_stale(
+            &targets,
+            &flow("10.100.0.1", 30053, "10.244.3.2")
+        ));
+        // Not a service address, not a NodePort: not ours to judge.
+        assert!(!is_stale(&targets, &flow("10.0.0.99", 53, "10.0.0.99")));
     }
 }

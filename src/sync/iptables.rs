@@ -472,8 +472,8 @@ impl<'a> Before<'a> {
     }
 }
 
-/// Runs the restore. On failure, names the refused line, and writes back the tables that
-/// were committed before it (`before` gives their earlier content).
+/// Runs the restore. On failure, names the refused line, and writes back the tables of
+/// `patches` that were committed before it (`before` gives their earlier content).
 fn apply<'a>(
     applier: &mut impl Applier,
     family: IpFamily,
@@ -549,18 +549,7 @@ fn roll_back(
         }
     }
     let payload = restore_payload(std::slice::from_ref(&undo));
-    let exit = applier
-        .restore(family, &payload.text)
-        .map_err(spawn_error)?;
-    if exit.success() {
-        return Ok(());
-    }
-    Err(SyncError::Refused {
-        tool: applier.program(family, Tool::Restore),
-        family,
-        object: failed_line(&exit.stderr).map(|line| describe_line(&payload, line)),
-        message: tool_message(&exit),
-    })
+    apply(applier, family, &payload, &[], |_| None)
 }
 
 /// Inserts the missing jump rules of §4.2 whose target chain the ruleset has, at the top
@@ -893,16 +882,5 @@ fn cleanup_family(applier: &mut impl Applier, family: IpFamily) -> Result<(), Sy
     if payload.lines == 0 {
         return Ok(());
     }
-    let exit = applier
-        .restore(family, &payload.text)
-        .map_err(spawn_error)?;
-    if exit.success() {
-        return Ok(());
-    }
-    Err(SyncError::Refused {
-        tool: applier.program(family, Tool::Restore),
-        family,
-        object: failed_line(&exit.stderr).map(|line| describe_line(&payload, line)),
-        message: tool_message(&exit),
-    })
+    apply(applier, family, &payload, &[], |_| None)
 }

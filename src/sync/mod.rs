@@ -46,6 +46,13 @@ pub enum SyncError {
         family: IpFamily,
         message: String,
     },
+    #[error("cannot {action} the {family} UDP conntrack entries over netlink: {source} (root, or CAP_NET_ADMIN, is needed)")]
+    Conntrack {
+        action: &'static str,
+        family: IpFamily,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn refused_object(object: &Option<String>) -> String {
