@@ -619,6 +619,84 @@ fn a_refused_transaction_leaves_the_old_rules_working() {
     );
 }
 
+/// Counts the `iptables` commands a syncer runs; everything else is passed through.
+struct CountingIptables {
+    inner: SystemApplier,
+    commands: usize,
+}
+
+impl Applier for CountingIptables {
+    fn program(&self, family: IpFamily, tool: Tool) -> String {
+        self.inner.program(family, tool)
+    }
+
+    fn restore(&mut self, family: IpFamily, payload: &str) -> Result<Exit, SpawnError> {
+        self.inner.restore(family, payload)
+    }
+
+    fn save(&mut self, family: IpFamily, table: Option<&str>) -> Result<Exit, SpawnError> {
+        self.inner.save(family, table)
+    }
+
+    fn iptables(&mut self, family: IpFamily, args: &[&str]) -> Result<Exit, SpawnError> {
+        self.commands += 1;
+        self.inner.iptables(family, args)
+    }
+
+    fn nf_tables_socket(
+        &mut self,
+    ) -> Option<std::io::Result<kproxy::sync::netlink::NetfilterSocket>> {
+        self.inner.nf_tables_socket()
+    }
+}
+
+#[test]
+fn with_the_nft_backend_drift_is_noticed_over_netlink() {
+    if !kernel_tests_possible(&TOOLS) {
+        return;
+    }
+    let topology = Topology::new(1);
+    let services = vec![Svc::new("web", "10.96.0.10", &[1])];
+    let mut syncer = IptablesSyncer::new(CountingIptables {
+        inner: node_applier(&topology, BackendChoice::Nft),
+        commands: 0,
+    });
+    syncer.sync(rulesets(&services)).expect("first sync");
+    let good = save(&topology, "iptables-nft-save", None);
+
+    // Nothing drifted: a partial sync, and the check started no `iptables` process.
+    syncer.applier_mut().commands = 0;
+    assert!(!syncer.sync(rulesets(&services)).expect("partial")[0].full);
+    assert_eq!(syncer.applier().commands, 0, "the drift check ran iptables");
+
+    // Each kind of drift the check looks for is noticed, and the full sync repairs it.
+    let drifts: [&[&str]; 3] = [
+        &["iptables", "-t", "nat", "-F"],
+        &["iptables", "-t", "mangle", "-X", "KUBE-PROXY-CANARY"],
+        &["iptables", "-t", "filter", "-F", "INPUT"],
+    ];
+    for drift in drifts {
+        run(&topology, drift);
+        assert!(
+            syncer.sync(rulesets(&services)).expect("repair")[0].full,
+            "`{}` went unnoticed",
+            drift.join(" ")
+        );
+        assert_same(
+            &good,
+            &save(&topology, "iptables-nft-save", None),
+            &format!("not repaired after `{}`", drift.join(" ")),
+        );
+        syncer.applier_mut().commands = 0;
+        assert!(!syncer.sync(rulesets(&services)).expect("partial")[0].full);
+        assert_eq!(syncer.applier().commands, 0);
+    }
+    assert_eq!(
+        topology.connect("tcp", 2, "10.96.0.10", 80, 1),
+        vec!["backend-1"]
+    );
+}
+
 #[test]
 fn flushed_or_deleted_chains_are_restored_by_the_next_sync() {
     if !kernel_tests_possible(&TOOLS) {

@@ -522,7 +522,8 @@ fn drift_check_counts_rules_like_nft() {
     };
     let netlink = |family| {
         let ns = Some(topology.node.name.as_str());
-        kproxy::sync::nftables::netlink_rule_count(ns, family, "kube-proxy", "services")
+        kproxy::sync::netlink::NetfilterSocket::open_in(ns)
+            .and_then(|mut socket| socket.rule_count(family, "kube-proxy", "services"))
             .expect("netlink dump")
     };
     let expected = rulesets(&manifests)[0]

@@ -35,6 +35,7 @@ use crate::iptables::{
     KUBE_FORWARD, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_PROXY_CANARY, KUBE_PROXY_FIREWALL,
     KUBE_SERVICES,
 };
+use crate::sync::netlink::NetfilterSocket;
 
 /// kube-proxy's full-sync period (§6): at least one full sync an hour.
 pub const DEFAULT_FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
@@ -281,8 +282,15 @@ pub fn sync_once_with(
 }
 
 /// A partial sync that finds any of these missing turns into a full one: the mangle canary
-/// (kube-proxy's own check, §4.2) and two jump rules, one per table we write.
+/// (kube-proxy's own check, §4.2) and two jump rules, one per table we write. Asked over
+/// netlink where the rules live in nf_tables, else (or if that fails) with `iptables`.
 fn drifted(applier: &mut impl Applier, family: IpFamily) -> Result<bool, SyncError> {
+    if let Some(Ok(drifted)) = applier
+        .nf_tables_socket()
+        .map(|socket| socket.and_then(|mut socket| drifted_in_nf_tables(&mut socket, family)))
+    {
+        return Ok(drifted);
+    }
     let canary = applier
         .iptables(family, &["-t", "mangle", "-S", KUBE_PROXY_CANARY])
         .map_err(spawn_error)?;
@@ -294,6 +302,21 @@ fn drifted(applier: &mut impl Applier, family: IpFamily) -> Result<bool, SyncErr
             .iptables(family, &JUMPS[probe].args("-C"))
             .map_err(spawn_error)?;
         if !check.success() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// [`drifted`] over netlink: iptables-nft keeps each table as an nf_tables table of the same
+/// name, with chains of the same names.
+fn drifted_in_nf_tables(socket: &mut NetfilterSocket, family: IpFamily) -> std::io::Result<bool> {
+    if !socket.chain_exists(family, "mangle", KUBE_PROXY_CANARY)? {
+        return Ok(true);
+    }
+    for probe in DRIFT_PROBES {
+        let jump = &JUMPS[probe];
+        if !socket.jumps_to(family, jump.table, jump.chain, jump.target)? {
             return Ok(true);
         }
     }

@@ -7,6 +7,7 @@
 
 pub mod conntrack;
 pub mod iptables;
+pub mod netlink;
 pub mod nftables;
 
 use crate::family::IpFamily;

@@ -23,7 +23,7 @@
 //!
 //! **Drift** (someone flushed or deleted kproxy's table or chains): before a partial sync the
 //! syncer counts the rules of the `services` chain in the kernel, with a netlink dump the
-//! kernel filters to that one chain ([`netlink_rule_count`]; `nft list chain` would take
+//! kernel filters to that one chain ([`crate::sync::netlink::NetfilterSocket::rule_count`]; `nft list chain` would take
 //! seconds on a large table). A missing table or chain, or another count, turns the sync into
 //! a full one, which restores everything. A flushed or deleted table, a flushed ruleset and a
 //! flushed or deleted `services` chain are caught this way; edits to individual service
@@ -47,7 +47,6 @@
 mod applier;
 mod fake;
 mod kernel;
-mod netlink;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -59,7 +58,6 @@ pub use fake::{FakeKernel, Recorded};
 pub use kernel::{
     parse_listing, ChainKind, ContainerDecl, KernelChain, KernelContainer, KernelTable,
 };
-pub use netlink::count_rules as netlink_rule_count;
 
 use super::{SyncError, SyncReport};
 use crate::family::IpFamily;

@@ -1,59 +1,53 @@
-//! The conntrack table over ctnetlink (`NETLINK_NETFILTER`): a dump of one family's entries
-//! and the deletion of single entries by their original tuple, as kube-proxy does it through
-//! its netlink library. Message types and attributes come from `netlink-packet-netfilter`;
-//! this file only drives the socket.
+//! The conntrack table over ctnetlink: a dump of one family's entries and the deletion of
+//! single entries by their original tuple, as kube-proxy does it through its netlink library.
 
 use std::io;
 use std::net::IpAddr;
 
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
-};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_netfilter::conntrack::{
     ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Protocol, Tuple,
 };
-use netlink_packet_netfilter::{
-    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
-};
-use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+use netlink_packet_netfilter::NetfilterMessageInner;
 
 use super::{FlowTuple, UdpFlow};
 use crate::family::IpFamily;
+use crate::sync::netlink::NetfilterSocket;
 
 /// `NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET`, `… | IPCTNL_MSG_CT_DELETE`.
 const CT_GET: u16 = (1 << 8) | 1;
 const CT_DELETE: u16 = (1 << 8) | 2;
 
-/// A ctnetlink socket in the calling thread's network namespace.
+/// The conntrack table of the calling thread's network namespace.
 pub struct ConntrackTable {
-    socket: Socket,
-    sequence: u32,
+    socket: NetfilterSocket,
 }
 
 impl ConntrackTable {
     pub fn open() -> io::Result<ConntrackTable> {
-        let mut socket = Socket::new(NETLINK_NETFILTER)?;
-        socket.bind_auto()?;
-        socket.connect(&SocketAddr::new(0, 0))?;
         Ok(ConntrackTable {
-            socket,
-            sequence: 0,
+            socket: NetfilterSocket::open()?,
         })
     }
 
     /// Every UDP entry of `family`; entries of other protocols are left out.
     pub fn udp_flows(&mut self, family: IpFamily) -> io::Result<Vec<UdpFlow>> {
-        let request = ConntrackMessage::Get(Vec::new());
-        let sequence = self.send(family, CT_GET, NLM_F_REQUEST | NLM_F_DUMP, request)?;
         let mut flows = Vec::new();
-        self.receive(sequence, |message| {
-            if let NetfilterMessageInner::Conntrack(
-                ConntrackMessage::New(attributes) | ConntrackMessage::Get(attributes),
-            ) = &message.inner
-            {
-                flows.extend(udp_flow(attributes));
-            }
-        })?;
+        let request = ConntrackMessage::Get(Vec::new());
+        self.socket.request(
+            family,
+            CT_GET,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            request,
+            |message| {
+                if let NetfilterMessageInner::Conntrack(
+                    ConntrackMessage::New(attributes) | ConntrackMessage::Get(attributes),
+                ) = &message.inner
+                {
+                    flows.extend(udp_flow(attributes));
+                }
+            },
+        )?;
         Ok(flows)
     }
 
@@ -72,62 +66,16 @@ impl ConntrackTable {
                 ProtoTuple::DestinationPort(flow.destination_port),
             ]),
         ])]);
-        let sequence = self.send(family, CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, request)?;
-        match self.receive(sequence, |_| {}) {
+        match self.socket.request(
+            family,
+            CT_DELETE,
+            NLM_F_REQUEST | NLM_F_ACK,
+            request,
+            |_| {},
+        ) {
             Ok(()) => Ok(true),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
             Err(e) => Err(e),
-        }
-    }
-
-    fn send(
-        &mut self,
-        family: IpFamily,
-        message_type: u16,
-        flags: u16,
-        request: ConntrackMessage,
-    ) -> io::Result<u32> {
-        self.sequence = self.sequence.wrapping_add(1);
-        let proto = match family {
-            IpFamily::V4 => NetfilterProtoFamily::IPv4,
-            IpFamily::V6 => NetfilterProtoFamily::IPv6,
-        };
-        let mut header = NetlinkHeader::default();
-        header.message_type = message_type;
-        header.flags = flags;
-        header.sequence_number = self.sequence;
-        let payload = NetfilterMessage::new(NetfilterHeader::new(proto, 0, 0), request);
-        let mut message = NetlinkMessage::new(header, NetlinkPayload::from(payload));
-        message.finalize();
-        let mut buffer = vec![0; message.buffer_len()];
-        message.serialize(&mut buffer);
-        self.socket.send(&buffer, 0)?;
-        Ok(self.sequence)
-    }
-
-    /// Reads the answers to request `sequence` until the dump ends (`NLMSG_DONE`) or the
-    /// kernel acknowledges it; an error answer becomes the `Err`.
-    fn receive(&mut self, sequence: u32, mut each: impl FnMut(NetfilterMessage)) -> io::Result<()> {
-        loop {
-            let (datagram, _) = self.socket.recv_from_full()?;
-            let mut rest = datagram.as_slice();
-            while !rest.is_empty() {
-                let message = NetlinkMessage::<NetfilterMessage>::deserialize(rest)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-                // Netlink messages are 4-byte aligned within a datagram.
-                let length = (message.header.length as usize).next_multiple_of(4);
-                rest = rest.get(length.max(1)..).unwrap_or(&[]);
-                if message.header.sequence_number != sequence {
-                    continue; // an answer to an earlier request that we gave up on
-                }
-                match message.payload {
-                    NetlinkPayload::InnerMessage(inner) => each(inner),
-                    NetlinkPayload::Done(_) => return Ok(()),
-                    NetlinkPayload::Error(error) if error.code.is_none() => return Ok(()),
-                    NetlinkPayload::Error(error) => return Err(error.to_io()),
-                    _ => {}
-                }
-            }
         }
     }
 }

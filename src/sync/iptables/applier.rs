@@ -7,6 +7,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 use crate::family::IpFamily;
+use crate::sync::netlink::NetfilterSocket;
 
 /// Passed to every tool, as kube-proxy does (spec §4.1): wait up to 5 s for the xtables lock,
 /// polling every 100 ms. (iptables 1.8.9 legacy ignores `-W` with a note on stderr.)
@@ -128,6 +129,14 @@ pub trait Applier {
 
     /// One `iptables -w 5 -W 100000 ARGS` command.
     fn iptables(&mut self, family: IpFamily, args: &[&str]) -> Result<Exit, SpawnError>;
+
+    /// A netlink socket where the rules live in nf_tables (the nft backend), so that the
+    /// drift check can ask the kernel directly instead of starting `iptables`, which loads
+    /// its whole table cache first (tens of milliseconds with thousands of Services). `None`
+    /// where that is not possible: the legacy backend, an unknown namespace, a fake kernel.
+    fn nf_tables_socket(&mut self) -> Option<std::io::Result<NetfilterSocket>> {
+        None
+    }
 }
 
 /// Runs the real programs of one backend.
@@ -136,6 +145,9 @@ pub struct SystemApplier {
     backend: Backend,
     /// Prepended to every command line, e.g. `ip netns exec NAME`.
     prefix: Vec<String>,
+    /// Where the commands run, for netlink: `Some(None)` in this process's namespace,
+    /// `Some(Some(name))` in a named one, `None` when the prefix does something else.
+    netns: Option<Option<String>>,
 }
 
 impl SystemApplier {
@@ -153,14 +165,22 @@ impl SystemApplier {
             BackendChoice::Legacy => Backend::Legacy,
             BackendChoice::Auto => detect_backend(&prefix),
         };
-        SystemApplier { backend, prefix }
+        let netns = netns_of_prefix(&prefix);
+        SystemApplier {
+            backend,
+            prefix,
+            netns,
+        }
     }
 
     /// A resolved backend, no detection.
     pub fn for_backend(backend: Backend, prefix: &[&str]) -> SystemApplier {
+        let prefix: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
+        let netns = netns_of_prefix(&prefix);
         SystemApplier {
             backend,
-            prefix: prefix.iter().map(|s| s.to_string()).collect(),
+            prefix,
+            netns,
         }
     }
 
@@ -208,6 +228,26 @@ impl Applier for SystemApplier {
             .chain(args.iter().copied())
             .collect();
         self.run(family, Tool::Iptables, &all, None)
+    }
+
+    fn nf_tables_socket(&mut self) -> Option<std::io::Result<NetfilterSocket>> {
+        // The system's plain `iptables` may be either backend: only a resolved nft one.
+        if self.backend != Backend::Nft {
+            return None;
+        }
+        let netns = self.netns.as_ref()?;
+        Some(NetfilterSocket::open_in(netns.as_deref()))
+    }
+}
+
+/// The network namespace a command prefix runs in, as [`SystemApplier::netns`] keeps it.
+fn netns_of_prefix(prefix: &[String]) -> Option<Option<String>> {
+    match prefix {
+        [] => Some(None),
+        [ip, netns, exec, name] if ip == "ip" && netns == "netns" && exec == "exec" => {
+            Some(Some(name.clone()))
+        }
+        _ => None,
     }
 }
 

@@ -8,6 +8,7 @@ use std::process::{Command as Process, Stdio};
 use super::kernel::{self, KernelTable};
 use crate::family::IpFamily;
 use crate::nftables::{write_command, Command, TABLE_NAME};
+use crate::sync::netlink::NetfilterSocket;
 use crate::sync::SyncError;
 
 /// Applies transactions to one network namespace's `kube-proxy` tables and reads them back.
@@ -233,9 +234,9 @@ impl Applier for NftApplier {
     fn rule_count(&mut self, family: IpFamily, chain: &str) -> Result<Option<usize>, SyncError> {
         if let Some(netns) = &self.netns {
             // A missing table or chain counts 0 rules, which never matches what kproxy wrote.
-            if let Ok(count) =
-                super::netlink::count_rules(netns.as_deref(), family, TABLE_NAME, chain)
-            {
+            let count = NetfilterSocket::open_in(netns.as_deref())
+                .and_then(|mut socket| socket.rule_count(family, TABLE_NAME, chain));
+            if let Ok(count) = count {
                 return Ok(Some(count));
             }
         }
