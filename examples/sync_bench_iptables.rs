@@ -16,7 +16,7 @@
 //! - the full first sync: `IptablesSyncer::sync` wall time (kernel read, payload rendering,
 //!   the restore, jump rules and canary), the part of it spent in `iptables-restore`, and
 //!   `iptables-restore --noflush --counters -w 5 -W 100000 < file` alone on the same payload
-//!   in another fresh namespace;
+//!   in another fresh namespace, given first the jump rules and canary kproxy created;
 //! - an incremental sync after one EndpointSlice changed (one endpoint replaced): the same
 //!   three figures, the tool alone running in a namespace holding the same rules (medians of
 //!   five such syncs, each changing another Service);
@@ -124,7 +124,11 @@ fn copy_rules(from: &Netns, to: &Netns, backend: Backend) {
         ])
         .output()
         .expect("iptables-save runs");
-    assert!(save.status.success(), "iptables-save failed");
+    assert!(
+        save.status.success(),
+        "iptables-save failed: {}",
+        String::from_utf8_lossy(&save.stderr)
+    );
     let mut restore = Command::new("ip")
         .args([
             "netns",
@@ -217,7 +221,11 @@ fn main() {
     let mut config = NodeConfig::new("node-1");
     config.cluster_cidrs = vec!["10.128.0.0/9".parse().expect("constant CIDR")];
 
-    let mut rows = Vec::new();
+    println!("backend: {backend}");
+    println!(
+        "| services | sync | kproxy sync (s) | in iptables-restore (s) | in other tools (s) | kproxy's own work (s) | iptables-restore alone (s) | overhead (s) | overhead | objects (lines) | chains declared | bytes |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &services in &sizes {
         let mut state = kproxy::synthetic::cluster(services, 10);
         let desired = rulesets(&state, &config);
@@ -241,20 +249,18 @@ fn main() {
             copy_rules(&synced, &alone, backend);
             None
         } else {
-            let time = restore_alone(&alone, backend, &payload);
-            // The other namespace gets the jump rules and canary too, so that both hold the
-            // same for the incremental syncs (restores take longer with them there).
+            // The other namespace first gets the jump rules and canary that kproxy created
+            // before its restore, so that the tool alone starts from the same kernel state
+            // (restores take longer with them there).
             let mut plain = SystemApplier::for_backend(backend, &alone.prefix());
             for args in changes {
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 let exit = plain.iptables(IpFamily::V4, &args).expect("iptables runs");
-                // `-N` of a chain the restore created already: exit status 1.
-                let exists = args.contains(&"-N") && exit.code == Some(1);
-                assert!(exit.success() || exists, "{args:?}: {}", exit.stderr);
+                assert!(exit.success(), "{args:?}: {}", exit.stderr);
             }
-            Some(time)
+            Some(restore_alone(&alone, backend, &payload))
         };
-        rows.push(Row {
+        print_row(&Row {
             services,
             kind: "full",
             sync: sync_time,
@@ -298,7 +304,7 @@ fn main() {
             values.sort();
             values[values.len() / 2]
         };
-        rows.push(Row {
+        print_row(&Row {
             sync: median(|r| r.sync),
             in_restore: median(|r| r.in_restore),
             in_other_tools: median(|r| r.in_other_tools),
@@ -307,39 +313,35 @@ fn main() {
         });
         eprintln!("done: {services} services");
     }
+}
 
-    println!("backend: {backend}");
+/// One table row, printed as soon as it is measured (a later size may take many minutes).
+fn print_row(row: &Row) {
+    let own = row.sync.saturating_sub(row.in_restore + row.in_other_tools);
+    let (alone, overhead, percent) = match row.alone {
+        Some(alone) => {
+            let overhead = row.sync.as_secs_f64() - alone.as_secs_f64();
+            (
+                secs(alone),
+                format!("{overhead:.3}"),
+                format!("{:.1}%", 100.0 * overhead / alone.as_secs_f64()),
+            )
+        }
+        None => ("—".into(), "—".into(), "—".into()),
+    };
     println!(
-        "| services | sync | kproxy sync (s) | in iptables-restore (s) | in other tools (s) | kproxy's own work (s) | iptables-restore alone (s) | overhead (s) | overhead | objects (lines) | chains declared | bytes |"
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        row.services,
+        row.kind,
+        secs(row.sync),
+        secs(row.in_restore),
+        secs(row.in_other_tools),
+        secs(own),
+        alone,
+        overhead,
+        percent,
+        row.objects,
+        row.chains_written,
+        row.bytes
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for row in &rows {
-        let own = row.sync.saturating_sub(row.in_restore + row.in_other_tools);
-        let (alone, overhead, percent) = match row.alone {
-            Some(alone) => {
-                let overhead = row.sync.as_secs_f64() - alone.as_secs_f64();
-                (
-                    secs(alone),
-                    format!("{overhead:.3}"),
-                    format!("{:.1}%", 100.0 * overhead / alone.as_secs_f64()),
-                )
-            }
-            None => ("—".into(), "—".into(), "—".into()),
-        };
-        println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            row.services,
-            row.kind,
-            secs(row.sync),
-            secs(row.in_restore),
-            secs(row.in_other_tools),
-            secs(own),
-            alone,
-            overhead,
-            percent,
-            row.objects,
-            row.chains_written,
-            row.bytes
-        );
-    }
 }
