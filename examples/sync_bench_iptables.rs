@@ -19,7 +19,8 @@
 //!   in another fresh namespace, given first the jump rules and canary kproxy created;
 //! - an incremental sync after one EndpointSlice changed (one endpoint replaced): the same
 //!   three figures, the tool alone running in a namespace holding the same rules (medians of
-//!   five such syncs, each changing another Service);
+//!   nine such syncs, each changing another Service; the tool alone goes first in every
+//!   other round);
 //! - the objects (payload lines) and bytes sent.
 //!
 //! "Overhead" is sync time minus tool-alone time: what kproxy adds around the kernel tool.
@@ -151,6 +152,32 @@ fn copy_rules(from: &Netns, to: &Netns, backend: Backend) {
     );
 }
 
+/// A kernel that accepts everything and holds nothing: the syncer on top of it computes the
+/// same partial payloads as the real one, which depend only on what was applied before.
+#[derive(Default)]
+struct Shadow {
+    last_payload: String,
+}
+
+impl Applier for Shadow {
+    fn program(&self, family: IpFamily, tool: Tool) -> String {
+        Backend::Nft.program(family, tool).to_string()
+    }
+
+    fn restore(&mut self, _: IpFamily, payload: &str) -> Result<Exit, SpawnError> {
+        self.last_payload = payload.to_string();
+        Ok(Exit::code(0))
+    }
+
+    fn save(&mut self, _: IpFamily, _: Option<&str>) -> Result<Exit, SpawnError> {
+        Ok(Exit::code(0))
+    }
+
+    fn iptables(&mut self, _: IpFamily, _: &[&str]) -> Result<Exit, SpawnError> {
+        Ok(Exit::code(0))
+    }
+}
+
 /// `iptables-restore` alone, reading the payload from a file, in `ns`.
 fn restore_alone(ns: &Netns, backend: Backend, payload: &str) -> Duration {
     let mut file = tempfile::NamedTempFile::new().expect("temp file");
@@ -183,7 +210,7 @@ fn rulesets(state: &kproxy::source::ClusterState, config: &NodeConfig) -> Vec<Ru
 }
 
 /// Incremental syncs per size; the table shows medians.
-const INCREMENTAL_RUNS: usize = 5;
+const INCREMENTAL_RUNS: usize = 9;
 
 struct Row {
     services: usize,
@@ -272,13 +299,23 @@ fn main() {
             chains_written: payload.lines().filter(|l| l.starts_with(':')).count(),
         });
 
-        // One EndpointSlice changes (one endpoint replaced), five times over, a different
-        // Service each time; medians are reported.
+        // One EndpointSlice changes (one endpoint replaced), a different Service each round;
+        // medians are reported. A shadow syncer without a kernel knows each payload first, so
+        // that the tool alone can go first in every other round: neither side always runs
+        // second, on a warmer machine.
+        let mut shadow = IptablesSyncer::new(Shadow::default());
+        shadow
+            .sync(rulesets(&state, &config))
+            .expect("shadow full sync");
         let mut runs: Vec<Row> = Vec::new();
         for k in 0..INCREMENTAL_RUNS {
             let slice = &mut state.endpoint_slices[(services / 2 + k * 7) % services];
             slice.endpoints[0].addresses = vec![format!("10.127.255.{}", 200 + k)];
             let changed = rulesets(&state, &config);
+            shadow.sync(changed.clone()).expect("shadow sync");
+            let predicted = std::mem::take(&mut shadow.applier_mut().last_payload);
+            let alone_first = k % 2 == 1;
+            let mut alone_time = alone_first.then(|| restore_alone(&alone, backend, &predicted));
             syncer.applier_mut().restore_time = Duration::ZERO;
             syncer.applier_mut().other_time = Duration::ZERO;
             let start = Instant::now();
@@ -286,7 +323,13 @@ fn main() {
             let sync_time = start.elapsed();
             assert!(!reports[0].full, "an incremental sync should be partial");
             let payload = std::mem::take(&mut syncer.applier_mut().last_payload);
-            let alone_time = Some(restore_alone(&alone, backend, &payload));
+            assert!(
+                payload == predicted,
+                "the shadow syncer predicted another payload"
+            );
+            if !alone_first {
+                alone_time = Some(restore_alone(&alone, backend, &payload));
+            }
             runs.push(Row {
                 services,
                 kind: "incremental",
