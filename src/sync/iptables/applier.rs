@@ -4,6 +4,7 @@
 //! namespace.
 
 use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use crate::family::IpFamily;
@@ -278,6 +279,25 @@ fn run_program(
         .stderr(Stdio::piped())
         // Tools print messages we parse (line numbers): keep them untranslated.
         .env("LC_ALL", "C");
+    // iptables-nft-save 1.8.9 recurses deeply on large tables: with the usual 8 MiB stack it
+    // dies of SIGSEGV reading the nat table of 10,000 Services, which would make every full
+    // sync after the first fail. The tools get the largest stack the hard limit allows.
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // getrlimit/setrlimit, which are async-signal-safe; it allocates nothing.
+    unsafe {
+        command.pre_exec(|| {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_STACK, &mut limit) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+                // Failing to raise it is not fatal: small tables need no more.
+                libc::setrlimit(libc::RLIMIT_STACK, &limit);
+            }
+            Ok(())
+        });
+    }
     let spawn_error = |source| SpawnError {
         program: program.to_string(),
         source,
