@@ -10,7 +10,9 @@
 //!
 //! `--skip-full-alone` leaves out the tool-alone run of the full sync (the slowest part: 8 min
 //! at 10,000 Services with iptables-nft) and copies the synced rules into the other namespace
-//! with a plain save and restore instead.
+//! with a plain save and restore instead. The tool-alone figures of the incremental syncs are
+//! then only indicative: rules loaded that way restore a few percent faster (71 against 79 ms
+//! at 1,000 Services).
 //!
 //! Default sizes: 1000 5000 10000. For each size it reports
 //! - the full first sync: `IptablesSyncer::sync` wall time (kernel read, payload rendering,
