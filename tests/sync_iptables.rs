@@ -619,10 +619,12 @@ fn a_refused_transaction_leaves_the_old_rules_working() {
     );
 }
 
-/// Counts the `iptables` commands a syncer runs; everything else is passed through.
+/// Counts the `iptables` commands a syncer runs and notes the tables it saves; everything
+/// is passed through.
 struct CountingIptables {
     inner: SystemApplier,
     commands: usize,
+    saved_tables: Vec<String>,
 }
 
 impl Applier for CountingIptables {
@@ -635,6 +637,7 @@ impl Applier for CountingIptables {
     }
 
     fn save(&mut self, family: IpFamily, table: Option<&str>) -> Result<Exit, SpawnError> {
+        self.saved_tables.push(table.unwrap_or("all").to_string());
         self.inner.save(family, table)
     }
 
@@ -660,6 +663,7 @@ fn with_the_nft_backend_drift_is_noticed_over_netlink() {
     let mut syncer = IptablesSyncer::new(CountingIptables {
         inner: node_applier(&topology, BackendChoice::Nft),
         commands: 0,
+        saved_tables: Vec::new(),
     });
     syncer.sync(rulesets(&services)).expect("first sync");
     let good = save(&topology, "iptables-nft-save", None);
@@ -690,6 +694,78 @@ fn with_the_nft_backend_drift_is_noticed_over_netlink() {
         syncer.applier_mut().commands = 0;
         assert!(!syncer.sync(rulesets(&services)).expect("partial")[0].full);
         assert_eq!(syncer.applier().commands, 0);
+    }
+    assert_eq!(
+        topology.connect("tcp", 2, "10.96.0.10", 80, 1),
+        vec!["backend-1"]
+    );
+}
+
+#[test]
+fn with_the_nft_backend_a_restarted_syncer_reads_nat_over_netlink() {
+    if !kernel_tests_possible(&TOOLS) {
+        return;
+    }
+    let topology = Topology::new(2);
+    let two = vec![
+        Svc::new("web", "10.96.0.10", &[1]),
+        Svc::new("api", "10.96.0.11", &[2]),
+    ];
+    let nft_syncer = || {
+        IptablesSyncer::new(CountingIptables {
+            inner: node_applier(&topology, BackendChoice::Nft),
+            commands: 0,
+            saved_tables: Vec::new(),
+        })
+    };
+    nft_syncer().sync(rulesets(&two)).expect("first sync");
+
+    // kproxy's chain names over netlink are exactly those iptables-nft-save declares. (The
+    // save also declares built-in chains that nf_tables does not hold until a rule needs them.)
+    let mut socket = kproxy::sync::netlink::NetfilterSocket::open_in(Some(&topology.node.name))
+        .expect("netlink socket");
+    let mut listed = socket.chain_names(IpFamily::V4, "nat").expect("chain dump");
+    listed.retain(|c| c.starts_with("KUBE-"));
+    listed.sort();
+    let mut saved: Vec<String> = save(&topology, "iptables-nft-save", Some("nat"))
+        .iter()
+        .filter_map(|l| l.strip_prefix(':'))
+        .map(|l| l.split(' ').next().unwrap_or_default().to_string())
+        .filter(|c| c.starts_with("KUBE-"))
+        .collect();
+    saved.sort();
+    assert_eq!(listed, saved);
+    assert!(listed.iter().any(|c| c.starts_with("KUBE-SVC-")));
+
+    // A restarted syncer (a full sync that reads nat over netlink) without api: api's chains
+    // go, the jump rules are found and not duplicated, web keeps working.
+    let one = vec![Svc::new("web", "10.96.0.10", &[1])];
+    let mut restarted = nft_syncer();
+    assert!(restarted.sync(rulesets(&one)).expect("restart")[0].full);
+    assert_eq!(
+        restarted.applier().saved_tables,
+        vec!["filter"],
+        "nat is read over netlink, not with iptables-save"
+    );
+    let nat = save(&topology, "iptables-nft-save", Some("nat"));
+    let declared = |prefix: &str| nat.iter().filter(|l| l.starts_with(prefix)).count();
+    assert_eq!(
+        declared(":KUBE-SVC-"),
+        1,
+        "api's service chain stayed:\n{nat:#?}"
+    );
+    assert_eq!(
+        declared(":KUBE-SEP-"),
+        1,
+        "api's endpoint chain stayed:\n{nat:#?}"
+    );
+    assert!(!nat.iter().any(|l| l.contains("10.96.0.11")));
+    for chain in ["PREROUTING", "OUTPUT"] {
+        let jumps = nat
+            .iter()
+            .filter(|l| l.starts_with(&format!("-A {chain} ")) && l.ends_with("-j KUBE-SERVICES"))
+            .count();
+        assert_eq!(jumps, 1, "{chain} jumps to KUBE-SERVICES {jumps} times");
     }
     assert_eq!(
         topology.connect("tcp", 2, "10.96.0.10", 80, 1),

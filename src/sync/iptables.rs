@@ -330,7 +330,7 @@ fn full_sync(applier: &mut impl Applier, desired: &Ruleset) -> Result<RestorePay
     let kernel = [
         // filter comes first in the payload: only its rules may need writing back (`apply`).
         read_table(applier, family, desired.filter.name.as_str(), true)?,
-        read_table(applier, family, desired.nat.name.as_str(), false)?,
+        read_chains(applier, family, desired.nat.name.as_str())?,
     ];
     let canary = ChainName::fixed(KUBE_PROXY_CANARY);
     let patches: Vec<TablePatch> = desired
@@ -734,6 +734,52 @@ fn read_table(
             rules_kept: keep_rules,
             ..KernelTable::default()
         }))
+}
+
+/// A table whose rules are not needed (nat): only its chains and kproxy's jump rules. With
+/// the nf_tables backend they are read over netlink. `iptables-nft-save -t nat` takes 85 s
+/// and 300 MB for 10,000 Services and has to read every rule to print the chain names; the
+/// netlink dump of the chains alone takes a fraction of a second.
+fn read_chains(
+    applier: &mut impl Applier,
+    family: IpFamily,
+    table: &str,
+) -> Result<KernelTable, SyncError> {
+    if let Some(Ok(kernel)) = applier
+        .nf_tables_socket()
+        .map(|socket| socket.and_then(|mut socket| chains_in_nf_tables(&mut socket, family, table)))
+    {
+        return Ok(kernel);
+    }
+    read_table(applier, family, table, false)
+}
+
+/// [`read_chains`] over netlink. A jump rule of §4.2 counts as present when its built-in
+/// chain has a rule jumping to its target; `-C` would also compare the matches.
+fn chains_in_nf_tables(
+    socket: &mut NetfilterSocket,
+    family: IpFamily,
+    table: &str,
+) -> std::io::Result<KernelTable> {
+    let mut chains: Vec<ChainName> = socket
+        .chain_names(family, table)?
+        .iter()
+        .filter_map(|name| ChainName::new(name))
+        .collect();
+    chains.sort();
+    let mut jumps = FxHashSet::default();
+    for jump in JUMPS.iter().filter(|j| j.table == table) {
+        if socket.jumps_to(family, table, jump.chain, jump.target)? {
+            jumps.insert(jump.save_line());
+        }
+    }
+    Ok(KernelTable {
+        table: table.to_string(),
+        chains,
+        rules: FxHashMap::default(),
+        rules_kept: false,
+        jumps,
+    })
 }
 
 /// The payload line number in a restore error: `Error occurred at line: N` (parse errors),

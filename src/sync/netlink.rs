@@ -149,6 +149,42 @@ impl NetfilterSocket {
         }
     }
 
+    /// The names of every chain of `table`; none when the table does not exist.
+    pub fn chain_names(&mut self, family: IpFamily, table: &str) -> io::Result<Vec<String>> {
+        let request = NfTablesMessage::GetChain(ChainMessage {
+            attributes: vec![ChainAttribute::Table(table.into())],
+        });
+        let mut names = Vec::new();
+        let result = self.request(
+            family,
+            NFT_GET_CHAIN,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            request,
+            |message| {
+                if let NetfilterMessageInner::NfTables(NfTablesMessage::NewChain(chain)) =
+                    &message.inner
+                {
+                    // Kernels that do not filter a chain dump by table send every table's.
+                    let in_table = chain
+                        .attributes
+                        .iter()
+                        .any(|a| matches!(a, ChainAttribute::Table(t) if t == table));
+                    let name = chain.attributes.iter().find_map(|a| match a {
+                        ChainAttribute::Name(name) => Some(name.clone()),
+                        _ => None,
+                    });
+                    if let (true, Some(name)) = (in_table, name) {
+                        names.push(name);
+                    }
+                }
+            },
+        );
+        match result {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Vec::new()),
+            other => other.map(|()| names),
+        }
+    }
+
     /// Whether a rule of `table`'s `chain` jumps (or goes) to `target`; false when the table
     /// or chain does not exist.
     pub fn jumps_to(
