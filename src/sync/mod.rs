@@ -10,7 +10,35 @@ pub mod iptables;
 pub mod netlink;
 pub mod nftables;
 
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
 use crate::family::IpFamily;
+
+/// Runs a prepared tool command with stdout and stderr captured, writing `stdin` from another
+/// thread: a tool that answers before it has read all of a large payload, or fills its stderr
+/// pipe, cannot deadlock against us. A failed write means the tool exited early; its status
+/// and stderr say why, so the write error itself is dropped.
+pub(crate) fn run_tool(command: &mut Command, stdin: Option<&[u8]>) -> std::io::Result<Output> {
+    command
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn()?;
+    let pipe = child.stdin.take();
+    std::thread::scope(|scope| {
+        if let (Some(mut pipe), Some(text)) = (pipe, stdin) {
+            scope.spawn(move || {
+                let _ = pipe.write_all(text);
+            });
+        }
+        child.wait_with_output()
+    })
+}
 
 /// What one sync of one family sent to the kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]

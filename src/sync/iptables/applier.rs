@@ -3,12 +3,12 @@
 //! the real programs of one backend (nf_tables or legacy), optionally inside a network
 //! namespace.
 
-use std::io::Write;
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use crate::family::IpFamily;
 use crate::sync::netlink::NetfilterSocket;
+use crate::sync::run_tool;
 
 /// Passed to every tool, as kube-proxy does (spec §4.1): wait up to 5 s for the xtables lock,
 /// polling every 100 ms. (iptables 1.8.9 legacy ignores `-W` with a note on stderr.)
@@ -270,13 +270,6 @@ fn run_program(
     };
     command
         .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         // Tools print messages we parse (line numbers): keep them untranslated.
         .env("LC_ALL", "C");
     // iptables-nft-save 1.8.9 recurses deeply on large tables: with the usual 8 MiB stack it
@@ -302,18 +295,7 @@ fn run_program(
         program: program.to_string(),
         source,
     };
-    let mut child = command.spawn().map_err(spawn_error)?;
-    let pipe = child.stdin.take();
-    let output = std::thread::scope(|scope| {
-        if let (Some(mut pipe), Some(text)) = (pipe, stdin) {
-            // A write error means the tool exited early; its status and stderr say why.
-            scope.spawn(move || {
-                let _ = pipe.write_all(text.as_bytes());
-            });
-        }
-        child.wait_with_output()
-    })
-    .map_err(spawn_error)?;
+    let output = run_tool(&mut command, stdin.map(str::as_bytes)).map_err(spawn_error)?;
     Ok(Exit {
         code: output.status.code(),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),

@@ -2,14 +2,13 @@
 //! tool (one `nft -f -` per transaction, as kube-proxy does, §5.1); a netlink applier could
 //! implement the same trait; [`super::fake::FakeKernel`] models a table in memory for tests.
 
-use std::io::Write;
-use std::process::{Command as Process, Stdio};
+use std::process::Command as Process;
 
 use super::kernel::{self, KernelTable};
 use crate::family::IpFamily;
 use crate::nftables::{write_command, Command, TABLE_NAME};
 use crate::sync::netlink::NetfilterSocket;
-use crate::sync::SyncError;
+use crate::sync::{run_tool, SyncError};
 
 /// Applies transactions to one network namespace's `kube-proxy` tables and reads them back.
 pub trait Applier {
@@ -149,33 +148,7 @@ impl NftApplier {
             .argv
             .split_first()
             .ok_or_else(|| spawn_error(std::io::Error::other("empty nft command line")))?;
-        let mut child = Process::new(program)
-            .args(prefix)
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(spawn_error)?;
-        // nft reads all of its input before it answers, but a writer thread keeps a large
-        // transaction from ever deadlocking against a full stderr pipe.
-        let writer = match (stdin, child.stdin.take()) {
-            (Some(text), Some(mut pipe)) => {
-                let text = text.to_vec();
-                Some(std::thread::spawn(move || pipe.write_all(&text)))
-            }
-            _ => None,
-        };
-        let output = child.wait_with_output().map_err(spawn_error)?;
-        if let Some(writer) = writer {
-            // A write error (nft exited early) shows up in nft's own status and message.
-            let _ = writer.join();
-        }
-        Ok(output)
+        run_tool(Process::new(program).args(prefix).args(args), stdin).map_err(spawn_error)
     }
 
     /// Applies an already rendered transaction; public for benchmarks that time the text.
