@@ -285,10 +285,7 @@ pub fn sync_once_with(
 /// (kube-proxy's own check, §4.2) and two jump rules, one per table we write. Asked over
 /// netlink where the rules live in nf_tables, else (or if that fails) with `iptables`.
 fn drifted(applier: &mut impl Applier, family: IpFamily) -> Result<bool, SyncError> {
-    if let Some(Ok(drifted)) = applier
-        .nf_tables_socket()
-        .map(|socket| socket.and_then(|mut socket| drifted_in_nf_tables(&mut socket, family)))
-    {
+    if let Some(drifted) = over_netlink(applier, |socket| drifted_in_nf_tables(socket, family)) {
         return Ok(drifted);
     }
     let canary = applier
@@ -306,6 +303,18 @@ fn drifted(applier: &mut impl Applier, family: IpFamily) -> Result<bool, SyncErr
         }
     }
     Ok(false)
+}
+
+/// Asks `query` over the applier's netlink socket. `None` where there is none (legacy backend,
+/// fake kernel) or the query failed: the caller then asks the tools, which can say why.
+fn over_netlink<T>(
+    applier: &mut impl Applier,
+    query: impl FnOnce(&mut NetfilterSocket) -> std::io::Result<T>,
+) -> Option<T> {
+    applier
+        .nf_tables_socket()?
+        .and_then(|mut socket| query(&mut socket))
+        .ok()
 }
 
 /// [`drifted`] over netlink: iptables-nft keeps each table as an nf_tables table of the same
@@ -619,12 +628,7 @@ fn ensure_jumps(
             .iptables(family, &jump.args("-I"))
             .map_err(spawn_error)?;
         if !insert.success() {
-            return Err(SyncError::Refused {
-                tool: applier.program(family, Tool::Iptables),
-                family,
-                object: Some(jump.describe()),
-                message: tool_message(&insert),
-            });
+            return Err(iptables_refused(applier, family, jump.describe(), &insert));
         }
     }
     Ok(())
@@ -643,12 +647,27 @@ fn ensure_chain(
     if exit.success() || exit.code == Some(1) {
         return Ok(());
     }
-    Err(SyncError::Refused {
+    Err(iptables_refused(
+        applier,
+        family,
+        format!("chain {chain} in table {table}"),
+        &exit,
+    ))
+}
+
+/// The error for a single `iptables` command that failed on `object`.
+fn iptables_refused(
+    applier: &impl Applier,
+    family: IpFamily,
+    object: String,
+    exit: &Exit,
+) -> SyncError {
+    SyncError::Refused {
         tool: applier.program(family, Tool::Iptables),
         family,
-        object: Some(format!("chain {chain} in table {table}")),
-        message: tool_message(&exit),
-    })
+        object: Some(object),
+        message: tool_message(exit),
+    }
 }
 
 /// One table as `iptables-save` shows it, as far as kproxy cares.
@@ -745,9 +764,7 @@ fn read_chains(
     family: IpFamily,
     table: &str,
 ) -> Result<KernelTable, SyncError> {
-    if let Some(Ok(kernel)) = applier
-        .nf_tables_socket()
-        .map(|socket| socket.and_then(|mut socket| chains_in_nf_tables(&mut socket, family, table)))
+    if let Some(kernel) = over_netlink(applier, |socket| chains_in_nf_tables(socket, family, table))
     {
         return Ok(kernel);
     }
@@ -920,12 +937,7 @@ fn cleanup_family(applier: &mut impl Applier, family: IpFamily) -> Result<(), Sy
                 .iptables(family, &jump.args("-D"))
                 .map_err(spawn_error)?;
             if !delete.success() {
-                return Err(SyncError::Refused {
-                    tool: applier.program(family, Tool::Iptables),
-                    family,
-                    object: Some(jump.describe()),
-                    message: tool_message(&delete),
-                });
+                return Err(iptables_refused(applier, family, jump.describe(), &delete));
             }
         }
     }

@@ -119,13 +119,28 @@ impl NetfilterSocket {
         }
     }
 
+    /// [`NetfilterSocket::request`] about something that may not exist: `Ok(false)` when the
+    /// kernel answers that it does not (ENOENT: no such table, chain or entry).
+    pub fn request_if_present(
+        &mut self,
+        family: IpFamily,
+        message_type: u16,
+        flags: u16,
+        inner: impl Into<NetfilterMessageInner>,
+        each: impl FnMut(NetfilterMessage),
+    ) -> io::Result<bool> {
+        match self.request(family, message_type, flags, inner, each) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The number of rules in `table`'s `chain`; 0 when the table or chain does not exist.
     pub fn rule_count(&mut self, family: IpFamily, table: &str, chain: &str) -> io::Result<usize> {
         let mut rules = 0;
-        match self.rules(family, table, chain, |_| rules += 1) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(0),
-            other => other.map(|()| rules),
-        }
+        self.rules(family, table, chain, |_| rules += 1)?;
+        Ok(rules)
     }
 
     /// Whether `table` holds `chain`.
@@ -136,17 +151,13 @@ impl NetfilterSocket {
                 ChainAttribute::Name(chain.into()),
             ],
         });
-        match self.request(
+        self.request_if_present(
             family,
             NFT_GET_CHAIN,
             NLM_F_REQUEST | NLM_F_ACK,
             request,
             |_| {},
-        ) {
-            Ok(()) => Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-            Err(e) => Err(e),
-        }
+        )
     }
 
     /// The names of every chain of `table`; none when the table does not exist.
@@ -155,7 +166,7 @@ impl NetfilterSocket {
             attributes: vec![ChainAttribute::Table(table.into())],
         });
         let mut names = Vec::new();
-        let result = self.request(
+        self.request_if_present(
             family,
             NFT_GET_CHAIN,
             NLM_F_REQUEST | NLM_F_DUMP,
@@ -178,11 +189,8 @@ impl NetfilterSocket {
                     }
                 }
             },
-        );
-        match result {
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Vec::new()),
-            other => other.map(|()| names),
-        }
+        )?;
+        Ok(names)
     }
 
     /// Whether a rule of `table`'s `chain` jumps (or goes) to `target`; false when the table
@@ -195,15 +203,14 @@ impl NetfilterSocket {
         target: &str,
     ) -> io::Result<bool> {
         let mut found = false;
-        match self.rules(family, table, chain, |rule| {
+        self.rules(family, table, chain, |rule| {
             found |= rule_jumps_to(rule, target);
-        }) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-            other => other.map(|()| found),
-        }
+        })?;
+        Ok(found)
     }
 
     /// Hands each rule of one chain to `each`: a dump the kernel filters by table and chain.
+    /// A missing table or chain has no rules.
     fn rules(
         &mut self,
         family: IpFamily,
@@ -217,7 +224,7 @@ impl NetfilterSocket {
                 RuleAttribute::Chain(chain.into()),
             ],
         });
-        self.request(
+        self.request_if_present(
             family,
             NFT_GET_RULE,
             NLM_F_REQUEST | NLM_F_DUMP,
@@ -230,6 +237,7 @@ impl NetfilterSocket {
                 }
             },
         )
+        .map(|_| ())
     }
 }
 

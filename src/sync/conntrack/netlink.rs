@@ -66,17 +66,13 @@ impl ConntrackTable {
                 ProtoTuple::DestinationPort(flow.destination_port),
             ]),
         ])]);
-        match self.socket.request(
+        self.socket.request_if_present(
             family,
             CT_DELETE,
             NLM_F_REQUEST | NLM_F_ACK,
             request,
             |_| {},
-        ) {
-            Ok(()) => Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-            Err(e) => Err(e),
-        }
+        )
     }
 }
 
