@@ -297,6 +297,12 @@ fn assert_same(expected: &[String], actual: &[String], what: &str) {
     }
 }
 
+/// The node's `iptables-nft-save` equals `expected`; the failure shows a diff.
+#[track_caller]
+fn assert_nft_save_is(topology: &Topology, expected: &[String], what: &str) {
+    assert_same(expected, &save(topology, "iptables-nft-save", None), what);
+}
+
 fn distinct(placement: &BTreeMap<u8, String>) -> usize {
     placement.values().collect::<BTreeSet<_>>().len()
 }
@@ -411,11 +417,7 @@ fn traffic_follows_the_synced_rules() {
     // kernel: no duplicate jump rules, same chains.
     let first = save(&topology, "iptables-nft-save", None);
     sync(&topology, &services, &[]);
-    assert_same(
-        &first,
-        &save(&topology, "iptables-nft-save", None),
-        "a second sync changed the kernel",
-    );
+    assert_nft_save_is(&topology, &first, "a second sync changed the kernel");
 }
 
 #[test]
@@ -576,11 +578,7 @@ fn a_refused_transaction_leaves_the_old_rules_working() {
     );
     // Nothing of it stayed: the kernel holds exactly what it held, and traffic flows by the
     // old rules.
-    assert_same(
-        &kernel_before,
-        &save(&topology, "iptables-nft-save", None),
-        "the refused sync left changes",
-    );
+    assert_nft_save_is(&topology, &kernel_before, "the refused sync left changes");
     assert_eq!(
         topology.connect("tcp", 3, "10.96.0.11", 80, 1),
         vec!["backend-2"]
@@ -608,11 +606,7 @@ fn a_refused_transaction_leaves_the_old_rules_working() {
     syncer.request_full_sync();
     syncer.applier_mut().armed = true;
     syncer.sync(rulesets(&before)).expect_err("refused again");
-    assert_same(
-        &kernel_before,
-        &save(&topology, "iptables-nft-save", None),
-        "the refused sync left changes",
-    );
+    assert_nft_save_is(&topology, &kernel_before, "the refused sync left changes");
     assert_eq!(
         topology.connect("tcp", 3, "10.96.0.12", 80, 1),
         vec!["backend-2"]
@@ -686,9 +680,9 @@ fn with_the_nft_backend_drift_is_noticed_over_netlink() {
             "`{}` went unnoticed",
             drift.join(" ")
         );
-        assert_same(
+        assert_nft_save_is(
+            &topology,
             &good,
-            &save(&topology, "iptables-nft-save", None),
             &format!("not repaired after `{}`", drift.join(" ")),
         );
         syncer.applier_mut().commands = 0;
@@ -794,11 +788,7 @@ fn flushed_or_deleted_chains_are_restored_by_the_next_sync() {
     assert!(topology.connect("tcp", 2, "10.96.0.10", 80, 1)[0].starts_with("ERR:"));
     // ...and the library's next sync notices and does a full one.
     assert!(syncer.sync(rulesets(&services)).expect("repair")[0].full);
-    assert_same(
-        &good,
-        &save(&topology, "iptables-nft-save", None),
-        "not repaired",
-    );
+    assert_nft_save_is(&topology, &good, "not repaired");
     assert_eq!(
         topology.connect("tcp", 2, "10.96.0.10", 80, 1),
         vec!["backend-1"]
@@ -826,11 +816,7 @@ fn flushed_or_deleted_chains_are_restored_by_the_next_sync() {
     run(&topology, &["iptables", "-t", "nat", "-F", "KUBE-SERVICES"]);
     run(&topology, &["iptables", "-t", "nat", "-X", "KUBE-SERVICES"]);
     assert!(syncer.sync(rulesets(&services)).expect("repair")[0].full);
-    assert_same(
-        &good,
-        &save(&topology, "iptables-nft-save", None),
-        "not repaired",
-    );
+    assert_nft_save_is(&topology, &good, "not repaired");
     assert_eq!(
         topology.connect("tcp", 2, "10.96.0.10", 80, 1),
         vec!["backend-1"]
@@ -840,11 +826,7 @@ fn flushed_or_deleted_chains_are_restored_by_the_next_sync() {
     run(&topology, &["iptables", "-t", "filter", "-F"]);
     run(&topology, &["iptables", "-t", "nat", "-F"]);
     sync(&topology, &services, &[]);
-    assert_same(
-        &good,
-        &save(&topology, "iptables-nft-save", None),
-        "not repaired",
-    );
+    assert_nft_save_is(&topology, &good, "not repaired");
 }
 
 #[test]
