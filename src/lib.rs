@@ -4,6 +4,8 @@
 //! validates it and builds one [`model::ProxyModel`] per IP family, and a translator
 //! ([`iptables`] or [`nftables`]) turns that into a typed ruleset rendered to text in one place.
 
+pub mod agent;
+pub mod backend;
 pub mod config;
 pub mod family;
 pub mod iptables;

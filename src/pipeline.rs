@@ -6,12 +6,7 @@ use crate::model::{validate, ProxyModel};
 use crate::nftables;
 use crate::source::{ClusterState, Note};
 
-/// Which rule backend to produce.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Iptables,
-    Nftables,
-}
+pub use crate::backend::Mode;
 
 /// The models of every family the node proxies, plus what was skipped on the way.
 #[derive(Debug, Clone)]

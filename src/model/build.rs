@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use super::endpoints::select;
 use super::validate::{ServiceSpec, SliceSpec, ValidCluster};
@@ -15,21 +16,19 @@ use crate::family::IpFamily;
 #[derive(Debug, Clone)]
 pub struct ProxyModel {
     pub family: IpFamily,
-    pub ports: Vec<ServicePort>,
+    /// Shared, so that the agent can keep the ports of unchanged Services from one sync to
+    /// the next without copying them.
+    pub ports: Vec<Arc<ServicePort>>,
 }
 
 impl ProxyModel {
     pub fn build(cluster: &ValidCluster, config: &NodeConfig, family: IpFamily) -> ProxyModel {
-        // The slices of each Service, in slice-name order so that merging is deterministic.
         let mut slices_by_service: HashMap<(&str, &str), Vec<&SliceSpec>> = HashMap::new();
         for slice in cluster.slices.iter().filter(|s| s.family == family) {
             slices_by_service
                 .entry((slice.namespace.as_str(), slice.service_name.as_str()))
                 .or_default()
                 .push(slice);
-        }
-        for slices in slices_by_service.values_mut() {
-            slices.sort_by(|a, b| a.name.cmp(&b.name));
         }
 
         let mut services: Vec<&ServiceSpec> = cluster.services.iter().collect();
@@ -38,48 +37,11 @@ impl ProxyModel {
 
         let mut ports = Vec::new();
         for service in services {
-            let Some(cluster_ip) = service
-                .cluster_ips
-                .iter()
-                .find(|ip| IpFamily::of(ip) == family)
-                .copied()
-            else {
-                continue;
-            };
             let slices = slices_by_service
                 .get(&(service.namespace.as_str(), service.name.as_str()))
                 .map(Vec::as_slice)
                 .unwrap_or_default();
-            for port in &service.ports {
-                let name = ServicePortName {
-                    namespace: service.namespace.clone(),
-                    name: service.name.clone(),
-                    port: port.name.clone(),
-                    protocol: port.protocol,
-                };
-                let mut service_port = ServicePort {
-                    cluster_ip,
-                    port: port.port,
-                    node_port: port.node_port,
-                    external_ips: of_family(&service.external_ips, family),
-                    load_balancer_ips: of_family(&service.load_balancer_ips, family),
-                    source_ranges: service
-                        .source_ranges
-                        .iter()
-                        .filter(|n| IpFamily::of_net(n) == family)
-                        .copied()
-                        .collect(),
-                    affinity_timeout: service.affinity_timeout,
-                    external_policy_local: service.external_policy_local,
-                    internal_policy_local: service.internal_policy_local,
-                    health_check_node_port: service.health_check_node_port,
-                    endpoints: merge_endpoints(slices, &port.name, port.protocol, config),
-                    selection: EndpointSelection::default(),
-                    name,
-                };
-                service_port.selection = select(&service_port, config);
-                ports.push(service_port);
-            }
+            ports.extend(service_ports(service, slices, config, family));
         }
         ProxyModel { family, ports }
     }
@@ -88,6 +50,66 @@ impl ProxyModel {
     pub fn total_endpoints(&self) -> usize {
         self.ports.iter().map(|p| p.endpoints.len()).sum()
     }
+}
+
+/// The service ports of one Service in one family, in `spec.ports` order, with their endpoints
+/// merged from the Service's slices of that family. Empty when the Service has no cluster IP of
+/// the family. The unit the agent rebuilds when a Service or one of its slices changes.
+pub fn service_ports(
+    service: &ServiceSpec,
+    slices: &[&SliceSpec],
+    config: &NodeConfig,
+    family: IpFamily,
+) -> Vec<Arc<ServicePort>> {
+    let Some(cluster_ip) = service
+        .cluster_ips
+        .iter()
+        .find(|ip| IpFamily::of(ip) == family)
+        .copied()
+    else {
+        return Vec::new();
+    };
+    // In slice-name order, so that merging is deterministic.
+    let mut slices: Vec<&SliceSpec> = slices
+        .iter()
+        .copied()
+        .filter(|s| s.family == family)
+        .collect();
+    slices.sort_by(|a, b| a.name.cmp(&b.name));
+    service
+        .ports
+        .iter()
+        .map(|port| {
+            let name = ServicePortName {
+                namespace: service.namespace.clone(),
+                name: service.name.clone(),
+                port: port.name.clone(),
+                protocol: port.protocol,
+            };
+            let mut service_port = ServicePort {
+                cluster_ip,
+                port: port.port,
+                node_port: port.node_port,
+                external_ips: of_family(&service.external_ips, family),
+                load_balancer_ips: of_family(&service.load_balancer_ips, family),
+                source_ranges: service
+                    .source_ranges
+                    .iter()
+                    .filter(|n| IpFamily::of_net(n) == family)
+                    .copied()
+                    .collect(),
+                affinity_timeout: service.affinity_timeout,
+                external_policy_local: service.external_policy_local,
+                internal_policy_local: service.internal_policy_local,
+                health_check_node_port: service.health_check_node_port,
+                endpoints: merge_endpoints(&slices, &port.name, port.protocol, config),
+                selection: EndpointSelection::default(),
+                name,
+            };
+            service_port.selection = select(&service_port, config);
+            Arc::new(service_port)
+        })
+        .collect()
 }
 
 fn of_family(ips: &[std::net::IpAddr], family: IpFamily) -> Vec<std::net::IpAddr> {

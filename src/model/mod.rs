@@ -13,10 +13,10 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
-pub use build::ProxyModel;
+pub use build::{service_ports, ProxyModel};
 pub use endpoints::EndpointSelection;
 pub use validate::{
-    validate, PortSpec, ServiceSpec, SliceEndpoint, SlicePort, SliceSpec, ValidCluster,
+    validate, validate_service, validate_slice, PortSpec, SERVICE_NAME_LABEL, ServiceSpec, SliceEndpoint, SlicePort, SliceSpec, ValidCluster,
 };
 
 /// A transport protocol of a service port.

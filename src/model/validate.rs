@@ -97,13 +97,13 @@ pub struct SliceEndpoint {
 pub fn validate(state: &ClusterState) -> (ValidCluster, Vec<Note>) {
     // Services and slices are independent until they are joined in the model.
     let ((services, mut notes), (slices, slice_notes)) = crate::parallel::join(
-        || check_all(&state.services, "Service", |s| &s.metadata, check_service),
+        || check_all(&state.services, "Service", |s| &s.metadata, validate_service),
         || {
             check_all(
                 &state.endpoint_slices,
                 "EndpointSlice",
                 |s| &s.metadata,
-                check_slice,
+                validate_slice,
             )
         },
     );
@@ -231,9 +231,9 @@ fn has_ignore_label(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Objec
         .is_some_and(|labels| IGNORE_LABELS.iter().any(|l| labels.contains_key(*l)))
 }
 
-/// `Ok(None)`: a valid Service that kube-proxy does not proxy (headless, ExternalName, or
-/// labelled for another proxy).
-fn check_service(service: &Service) -> Check<Option<ServiceSpec>> {
+/// Checks one Service. `Ok(None)`: a valid Service that kube-proxy does not proxy (headless,
+/// ExternalName, or labelled for another proxy); `Err`: why it is skipped.
+pub fn validate_service(service: &Service) -> Check<Option<ServiceSpec>> {
     let (namespace, name) = metadata_names(&service.metadata, is_dns1035_label, "DNS-1035 label")?;
     if has_ignore_label(&service.metadata) {
         return Ok(None);
@@ -513,8 +513,9 @@ fn optional_port(value: Option<i32>, field: impl fmt::Display) -> Check<Option<u
     }
 }
 
-/// `Ok(None)`: a valid slice that kube-proxy does not use (FQDN, or labelled for another proxy).
-fn check_slice(slice: &EndpointSlice) -> Check<Option<SliceSpec>> {
+/// Checks one EndpointSlice. `Ok(None)`: a valid slice that kube-proxy does not use (FQDN, or
+/// labelled for another proxy); `Err`: why it is skipped.
+pub fn validate_slice(slice: &EndpointSlice) -> Check<Option<SliceSpec>> {
     let (namespace, name) =
         metadata_names(&slice.metadata, is_dns1123_subdomain, "DNS-1123 subdomain")?;
     if has_ignore_label(&slice.metadata) {

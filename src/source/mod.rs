@@ -1,6 +1,10 @@
-//! Reading Kubernetes manifests: files, directories and stdin, YAML (multi-document) or JSON,
-//! single objects or `kind: List`. The result is a [`ClusterState`]: the Services and
-//! EndpointSlices as the API would hand them over, not yet validated.
+//! Where objects come from. Reading Kubernetes manifests: files, directories and stdin, YAML
+//! (multi-document) or JSON, single objects or `kind: List`; the result is a [`ClusterState`]:
+//! the Services and EndpointSlices as the API would hand them over, not yet validated. For the
+//! agent, [`kube`] watches the API server and [`dir`] a directory; both send [`SourceEvent`]s.
+
+pub mod dir;
+pub mod kube;
 
 use std::fmt;
 use std::fs;
@@ -11,6 +15,56 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 use serde_yaml::Value;
+
+/// The kinds of object the agent reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
+        }
+    }
+
+    /// The API's resource name, for messages.
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::Service => "services",
+            Kind::EndpointSlice => "endpointslices",
+            Kind::Node => "nodes",
+        }
+    }
+}
+
+/// An object of one of the kinds the agent reads.
+#[derive(Debug, Clone)]
+pub enum Object {
+    Service(Service),
+    EndpointSlice(EndpointSlice),
+    Node(k8s_openapi::api::core::v1::Node),
+}
+
+/// What a source tells the agent.
+#[derive(Debug, Clone)]
+pub enum SourceEvent {
+    /// An object was added or changed.
+    Applied(Object),
+    /// An object was deleted.
+    Deleted {
+        kind: Kind,
+        namespace: String,
+        name: String,
+    },
+    /// The complete list of one kind: everything else of that kind is gone.
+    Listed { kind: Kind, objects: Vec<Object> },
+}
 
 /// The objects kproxy proxies, as read.
 #[derive(Debug, Clone, Default)]
@@ -178,7 +232,7 @@ impl Manifests {
     }
 }
 
-fn is_manifest_file(path: &Path) -> bool {
+pub(crate) fn is_manifest_file(path: &Path) -> bool {
     matches!(
         path.extension().and_then(|e| e.to_str()),
         Some("yaml" | "yml" | "json")

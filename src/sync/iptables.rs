@@ -263,6 +263,7 @@ impl<A: Applier> IptablesSyncer<A> {
             full,
             objects: sent.lines,
             bytes: sent.text.len(),
+            duration: Duration::ZERO,
         })
     }
 }

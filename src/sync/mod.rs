@@ -50,6 +50,8 @@ pub struct SyncReport {
     pub objects: usize,
     /// Size of the text handed to the kernel tool.
     pub bytes: usize,
+    /// How long the sync of this family took, kernel tool included.
+    pub duration: std::time::Duration,
 }
 
 /// Why a sync or cleanup failed. The kernel keeps the rules it had before a failed transaction.
@@ -100,8 +102,12 @@ pub(crate) fn each_family<R>(
     let mut reports = Vec::new();
     let mut first_error = None;
     for ruleset in rulesets {
+        let started = std::time::Instant::now();
         match sync_family(ruleset) {
-            Ok(report) => reports.push(report),
+            Ok(report) => reports.push(SyncReport {
+                duration: started.elapsed(),
+                ..report
+            }),
             Err(err) => {
                 first_error.get_or_insert(err);
             }

@@ -149,6 +149,16 @@ impl<A: Applier> Syncer<A> {
             .unwrap_or_default()
     }
 
+    /// When the next sync is needed to delete chains whose grace period will then have passed
+    /// (they are flushed already; only their deletion waits).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.families
+            .values()
+            .flat_map(|state| state.stale.values())
+            .min()
+            .map(|flushed| *flushed + self.options.stale_chain_delay)
+    }
+
     /// Moves the flush time of every stale chain `by` into the past, as kube-proxy's tests do
     /// to let the grace period pass without waiting.
     pub fn age_stale_chains(&mut self, by: Duration) {
@@ -174,6 +184,7 @@ impl<A: Applier> Syncer<A> {
             full: false,
             objects: 0,
             bytes: 0,
+            duration: Duration::ZERO,
         };
 
         // Stale chains past their grace period go first, in a transaction of their own.

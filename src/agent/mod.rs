@@ -1,0 +1,451 @@
+//! The node agent (`kproxy run`): keeps this node's rules in step with the cluster, as
+//! kube-proxy does (spec kube-proxy-agent.md). Small pieces with one job each:
+//!
+//! ```text
+//! source (API watches | directory) ──SourceEvent──► ClusterStore ──Wake──► SyncLoop ──► Backend
+//!   src/source/kube.rs, dir.rs        store.rs        (keyed, validated,    sync_loop.rs   (translate,
+//!                                                      changed Services)    runner.rs       diff, apply)
+//!                                                                           node_model.rs
+//! AgentStatus (health.rs, metrics.rs) ◄── the loop updates it; status.rs serves /healthz, /livez, /metrics
+//! ServiceHealthServers (service_health.rs): healthCheckNodePorts, reconciled after each sync
+//! ```
+//!
+//! Start-up: the first sync waits until Services and EndpointSlices have both been listed
+//! completely, and is a full sync that reads the kernel and writes only differences, so a
+//! restarted agent adopts its own rules without dropping traffic or affinity state. SIGTERM
+//! and SIGINT end the agent after the current sync, leaving the rules in place.
+
+pub mod health;
+pub mod http;
+pub mod metrics;
+pub mod node;
+pub mod node_model;
+pub mod runner;
+pub mod service_health;
+pub mod status;
+pub mod store;
+pub mod sync_loop;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context, Result};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use crate::backend::{self, BackendOptions, Mode};
+use crate::config::NodeConfig;
+use crate::source::dir::{watch_dir, ManifestDir};
+use crate::source::kube::{watch_cluster, watch_node, ApiServer};
+use crate::source::{Kind, Object, SourceEvent};
+use node::NodeInfo;
+use runner::SyncSchedule;
+use service_health::ServiceHealthServers;
+use status::{serve_status, AgentStatus, Server};
+use store::ClusterStore;
+use sync_loop::{SyncLoop, Wake};
+
+/// kube-proxy's periodic full sync (§5.1 `maxInterval`); the syncers count it themselves.
+pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
+
+/// Where the cluster's objects come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    ApiServer(ApiServer),
+    /// A directory of manifests, re-read when it changes; no cluster needed.
+    Dir(PathBuf),
+}
+
+/// How local traffic is told apart (kube-proxy's `--detect-local-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DetectLocal {
+    /// The `--cluster-cidr` ranges.
+    #[default]
+    ClusterCidr,
+    /// The Node's `spec.podCIDRs`.
+    NodeCidr,
+}
+
+/// Everything `kproxy run` was configured with.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub mode: Mode,
+    /// The node settings from flags and the config file; the Node object fills in what they
+    /// leave open (node IPs, zone, pod CIDRs).
+    pub node: NodeConfig,
+    pub source: Source,
+    pub detect_local: DetectLocal,
+    pub healthz_bind: Option<SocketAddr>,
+    pub metrics_bind: Option<SocketAddr>,
+    pub min_sync_period: Duration,
+    pub sync_period: Duration,
+    pub backend: BackendOptions,
+    /// How long start-up waits for the Node object to appear with addresses (§2.2: 30 s).
+    pub node_wait: Duration,
+}
+
+/// Runs the agent until SIGTERM/SIGINT (`Ok`) or a fatal error.
+pub fn run(config: AgentConfig) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run_agent(config))
+}
+
+async fn run_agent(mut config: AgentConfig) -> Result<()> {
+    let families = config.node.family_mode.families().to_vec();
+    let status = Arc::new(AgentStatus::new(
+        config.mode,
+        families.clone(),
+        config.sync_period,
+    ));
+    for (server, address) in [
+        (Server::Health, config.healthz_bind),
+        (Server::Metrics, config.metrics_bind),
+    ] {
+        if let Some(address) = address {
+            tokio::spawn(serve_status(server, address, status.clone()));
+        }
+    }
+
+    // Sources first: the Node decides the node's addresses before anything is programmed.
+    let (events_tx, events_rx) = unbounded_channel();
+    let (fatal_tx, mut fatal_rx) = unbounded_channel::<anyhow::Error>();
+    let (wake_tx, wake_rx) = mpsc::channel();
+    let mut node_rx = None;
+    match config.source.clone() {
+        Source::ApiServer(api) => {
+            let client = api.client().await?;
+            let (node_tx, mut rx) = unbounded_channel();
+            tokio::spawn(watch_node(client.clone(), config.node.hostname.clone(), node_tx));
+            let node = wait_for_node(&mut rx, &config.node.hostname, config.node_wait).await;
+            adopt_node(&mut config, node.as_ref())?;
+            status.set_node_eligible(Some(node.as_ref().is_some_and(|n| n.eligible)));
+            node_rx = Some((rx, node));
+            tokio::spawn(watch_cluster(client, events_tx));
+        }
+        Source::Dir(path) => {
+            adopt_node(&mut config, None)?;
+            let dir = ManifestDir::new(path);
+            let fatal = fatal_tx.clone();
+            tokio::spawn(async move {
+                if let Err(err) = watch_dir(dir, events_tx).await {
+                    let _ = fatal.send(err);
+                }
+            });
+        }
+    }
+    if let Some((rx, started)) = node_rx {
+        tokio::spawn(follow_node(
+            rx,
+            started,
+            config.clone(),
+            status.clone(),
+            wake_tx.clone(),
+            fatal_tx.clone(),
+        ));
+    }
+    tracing::info!(
+        "kproxy {} starting in {} mode for node {:?} (node IPs {:?})",
+        env!("CARGO_PKG_VERSION"),
+        config.mode.name(),
+        config.node.hostname,
+        config.node.node_ips
+    );
+
+    let store = Arc::new(Mutex::new(ClusterStore::new(SystemTime::now())));
+    tokio::spawn(feed_store(
+        events_rx,
+        store.clone(),
+        status.clone(),
+        wake_tx.clone(),
+    ));
+
+    // The sync loop: the kernel tools block, so it has a thread of its own.
+    let mode = config.mode;
+    let options = config.backend;
+    let backend = tokio::task::spawn_blocking(move || {
+        remove_other_modes_rules(mode);
+        backend::system(mode, options)
+    })
+    .await
+    .context("cannot set up the backend")?;
+    let schedule = SyncSchedule::new(
+        Instant::now(),
+        config.min_sync_period,
+        config.sync_period,
+        config.sync_period,
+    );
+    let mut sync_loop = SyncLoop::new(store, status.clone(), backend, config.node.clone(), schedule);
+    let healthy_status = status.clone();
+    sync_loop.service_health = Some(ServiceHealthServers::new(
+        tokio::runtime::Handle::current(),
+        health_check_addresses(&config.node),
+        Arc::new(move || healthy_status.is_healthy()),
+    ));
+    let sync_thread = std::thread::Builder::new()
+        .name("sync".into())
+        .spawn(move || sync_loop.run(wake_rx))
+        .context("cannot start the sync thread")?;
+
+    let outcome = wait_for_end(&mut fatal_rx).await;
+    let _ = wake_tx.send(Wake::Stop);
+    // The current sync finishes; an interrupted transaction would still be atomic.
+    let _ = tokio::task::spawn_blocking(move || sync_thread.join()).await;
+    if outcome.is_ok() {
+        tracing::info!("stopped; the rules stay in place until the next start");
+    }
+    outcome
+}
+
+/// Ends on SIGTERM or SIGINT (`Ok`), or on a fatal error from a source.
+async fn wait_for_end(fatal: &mut UnboundedReceiver<anyhow::Error>) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => { tracing::info!("SIGTERM received"); Ok(()) }
+        _ = int.recv() => { tracing::info!("SIGINT received"); Ok(()) }
+        Some(err) = fatal.recv() => Err(err),
+    }
+}
+
+/// Applies source events to the store in batches and wakes the sync loop when something
+/// changed.
+async fn feed_store(
+    mut events: UnboundedReceiver<SourceEvent>,
+    store: Arc<Mutex<ClusterStore>>,
+    status: Arc<AgentStatus>,
+    wake: mpsc::Sender<Wake>,
+) {
+    while let Some(first) = events.recv().await {
+        let (changed, initialized, pending) = {
+            let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
+            let was_initialized = store.is_initialized();
+            let mut changed = apply(&mut store, first);
+            while let Ok(event) = events.try_recv() {
+                changed |= apply(&mut store, event);
+            }
+            let initialized = store.is_initialized();
+            (
+                changed || (initialized && !was_initialized),
+                initialized,
+                store.pending(),
+            )
+        };
+        status
+            .metrics
+            .service_changes_pending
+            .set(pending.0 as i64);
+        status
+            .metrics
+            .endpoint_changes_pending
+            .set(pending.1 as i64);
+        if changed {
+            if initialized {
+                status.queued();
+            }
+            if wake.send(Wake::Changed).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn apply(store: &mut ClusterStore, event: SourceEvent) -> bool {
+    match event {
+        SourceEvent::Applied(Object::Service(service)) => store.apply_service(&service),
+        SourceEvent::Applied(Object::EndpointSlice(slice)) => store.apply_slice(&slice),
+        SourceEvent::Deleted {
+            kind: Kind::Service,
+            namespace,
+            name,
+        } => store.delete_service(&namespace, &name),
+        SourceEvent::Deleted {
+            kind: Kind::EndpointSlice,
+            namespace,
+            name,
+        } => store.delete_slice(&namespace, &name),
+        SourceEvent::Listed { kind, objects } => {
+            match kind {
+                Kind::Service => store.replace_services(
+                    &objects
+                        .into_iter()
+                        .filter_map(|o| match o {
+                            Object::Service(s) => Some(s),
+                            _ => None,
+                        })
+                        .collect::<Vec<_>>(),
+                ),
+                Kind::EndpointSlice => store.replace_slices(
+                    &objects
+                        .into_iter()
+                        .filter_map(|o| match o {
+                            Object::EndpointSlice(s) => Some(s),
+                            _ => None,
+                        })
+                        .collect::<Vec<_>>(),
+                ),
+                Kind::Node => {}
+            }
+            store.set_listed(kind);
+            store.has_changes()
+        }
+        SourceEvent::Applied(Object::Node(_))
+        | SourceEvent::Deleted {
+            kind: Kind::Node, ..
+        } => false,
+    }
+}
+
+/// The Node object, once listed (up to `wait` for it to exist with addresses, §2.2).
+async fn wait_for_node(
+    events: &mut UnboundedReceiver<SourceEvent>,
+    name: &str,
+    wait: Duration,
+) -> Option<NodeInfo> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut node = None;
+    loop {
+        if node.as_ref().is_some_and(|n: &NodeInfo| !n.ips.is_empty()) {
+            return node;
+        }
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(event)) => {
+                if let Some(seen) = node_of(event) {
+                    node = seen;
+                }
+            }
+            Ok(None) => return node,
+            Err(_) => {
+                tracing::error!(
+                    "timed out waiting for node {name:?} to exist with addresses; going on without"
+                );
+                return node;
+            }
+        }
+    }
+}
+
+/// The Node a watch event shows: `Some(None)` when it is gone.
+fn node_of(event: SourceEvent) -> Option<Option<NodeInfo>> {
+    match event {
+        SourceEvent::Applied(Object::Node(node)) => Some(Some(NodeInfo::of(&node))),
+        SourceEvent::Listed { objects, .. } => Some(objects.iter().find_map(|o| match o {
+            Object::Node(node) => Some(NodeInfo::of(node)),
+            _ => None,
+        })),
+        SourceEvent::Deleted { .. } => Some(None),
+        _ => None,
+    }
+}
+
+/// Fills in what flags left open from the Node (or, without one, the host's addresses).
+fn adopt_node(config: &mut AgentConfig, node: Option<&NodeInfo>) -> Result<()> {
+    if config.node.node_ips.is_empty() {
+        config.node.node_ips = match node {
+            Some(node) if !node.ips.is_empty() => node.ips.clone(),
+            _ => {
+                let host = node::host_addresses();
+                tracing::info!("no node IPs from flags or a Node object; using this host's addresses {host:?}");
+                host
+            }
+        };
+    }
+    if config.node.zone.is_none() {
+        config.node.zone = node.and_then(|n| n.zone.clone());
+    }
+    if config.detect_local == DetectLocal::NodeCidr {
+        match node {
+            Some(node) if !node.pod_cidrs.is_empty() => {
+                config.node.cluster_cidrs = node.pod_cidrs.clone();
+            }
+            _ => bail!(
+                "--detect-local-mode NodeCIDR needs the Node {:?} with spec.podCIDRs; none found",
+                config.node.hostname
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Follows the Node after start-up: its eligibility feeds `/healthz`, its zone the topology;
+/// a change of its addresses or pod CIDRs (NodeCIDR mode), or its deletion, ends the agent so
+/// that it restarts with them, as kube-proxy does (§2.2).
+async fn follow_node(
+    mut events: UnboundedReceiver<SourceEvent>,
+    started: Option<NodeInfo>,
+    config: AgentConfig,
+    status: Arc<AgentStatus>,
+    wake: mpsc::Sender<Wake>,
+    fatal: tokio::sync::mpsc::UnboundedSender<anyhow::Error>,
+) {
+    let name = config.node.hostname.clone();
+    while let Some(event) = events.recv().await {
+        let Some(node) = node_of(event) else {
+            continue;
+        };
+        status.set_node_eligible(Some(node.as_ref().is_some_and(|n| n.eligible)));
+        let reason = match (&started, &node) {
+            (Some(_), None) => Some("was deleted".to_string()),
+            (Some(before), Some(now)) if before.ips != now.ips => Some(format!(
+                "changed its addresses from {:?} to {:?}",
+                before.ips, now.ips
+            )),
+            (None, Some(now)) if !now.ips.is_empty() => {
+                Some(format!("appeared with addresses {:?}", now.ips))
+            }
+            (Some(before), Some(now))
+                if config.detect_local == DetectLocal::NodeCidr
+                    && before.pod_cidrs != now.pod_cidrs =>
+            {
+                Some("changed its pod CIDRs".to_string())
+            }
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            let _ = fatal.send(anyhow::anyhow!(
+                "node {name:?} {reason}; exiting so that the agent restarts with it"
+            ));
+            return;
+        }
+        if let Some(node) = node {
+            if wake.send(Wake::Node(node)).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Where health-check node ports listen: the node's addresses inside `--nodeport-addresses`,
+/// or every address.
+fn health_check_addresses(config: &NodeConfig) -> Vec<IpAddr> {
+    use crate::config::NodePortAddresses;
+    match &config.nodeport_addresses {
+        Some(NodePortAddresses::Cidrs(cidrs)) if !cidrs.iter().any(|c| c.prefix_len() == 0) => {
+            config
+                .node_ips
+                .iter()
+                .copied()
+                .filter(|ip| cidrs.iter().any(|c| c.contains(ip)))
+                .collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Best effort, as kube-proxy does at start-up (§4.1): a node switched from one mode to the
+/// other loses the old mode's rules. This mode's own rules are adopted, not touched.
+fn remove_other_modes_rules(mode: Mode) {
+    let other = match mode {
+        Mode::Iptables => Mode::Nftables,
+        Mode::Nftables => Mode::Iptables,
+    };
+    let mut backend = backend::system(other, BackendOptions::default());
+    if let Err(err) = backend.cleanup() {
+        tracing::debug!("removing leftover {} rules: {err}", other.name());
+    }
+}

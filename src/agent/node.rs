@@ -1,0 +1,161 @@
+//! This node as the agent sees it: its Node object's addresses, pod CIDRs, zone and
+//! eligibility (spec kube-proxy-agent.md §2, §6.1), or the host's own addresses when there is
+//! no Node object (`--from-dir`).
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Node;
+
+use crate::family::{parse_cidr_sloppy, parse_ip_sloppy, IpFamily};
+
+/// The Node label kube-proxy reads for topology (§2.3).
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// A Node with this taint is being removed; `/healthz` fails so load balancers drain it.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// What the agent uses of a Node object.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Primary IP first, then the first address of the other family (§2.2).
+    pub ips: Vec<IpAddr>,
+    pub pod_cidrs: Vec<IpNet>,
+    pub zone: Option<String>,
+    /// Not being deleted and not tainted for deletion.
+    pub eligible: bool,
+}
+
+impl NodeInfo {
+    pub fn of(node: &Node) -> NodeInfo {
+        let addresses = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_deref())
+            .unwrap_or_default();
+        // kube-proxy's GetNodeHostIPs: InternalIPs in order, then ExternalIPs.
+        let raw: Vec<IpAddr> = ["InternalIP", "ExternalIP"]
+            .iter()
+            .flat_map(|kind| {
+                addresses
+                    .iter()
+                    .filter(move |a| a.type_ == *kind)
+                    .filter_map(|a| parse_ip_sloppy(&a.address))
+            })
+            .collect();
+        let mut ips = Vec::new();
+        if let Some(&primary) = raw.first() {
+            ips.push(primary);
+            let family = IpFamily::of(&primary);
+            if let Some(&secondary) = raw.iter().find(|ip| IpFamily::of(ip) != family) {
+                ips.push(secondary);
+            }
+        }
+        let spec = node.spec.as_ref();
+        let pod_cidrs = spec
+            .and_then(|s| s.pod_cidrs.as_deref())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|c| parse_cidr_sloppy(c))
+            .collect();
+        let tainted = spec
+            .and_then(|s| s.taints.as_deref())
+            .unwrap_or_default()
+            .iter()
+            .any(|t| t.key == TO_BE_DELETED_TAINT);
+        NodeInfo {
+            ips,
+            pod_cidrs,
+            zone: node
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(ZONE_LABEL))
+                .cloned(),
+            eligible: node.metadata.deletion_timestamp.is_none() && !tainted,
+        }
+    }
+}
+
+/// The host's global addresses (no loopback, no link-local), IPv4 first, in interface order.
+pub fn host_addresses() -> Vec<IpAddr> {
+    let mut addresses = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a linked list that we only read and then free.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return addresses;
+        }
+        let mut entry = list;
+        while !entry.is_null() {
+            let addr = (*entry).ifa_addr;
+            if !addr.is_null() {
+                match i32::from((*addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(addr as *const libc::sockaddr_in);
+                        addresses.push(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(addr as *const libc::sockaddr_in6);
+                        addresses.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            entry = (*entry).ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    addresses.retain(|ip| {
+        !ip.is_loopback()
+            && !ip.is_unspecified()
+            && match ip {
+                IpAddr::V4(v4) => !v4.is_link_local(),
+                IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
+            }
+    });
+    addresses.sort_by_key(|ip| ip.is_ipv6());
+    addresses
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ips_follow_get_node_host_ips() {
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n", "labels": {ZONE_LABEL: "zone-a"}},
+            "spec": {"podCIDRs": ["10.244.1.0/24", "fd00:1::/64"],
+                     "taints": [{"key": "other", "effect": "NoSchedule"}]},
+            "status": {"addresses": [
+                {"type": "Hostname", "address": "n"},
+                {"type": "ExternalIP", "address": "fd00::5"},
+                {"type": "InternalIP", "address": "192.168.1.5"},
+                {"type": "InternalIP", "address": "192.168.1.6"}
+            ]}
+        }))
+        .unwrap();
+        let info = NodeInfo::of(&node);
+        assert_eq!(
+            info.ips,
+            vec![
+                "192.168.1.5".parse::<IpAddr>().unwrap(),
+                "fd00::5".parse().unwrap()
+            ]
+        );
+        assert_eq!(info.pod_cidrs.len(), 2);
+        assert_eq!(info.zone.as_deref(), Some("zone-a"));
+        assert!(info.eligible);
+    }
+
+    #[test]
+    fn a_node_being_removed_is_not_eligible() {
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n"},
+            "spec": {"taints": [{"key": TO_BE_DELETED_TAINT, "effect": "NoSchedule"}]}
+        }))
+        .unwrap();
+        assert!(!NodeInfo::of(&node).eligible);
+        assert!(NodeInfo::of(&node).ips.is_empty());
+    }
+}

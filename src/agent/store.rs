@@ -1,0 +1,407 @@
+//! The cluster as the agent holds it: every Service and EndpointSlice keyed by namespace/name,
+//! validated once when it arrives, with the Services whose rules may have changed since the
+//! last sync. Sources (API watches, a directory) write into it; the sync loop takes the
+//! changes out. No I/O, no clock: trigger times are read from the objects.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::SystemTime;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::model::{validate_service, validate_slice, ServiceSpec, SliceSpec, SERVICE_NAME_LABEL};
+use crate::source::{Kind, Note, ObjectRef};
+
+/// `namespace/name`; its string order is kube-proxy's canonical service order.
+pub type ServiceKey = String;
+
+/// The EndpointSlice annotation with the time its endpoints last changed (spec
+/// kube-proxy-agent.md §7.2).
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// A validated object: its spec, `None` when kproxy does not proxy it (headless, ExternalName,
+/// FQDN, another proxy's), or why it was skipped.
+type Checked<T> = Result<Option<T>, String>;
+
+#[derive(Debug)]
+struct SliceEntry {
+    /// The Service it belongs to, when the label says.
+    service: Option<ServiceKey>,
+    checked: Checked<SliceSpec>,
+}
+
+/// What changed since the sync loop last asked.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Changes {
+    /// Services whose Service object or slices changed.
+    pub services: BTreeSet<ServiceKey>,
+    /// Per Service, the trigger times of the slice changes (§7.2), for the
+    /// network-programming latency.
+    pub trigger_times: BTreeMap<ServiceKey, Vec<SystemTime>>,
+    /// Service and EndpointSlice events that changed the store.
+    pub service_events: u64,
+    pub endpoint_events: u64,
+}
+
+/// Services and EndpointSlices by key (module docs).
+#[derive(Debug, Default)]
+pub struct ClusterStore {
+    services: BTreeMap<ServiceKey, Checked<ServiceSpec>>,
+    slices: HashMap<String, SliceEntry>,
+    /// The slices of each Service, by slice key.
+    slices_of: HashMap<ServiceKey, BTreeSet<String>>,
+    changes: Changes,
+    services_listed: bool,
+    slices_listed: bool,
+    /// Objects skipped as invalid since the last time the loop asked; each is reported once
+    /// per change, not once per sync.
+    notes: Vec<Note>,
+    /// Trigger times older than this are from before the agent started and are not measured.
+    started: Option<SystemTime>,
+}
+
+impl ClusterStore {
+    /// A store that measures network programming only for changes after `started`.
+    pub fn new(started: SystemTime) -> ClusterStore {
+        ClusterStore {
+            started: Some(started),
+            ..ClusterStore::default()
+        }
+    }
+
+    /// Both kinds have been listed completely: the view is whole and may be programmed.
+    pub fn is_initialized(&self) -> bool {
+        self.services_listed && self.slices_listed
+    }
+
+    /// Records that a kind's complete list has been received.
+    pub fn set_listed(&mut self, kind: Kind) {
+        match kind {
+            Kind::Service => self.services_listed = true,
+            Kind::EndpointSlice => self.slices_listed = true,
+            Kind::Node => {}
+        }
+    }
+
+    pub fn has_changes(&self) -> bool {
+        !self.changes.services.is_empty()
+    }
+
+    /// Takes the changes and notes gathered since the last call.
+    pub fn take_changes(&mut self) -> (Changes, Vec<Note>) {
+        (
+            std::mem::take(&mut self.changes),
+            std::mem::take(&mut self.notes),
+        )
+    }
+
+    /// Services that changed and have not been taken yet, and EndpointSlice events pending.
+    pub fn pending(&self) -> (usize, u64) {
+        (self.changes.services.len(), self.changes.endpoint_events)
+    }
+
+    /// Adds or updates a Service. Returns whether anything that matters for rules changed.
+    pub fn apply_service(&mut self, service: &Service) -> bool {
+        let key = key_of(&service.metadata);
+        let checked = validate_service(service);
+        self.changes.service_events += 1;
+        if self.services.get(&key) == Some(&checked) {
+            return false;
+        }
+        if let Err(reason) = &checked {
+            self.notes.push(invalid(Kind::Service, &service.metadata, reason));
+        }
+        self.services.insert(key.clone(), checked);
+        self.changes.services.insert(key);
+        true
+    }
+
+    /// Removes a Service. Returns whether it was there.
+    pub fn delete_service(&mut self, namespace: &str, name: &str) -> bool {
+        let key = format!("{namespace}/{name}");
+        self.changes.service_events += 1;
+        if self.services.remove(&key).is_none() {
+            return false;
+        }
+        self.changes.services.insert(key);
+        true
+    }
+
+    /// Adds or updates an EndpointSlice. Returns whether anything that matters changed.
+    pub fn apply_slice(&mut self, slice: &EndpointSlice) -> bool {
+        let key = key_of(&slice.metadata);
+        let checked = validate_slice(slice);
+        self.changes.endpoint_events += 1;
+        let service = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
+            .map(|name| format!("{}/{name}", namespace_of(&slice.metadata)));
+        if let Some(old) = self.slices.get(&key) {
+            if old.checked == checked && old.service == service {
+                return false;
+            }
+        }
+        if let Err(reason) = &checked {
+            self.notes
+                .push(invalid(Kind::EndpointSlice, &slice.metadata, reason));
+        }
+        if let Some(service) = &service {
+            if let Some(time) = trigger_time(&slice.metadata).filter(|t| Some(*t) > self.started)
+            {
+                self.changes
+                    .trigger_times
+                    .entry(service.clone())
+                    .or_default()
+                    .push(time);
+            }
+            self.slices_of
+                .entry(service.clone())
+                .or_default()
+                .insert(key.clone());
+            self.changes.services.insert(service.clone());
+        }
+        let old = self.slices.insert(key.clone(), SliceEntry { service, checked });
+        if let Some(old_service) = old.and_then(|old| old.service) {
+            self.unlink(&old_service, &key);
+        }
+        true
+    }
+
+    /// Removes an EndpointSlice. Returns whether it was there.
+    pub fn delete_slice(&mut self, namespace: &str, name: &str) -> bool {
+        let key = format!("{namespace}/{name}");
+        self.changes.endpoint_events += 1;
+        let Some(old) = self.slices.remove(&key) else {
+            return false;
+        };
+        if let Some(service) = old.service {
+            // A deleted slice discards the Service's pending trigger times (§7.2).
+            self.changes.trigger_times.remove(&service);
+            self.unlink(&service, &key);
+            self.changes.services.insert(service);
+        }
+        true
+    }
+
+    /// Replaces every object of a kind with a complete list (after a relist, or a re-read
+    /// directory): objects not in it are deleted, the others applied. Only real differences
+    /// count as changes.
+    pub fn replace_services(&mut self, services: &[Service]) {
+        let keep: BTreeSet<ServiceKey> = services.iter().map(|s| key_of(&s.metadata)).collect();
+        let gone: Vec<ServiceKey> = self
+            .services
+            .keys()
+            .filter(|key| !keep.contains(*key))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some((namespace, name)) = key.split_once('/') {
+                self.delete_service(namespace, name);
+            }
+        }
+        for service in services {
+            self.apply_service(service);
+        }
+    }
+
+    /// [`ClusterStore::replace_services`] for EndpointSlices.
+    pub fn replace_slices(&mut self, slices: &[EndpointSlice]) {
+        let keep: BTreeSet<String> = slices.iter().map(|s| key_of(&s.metadata)).collect();
+        let gone: Vec<String> = self
+            .slices
+            .keys()
+            .filter(|key| !keep.contains(*key))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some((namespace, name)) = key.split_once('/') {
+                self.delete_slice(namespace, name);
+            }
+        }
+        for slice in slices {
+            self.apply_slice(slice);
+        }
+    }
+
+    fn unlink(&mut self, service: &str, slice: &str) {
+        // The slice may have been re-linked to the same Service just before.
+        if self.slices.get(slice).and_then(|e| e.service.as_deref()) == Some(service) {
+            return;
+        }
+        if let Some(set) = self.slices_of.get_mut(service) {
+            set.remove(slice);
+            if set.is_empty() {
+                self.slices_of.remove(service);
+            }
+        }
+    }
+
+    /// The proxied Service with this key, if it is valid.
+    pub fn service(&self, key: &str) -> Option<&ServiceSpec> {
+        self.services.get(key)?.as_ref().ok()?.as_ref()
+    }
+
+    /// Every proxied, valid Service in key order.
+    pub fn services(&self) -> impl Iterator<Item = (&ServiceKey, &ServiceSpec)> {
+        self.services
+            .iter()
+            .filter_map(|(key, checked)| Some((key, checked.as_ref().ok()?.as_ref()?)))
+    }
+
+    /// The valid slices of a Service.
+    pub fn slices_of(&self, key: &str) -> Vec<&SliceSpec> {
+        self.slices_of
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|slice| self.slices.get(slice)?.checked.as_ref().ok()?.as_ref())
+            .filter(|slice| service_key(slice) == key)
+            .collect()
+    }
+
+    /// Objects currently skipped as invalid, by kind.
+    pub fn invalid_counts(&self) -> (usize, usize) {
+        (
+            self.services.values().filter(|c| c.is_err()).count(),
+            self.slices.values().filter(|e| e.checked.is_err()).count(),
+        )
+    }
+
+    pub fn len(&self) -> (usize, usize) {
+        (self.services.len(), self.slices.len())
+    }
+}
+
+fn service_key(slice: &SliceSpec) -> String {
+    format!("{}/{}", slice.namespace, slice.service_name)
+}
+
+fn namespace_of(meta: &ObjectMeta) -> &str {
+    meta.namespace.as_deref().unwrap_or("default")
+}
+
+fn key_of(meta: &ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        namespace_of(meta),
+        meta.name.as_deref().unwrap_or_default()
+    )
+}
+
+fn invalid(kind: Kind, meta: &ObjectMeta, reason: &str) -> Note {
+    Note::Invalid {
+        object: ObjectRef {
+            kind: kind.name().to_string(),
+            namespace: namespace_of(meta).to_string(),
+            name: meta.name.clone().unwrap_or_else(|| "<unnamed>".into()),
+        },
+        reason: reason.to_string(),
+    }
+}
+
+/// The slice's trigger-time annotation, when it parses as RFC 3339 (§7.2).
+fn trigger_time(meta: &ObjectMeta) -> Option<SystemTime> {
+    let text = meta.annotations.as_ref()?.get(TRIGGER_TIME_ANNOTATION)?;
+    let time: k8s_openapi::jiff::Timestamp = text.parse().ok()?;
+    let nanos = time.as_nanosecond();
+    let nanos = u64::try_from(nanos).ok().filter(|n| *n > 0)?;
+    Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_nanos(nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(name: &str, ip: &str) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": {"clusterIP": ip, "ports": [{"name": "p", "port": 80, "protocol": "TCP"}]}
+        }))
+        .expect("a valid Service")
+    }
+
+    fn slice(name: &str, service: &str, ip: &str, trigger: Option<&str>) -> EndpointSlice {
+        let mut annotations = serde_json::Map::new();
+        if let Some(t) = trigger {
+            annotations.insert(TRIGGER_TIME_ANNOTATION.into(), t.into());
+        }
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns",
+                         "labels": {"kubernetes.io/service-name": service},
+                         "annotations": annotations},
+            "addressType": "IPv4",
+            "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}]
+        }))
+        .expect("a valid EndpointSlice")
+    }
+
+    #[test]
+    fn only_real_changes_mark_a_service() {
+        let mut store = ClusterStore::new(SystemTime::UNIX_EPOCH);
+        assert!(store.apply_service(&service("a", "10.0.0.1")));
+        assert!(store.apply_slice(&slice("a-1", "a", "10.1.0.1", None)));
+        let (changes, notes) = store.take_changes();
+        assert_eq!(changes.services, BTreeSet::from(["ns/a".to_string()]));
+        assert!(notes.is_empty());
+        // The same objects again change nothing (a resync, a relist).
+        assert!(!store.apply_service(&service("a", "10.0.0.1")));
+        assert!(!store.apply_slice(&slice("a-1", "a", "10.1.0.1", None)));
+        assert!(!store.has_changes());
+        assert_eq!(store.slices_of("ns/a").len(), 1);
+    }
+
+    #[test]
+    fn moving_a_slice_marks_both_services_and_relinks_it() {
+        let mut store = ClusterStore::new(SystemTime::UNIX_EPOCH);
+        store.apply_slice(&slice("s", "a", "10.1.0.1", None));
+        store.take_changes();
+        store.apply_slice(&slice("s", "b", "10.1.0.1", None));
+        let (changes, _) = store.take_changes();
+        assert_eq!(
+            changes.services,
+            BTreeSet::from(["ns/b".to_string()]),
+            "the new owner is marked"
+        );
+        assert!(store.slices_of("ns/a").is_empty());
+        assert_eq!(store.slices_of("ns/b").len(), 1);
+    }
+
+    #[test]
+    fn an_invalid_object_is_noted_once_and_replace_deletes_the_missing() {
+        let mut store = ClusterStore::new(SystemTime::UNIX_EPOCH);
+        store.replace_services(&[service("a", "10.0.0.1"), service("b", "not-an-ip")]);
+        let (_, notes) = store.take_changes();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].to_string().starts_with("skipped Service ns/b: "));
+        store.replace_services(&[service("b", "not-an-ip")]);
+        let (changes, notes) = store.take_changes();
+        assert!(notes.is_empty(), "the same bad object is not reported again");
+        assert_eq!(changes.services, BTreeSet::from(["ns/a".to_string()]));
+        assert!(store.service("ns/a").is_none());
+        assert_eq!(store.invalid_counts(), (1, 0));
+    }
+
+    #[test]
+    fn trigger_times_after_start_are_kept_and_dropped_with_the_slice() {
+        let started = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let mut store = ClusterStore::new(started);
+        store.apply_slice(&slice("s", "a", "10.1.0.1", Some("2020-01-01T00:00:00Z")));
+        store.apply_slice(&slice("s", "a", "10.1.0.2", Some("2030-01-01T00:00:00.5Z")));
+        let (changes, _) = store.take_changes();
+        let times = &changes.trigger_times["ns/a"];
+        assert_eq!(times.len(), 1, "the one before the start is not measured");
+        assert_eq!(
+            times[0],
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_893_456_000_500)
+        );
+        store.apply_slice(&slice("s", "a", "10.1.0.3", Some("2030-01-01T00:00:01Z")));
+        store.delete_slice("ns", "s");
+        let (changes, _) = store.take_changes();
+        assert!(changes.trigger_times.is_empty());
+        assert_eq!(changes.services, BTreeSet::from(["ns/a".to_string()]));
+    }
+}

@@ -1,0 +1,261 @@
+//! One interface for both rule backends, so that neither the command line nor the agent matches
+//! on the mode: [`Mode::render`] turns models into the text a kernel tool reads (pure), and a
+//! [`Backend`] keeps the kernel in step with models (translate, diff, apply) and removes what it
+//! owns. The two implementations wrap the mode's syncer and translator; both are generic over
+//! the syncer's applier, so tests drive them with the fake kernels.
+
+use std::time::Instant;
+
+use crate::config::NodeConfig;
+use crate::family::IpFamily;
+use crate::model::ProxyModel;
+use crate::sync::iptables::{self as ipt_sync, BackendChoice, IptablesSyncer, SystemApplier};
+use crate::sync::nftables::{self as nft_sync, NftApplier, SyncOptions, Syncer};
+use crate::sync::{SyncError, SyncReport};
+use crate::{iptables, nftables};
+
+/// Which rule backend to produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Iptables,
+    Nftables,
+}
+
+impl Mode {
+    /// kube-proxy's name of the mode (`/proxyMode`, logs).
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Iptables => "iptables",
+            Mode::Nftables => "nftables",
+        }
+    }
+
+    /// The full ruleset of every model as the kernel tool reads it: `iptables-restore` input
+    /// (for dual-stack, each family after a `#` header naming its tool) or one `nft -f` script
+    /// holding every family's table, which nft accepts as one transaction.
+    pub fn render(self, models: &[ProxyModel], config: &NodeConfig) -> String {
+        match self {
+            Mode::Iptables => {
+                let dual = models.len() > 1;
+                let mut text = String::new();
+                for model in models {
+                    let ruleset = iptables::translate(model, config);
+                    if dual {
+                        let tool = match ruleset.family {
+                            IpFamily::V4 => "iptables-restore",
+                            IpFamily::V6 => "ip6tables-restore",
+                        };
+                        text.push_str(&format!("# {tool} input ({})\n", ruleset.family));
+                    }
+                    text.push_str(&ruleset.to_restore_text());
+                }
+                text
+            }
+            Mode::Nftables => models
+                .iter()
+                .map(|model| nftables::translate(model, config).to_nft_script())
+                .collect(),
+        }
+    }
+}
+
+/// What one sync of one family did.
+#[derive(Debug)]
+pub struct FamilySync {
+    pub family: IpFamily,
+    pub result: Result<SyncReport, SyncError>,
+    /// The rules kproxy owns in the kernel after a successful sync, by table (iptables:
+    /// `filter`, `nat`) or as the whole table's objects (nftables: `kube-proxy`).
+    pub programmed: Vec<(&'static str, usize)>,
+}
+
+/// Keeps one network namespace's rules equal to the models, in one mode.
+pub trait Backend: Send {
+    fn mode(&self) -> Mode;
+
+    /// Translates every model and applies the difference to what the kernel holds, one atomic
+    /// transaction per family. Families are independent: each has its own result.
+    fn sync(&mut self, models: &[ProxyModel], config: &NodeConfig) -> Vec<FamilySync>;
+
+    /// Makes the next sync of every family a full one (it re-reads the kernel).
+    fn request_full_sync(&mut self);
+
+    /// When a sync is needed even without a change: flushed chains wait for their deletion.
+    fn next_deadline(&self) -> Option<Instant>;
+
+    /// Removes every rule kproxy owns in this mode, in both families, and nothing else.
+    fn cleanup(&mut self) -> Result<(), SyncError>;
+}
+
+/// How the real backends behave.
+#[derive(Debug, Clone, Copy)]
+pub struct BackendOptions {
+    /// iptables: which iptables binaries (nf_tables or legacy) to use.
+    pub iptables: BackendChoice,
+    /// A process that syncs once and exits (`sync --once`).
+    pub one_shot: bool,
+}
+
+impl Default for BackendOptions {
+    fn default() -> Self {
+        BackendOptions {
+            iptables: BackendChoice::Auto,
+            one_shot: false,
+        }
+    }
+}
+
+/// The backend of `mode` on this network namespace's real kernel tools.
+pub fn system(mode: Mode, options: BackendOptions) -> Box<dyn Backend> {
+    match mode {
+        Mode::Iptables => Box::new(IptablesBackend {
+            syncer: IptablesSyncer::new(SystemApplier::new(options.iptables)),
+            choice: Some(options.iptables),
+        }),
+        Mode::Nftables => Box::new(NftablesBackend::new(
+            NftApplier::new(),
+            if options.one_shot {
+                SyncOptions::one_shot()
+            } else {
+                SyncOptions::default()
+            },
+        )),
+    }
+}
+
+/// iptables mode: `iptables-restore` of the chains that changed (spec §4.11).
+pub struct IptablesBackend<A: ipt_sync::Applier> {
+    syncer: IptablesSyncer<A>,
+    /// The real tools: cleanup covers every installed iptables (nft and legacy) for `Auto`.
+    choice: Option<BackendChoice>,
+}
+
+impl<A: ipt_sync::Applier> IptablesBackend<A> {
+    pub fn new(applier: A) -> IptablesBackend<A> {
+        IptablesBackend {
+            syncer: IptablesSyncer::new(applier),
+            choice: None,
+        }
+    }
+
+    pub fn syncer(&self) -> &IptablesSyncer<A> {
+        &self.syncer
+    }
+
+    pub fn syncer_mut(&mut self) -> &mut IptablesSyncer<A> {
+        &mut self.syncer
+    }
+}
+
+impl<A: ipt_sync::Applier + Send> Backend for IptablesBackend<A> {
+    fn mode(&self) -> Mode {
+        Mode::Iptables
+    }
+
+    fn sync(&mut self, models: &[ProxyModel], config: &NodeConfig) -> Vec<FamilySync> {
+        models
+            .iter()
+            .map(|model| {
+                let ruleset = iptables::translate(model, config);
+                let programmed = vec![
+                    ("filter", count_rules(&ruleset.filter)),
+                    ("nat", count_rules(&ruleset.nat)),
+                ];
+                let result = self
+                    .syncer
+                    .sync(vec![ruleset])
+                    .map(|mut reports| reports.remove(0));
+                FamilySync {
+                    family: model.family,
+                    result,
+                    programmed,
+                }
+            })
+            .collect()
+    }
+
+    fn request_full_sync(&mut self) {
+        self.syncer.request_full_sync();
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        None
+    }
+
+    fn cleanup(&mut self) -> Result<(), SyncError> {
+        match self.choice {
+            Some(choice) => ipt_sync::cleanup_with(choice),
+            None => ipt_sync::cleanup_applier(self.syncer.applier_mut()),
+        }
+    }
+}
+
+fn count_rules(table: &iptables::Table) -> usize {
+    table.chains.iter().map(|chain| chain.rules.len()).sum()
+}
+
+/// nftables mode: one `nft -f` transaction of the objects that changed (spec §5A.11).
+pub struct NftablesBackend<A: nft_sync::Applier> {
+    syncer: Syncer<A>,
+}
+
+impl<A: nft_sync::Applier> NftablesBackend<A> {
+    pub fn new(applier: A, options: SyncOptions) -> NftablesBackend<A> {
+        NftablesBackend {
+            syncer: Syncer::new(applier, options),
+        }
+    }
+
+    pub fn syncer(&self) -> &Syncer<A> {
+        &self.syncer
+    }
+
+    pub fn syncer_mut(&mut self) -> &mut Syncer<A> {
+        &mut self.syncer
+    }
+}
+
+impl<A: nft_sync::Applier + Send> Backend for NftablesBackend<A> {
+    fn mode(&self) -> Mode {
+        Mode::Nftables
+    }
+
+    fn sync(&mut self, models: &[ProxyModel], config: &NodeConfig) -> Vec<FamilySync> {
+        models
+            .iter()
+            .map(|model| {
+                let ruleset = nftables::translate(model, config);
+                let objects = 1
+                    + ruleset.chains.len()
+                    + ruleset.chains.iter().map(|c| c.rules.len()).sum::<usize>()
+                    + ruleset.sets.len()
+                    + ruleset.maps.len()
+                    + ruleset.elements.len();
+                let result = self
+                    .syncer
+                    .sync(std::slice::from_ref(&ruleset))
+                    .map(|mut reports| reports.remove(0));
+                FamilySync {
+                    family: model.family,
+                    result,
+                    programmed: vec![(nftables::TABLE_NAME, objects)],
+                }
+            })
+            .collect()
+    }
+
+    fn request_full_sync(&mut self) {
+        self.syncer.request_full_sync();
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.syncer.next_deadline()
+    }
+
+    fn cleanup(&mut self) -> Result<(), SyncError> {
+        nft_sync::cleanup_with(
+            self.syncer.applier_mut(),
+            &[IpFamily::V4, IpFamily::V6],
+        )
+    }
+}

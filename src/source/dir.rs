@@ -1,0 +1,177 @@
+//! A directory of manifests as a source for the agent (`kproxy run --from-dir`): read at start,
+//! re-read whenever something in it changes (inotify through `notify`). A file that fails to
+//! read or parse keeps its last good content and is reported; it never stops the agent.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc::{self, UnboundedSender};
+
+use super::{is_manifest_file, Kind, Manifests, Object, SourceEvent};
+
+/// How long to wait for more events after one, so that an editor's several writes or a
+/// ConfigMap's symlink swap lead to one re-read.
+const SETTLE: Duration = Duration::from_millis(50);
+
+#[derive(Debug)]
+struct FileContent {
+    text: String,
+    manifests: Manifests,
+}
+
+/// The manifests of one directory, by file, with each file's last good content.
+#[derive(Debug)]
+pub struct ManifestDir {
+    path: PathBuf,
+    files: BTreeMap<PathBuf, FileContent>,
+}
+
+impl ManifestDir {
+    pub fn new(path: impl Into<PathBuf>) -> ManifestDir {
+        ManifestDir {
+            path: path.into(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    /// Re-reads the directory. Files that changed are parsed again; a file that cannot be
+    /// read or parsed keeps its previous content. Returns a message for everything worth
+    /// reporting (bad files, ignored kinds, objects that do not match the schema), each once
+    /// per change of the file.
+    pub fn reread(&mut self) -> Result<Vec<String>, std::io::Error> {
+        let mut reports = Vec::new();
+        let mut present: Vec<PathBuf> = std::fs::read_dir(&self.path)?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && is_manifest_file(p))
+            .collect();
+        present.sort();
+        self.files.retain(|path, _| present.contains(path));
+        for path in present {
+            let text = match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(err) => {
+                    reports.push(format!(
+                        "cannot read {}: {err}; keeping its last good content",
+                        path.display()
+                    ));
+                    continue;
+                }
+            };
+            if self.files.get(&path).is_some_and(|f| f.text == text) {
+                continue;
+            }
+            let mut manifests = Manifests::default();
+            match manifests.add_text(&text, &path.display().to_string()) {
+                Ok(()) => {
+                    reports.extend(manifests.notes.iter().map(ToString::to_string));
+                    self.files.insert(path, FileContent { text, manifests });
+                }
+                Err(err) => {
+                    let kept = if self.files.contains_key(&path) {
+                        "keeping its last good content"
+                    } else {
+                        "ignoring it until it parses"
+                    };
+                    reports.push(format!("{err}; {kept}"));
+                }
+            }
+        }
+        Ok(reports)
+    }
+
+    /// Every object of every file, in file order.
+    pub fn objects(&self) -> (Vec<Object>, Vec<Object>) {
+        let mut services = Vec::new();
+        let mut slices = Vec::new();
+        for file in self.files.values() {
+            let state = &file.manifests.state;
+            services.extend(state.services.iter().cloned().map(Object::Service));
+            slices.extend(state.endpoint_slices.iter().cloned().map(Object::EndpointSlice));
+        }
+        (services, slices)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Reads `dir` and sends its objects as complete lists, then again after every change, until
+/// the receiver is gone. Fails only when the directory cannot be watched at all.
+pub async fn watch_dir(
+    mut dir: ManifestDir,
+    events: UnboundedSender<SourceEvent>,
+) -> anyhow::Result<()> {
+    let (notify_tx, mut notify_rx) = mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let _ = notify_tx.send(event.map(|_| ()));
+    })?;
+    watcher
+        .watch(dir.path(), RecursiveMode::NonRecursive)
+        .map_err(|err| {
+            anyhow::anyhow!("cannot watch the directory {}: {err}", dir.path().display())
+        })?;
+    loop {
+        match dir.reread() {
+            Ok(reports) => {
+                for report in reports {
+                    tracing::warn!("{report}");
+                }
+                let (services, slices) = dir.objects();
+                for (kind, objects) in [(Kind::Service, services), (Kind::EndpointSlice, slices)] {
+                    if events.send(SourceEvent::Listed { kind, objects }).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            Err(err) => tracing::warn!(
+                "cannot list the directory {}: {err}; keeping what was read before",
+                dir.path().display()
+            ),
+        }
+        // Wait for a change, then for the burst of events it comes with to settle.
+        match notify_rx.recv().await {
+            None => return Ok(()),
+            Some(Err(err)) => tracing::warn!("watching {} failed: {err}", dir.path().display()),
+            Some(Ok(())) => {}
+        }
+        loop {
+            match tokio::time::timeout(SETTLE, notify_rx.recv()).await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return Ok(()),
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: ns}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n";
+
+    #[test]
+    fn a_broken_file_keeps_its_last_good_content() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("a.yaml");
+        std::fs::write(&file, SERVICE).unwrap();
+        std::fs::write(tmp.path().join("notes.txt"), "not a manifest").unwrap();
+        let mut dir = ManifestDir::new(tmp.path());
+        assert!(dir.reread().unwrap().is_empty());
+        assert_eq!(dir.objects().0.len(), 1);
+
+        std::fs::write(&file, "kind: Service\nmetadata: [\n").unwrap();
+        let reports = dir.reread().unwrap();
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        assert!(reports[0].contains("a.yaml: malformed YAML/JSON at line"), "{}", reports[0]);
+        assert!(reports[0].ends_with("keeping its last good content"));
+        assert_eq!(dir.objects().0.len(), 1, "the last good Service stays");
+
+        std::fs::remove_file(&file).unwrap();
+        dir.reread().unwrap();
+        assert!(dir.objects().0.is_empty(), "a removed file's objects go");
+    }
+}
