@@ -15,6 +15,7 @@
 //! restarted agent adopts its own rules without dropping traffic or affinity state. SIGTERM
 //! and SIGINT end the agent after the current sync, leaving the rules in place.
 
+pub mod config_file;
 pub mod health;
 pub mod http;
 pub mod metrics;

@@ -1,0 +1,572 @@
+//! The `kproxy` command line: parses flags (and `run`'s configuration file), calls the
+//! library, reports. Nothing else.
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+
+use crate::agent::config_file::{parse_duration, KubeProxyConfiguration};
+use crate::agent::{AgentConfig, DetectLocal, Source};
+use crate::backend::{self, BackendOptions, Mode};
+use crate::config::{MasqueradeMark, NodeConfig, NodePortAddresses};
+use crate::family::{parse_cidr_sloppy, FamilyMode};
+use crate::pipeline;
+use crate::source::kube::ApiServer;
+use crate::source::Manifests;
+
+#[derive(Parser)]
+#[command(
+    name = "kproxy",
+    version,
+    about = "A kube-proxy-compatible service proxy"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Print the full ruleset for a set of manifests.
+    Render {
+        #[command(flatten)]
+        common: Common,
+        /// Manifest files or directories; `-` reads stdin.
+        #[arg(required = true, value_name = "FILE|DIR|-")]
+        inputs: Vec<PathBuf>,
+    },
+    /// Apply the rules for a set of manifests to this network namespace, then exit.
+    Sync {
+        /// Sync once and exit (the only form; `kproxy run` is the node agent).
+        #[arg(long, required = true)]
+        once: bool,
+        #[command(flatten)]
+        common: Common,
+        /// Manifest files or directories; `-` reads stdin.
+        #[arg(required = true, value_name = "FILE|DIR|-")]
+        inputs: Vec<PathBuf>,
+    },
+    /// The node agent: watch the cluster (or a directory) and keep this node's rules in step.
+    Run(Box<RunArgs>),
+    /// Remove every rule kproxy owns (both families), and nothing else.
+    Cleanup {
+        /// Rule backend.
+        #[arg(long, value_enum, default_value = "iptables")]
+        mode: ModeArg,
+        /// iptables: which iptables to clean; `auto` cleans both nft and legacy.
+        #[arg(long, value_enum, default_value = "auto")]
+        iptables_backend: IptablesBackendArg,
+    },
+    /// Print a synthetic cluster (Services and EndpointSlices) as manifests, for benchmarks.
+    Generate {
+        /// Number of Services.
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
+        /// Ready endpoints per Service.
+        #[arg(long, default_value_t = 10)]
+        endpoints: usize,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ModeArg {
+    Iptables,
+    Nftables,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum IptablesBackendArg {
+    Auto,
+    Nft,
+    Legacy,
+}
+
+impl IptablesBackendArg {
+    fn choice(self) -> crate::sync::iptables::BackendChoice {
+        use crate::sync::iptables::BackendChoice;
+        match self {
+            IptablesBackendArg::Auto => BackendChoice::Auto,
+            IptablesBackendArg::Nft => BackendChoice::Nft,
+            IptablesBackendArg::Legacy => BackendChoice::Legacy,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum FamilyArg {
+    Ipv4,
+    Ipv6,
+    Dual,
+}
+
+#[derive(Args)]
+pub struct Common {
+    /// Rule backend [default: iptables].
+    #[arg(long, value_enum, alias = "proxy-mode")]
+    mode: Option<ModeArg>,
+    /// Node name; endpoints with this `nodeName` are local. Default: this machine's hostname.
+    #[arg(long, alias = "hostname-override")]
+    hostname: Option<String>,
+    /// Node address; the first of each family is the primary node IP. Repeatable.
+    #[arg(long = "node-ip", value_name = "IP")]
+    node_ips: Vec<IpAddr>,
+    /// Pod network (the first per family tells pod traffic from other traffic). Repeatable.
+    #[arg(long = "cluster-cidr", value_name = "CIDR")]
+    cluster_cidrs: Vec<String>,
+    /// A ServiceCIDR of the cluster; nftables drops traffic to its unallocated addresses.
+    /// Repeatable.
+    #[arg(long = "service-cidr", value_name = "CIDR")]
+    service_cidrs: Vec<String>,
+    /// Masquerade all traffic to cluster IPs.
+    #[arg(long)]
+    masquerade_all: bool,
+    /// Where NodePorts are accepted: comma-separated CIDRs, or `primary`. Default: every address
+    /// (iptables) or the primary node IP (nftables).
+    #[arg(long, value_name = "CIDR,...")]
+    nodeport_addresses: Option<String>,
+    /// IP families to proxy [default: ipv4].
+    #[arg(long, value_enum)]
+    ip_family: Option<FamilyArg>,
+    /// This node's zone, for topology-aware routing hints.
+    #[arg(long)]
+    zone: Option<String>,
+    /// Bit of the packet mark that requests masquerading [default: 14].
+    #[arg(long, alias = "iptables-masquerade-bit", value_parser = clap::value_parser!(u8).range(0..32))]
+    masquerade_bit: Option<u8>,
+    /// iptables: accept NodePorts on 127.0.0.0/8 as kube-proxy does [default: true].
+    #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL")]
+    iptables_localhost_nodeports: Option<bool>,
+    /// iptables: the iptables backend; `auto` finds the one the node uses (kubelet's hint
+    /// chains, else the `iptables` alternative).
+    #[arg(long, value_enum, default_value = "auto")]
+    iptables_backend: IptablesBackendArg,
+    /// iptables: the host's iptables lacks `MASQUERADE --random-fully`.
+    #[arg(long)]
+    no_random_fully: bool,
+    /// iptables: count into kube-proxy's nfacct counters (they must exist).
+    #[arg(long)]
+    nfacct_counters: bool,
+    /// iptables: nf_conntrack_tcp_be_liberal is set, so INVALID packets are not dropped.
+    #[arg(long)]
+    conntrack_tcp_be_liberal: bool,
+}
+
+/// `kproxy run`'s own flags (kube-proxy's names are accepted where they mean the same).
+#[derive(Args)]
+#[command(group = clap::ArgGroup::new("source").args(["kubeconfig", "master", "from_dir"]).multiple(true))]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// The kubeconfig to reach the API server with. Without it, --master or --from-dir: the
+    /// in-cluster service account, else $KUBECONFIG.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The API server's URL (overrides the kubeconfig's).
+    #[arg(long, value_name = "URL")]
+    pub master: Option<String>,
+    /// Read Services and EndpointSlices from the manifests in this directory, re-read when it
+    /// changes, instead of watching an API server.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kubeconfig", "master"])]
+    pub from_dir: Option<PathBuf>,
+    /// Where /healthz and /livez are served; empty disables [default: 0.0.0.0:10256].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub healthz_bind_address: Option<String>,
+    /// Where /metrics is served; empty disables [default: 127.0.0.1:10249].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_bind_address: Option<String>,
+    /// The shortest time between two syncs [default: 1s].
+    #[arg(long, value_name = "DURATION", alias = "iptables-min-sync-period", value_parser = parse_duration)]
+    pub min_sync_period: Option<Duration>,
+    /// The longest time between two syncs [default: 30s]; a failed sync is retried within it.
+    #[arg(long, value_name = "DURATION", alias = "iptables-sync-period", value_parser = parse_duration)]
+    pub sync_period: Option<Duration>,
+    /// A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1); flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Remove every rule kproxy owns in this mode and exit, as `kproxy cleanup`.
+    #[arg(long)]
+    pub cleanup: bool,
+    /// How local traffic is recognised: the --cluster-cidr ranges, or the Node's podCIDRs
+    /// [default: ClusterCIDR].
+    #[arg(long, value_enum)]
+    pub detect_local_mode: Option<DetectLocalArg>,
+    /// How long start-up waits for this node's Node object to have addresses.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub node_wait: Duration,
+    /// Log verbosity as kube-proxy's --v: 0-1 info, 2-3 debug, 4 and more trace.
+    #[arg(long = "v", short = 'v', value_name = "LEVEL", default_value_t = 0)]
+    pub verbosity: u8,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DetectLocalArg {
+    #[value(name = "ClusterCIDR")]
+    ClusterCidr,
+    #[value(name = "NodeCIDR")]
+    NodeCidr,
+}
+
+impl Common {
+    /// The mode: the flag, else the file's, else iptables.
+    fn mode_with(&self, file: Option<&KubeProxyConfiguration>) -> Result<Mode> {
+        if let Some(mode) = self.mode {
+            return Ok(mode.mode());
+        }
+        match file.and_then(|f| f.mode.as_deref()) {
+            None | Some("") | Some("iptables") => Ok(Mode::Iptables),
+            Some("nftables") => Ok(Mode::Nftables),
+            Some(other) => bail!("the configuration file's mode {other:?} is not supported (iptables or nftables)"),
+        }
+    }
+
+    fn mode(&self) -> Mode {
+        self.mode.map_or(Mode::Iptables, ModeArg::mode)
+    }
+
+    fn node_config(&self) -> Result<NodeConfig> {
+        self.node_config_with(None)
+    }
+
+    /// The node settings from the flags, with the file's values where no flag was given.
+    fn node_config_with(&self, file: Option<&KubeProxyConfiguration>) -> Result<NodeConfig> {
+        let mode = self.mode_with(file)?;
+        let settings = file.map(|f| f.mode_settings(mode.name())).unwrap_or_default();
+        let hostname = match self
+            .hostname
+            .clone()
+            .or_else(|| file.and_then(|f| f.hostname_override.clone()))
+            .filter(|name| !name.trim().is_empty())
+        {
+            Some(name) => name,
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .context("cannot read this machine's hostname; pass --hostname")?,
+        };
+        let mut config = NodeConfig::new(hostname.trim().to_lowercase());
+        config.node_ips = self.node_ips.clone();
+        let file_cidrs: Vec<String> = file
+            .and_then(|f| f.cluster_cidr.as_deref())
+            .map(|text| {
+                text.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let cluster_cidrs = if self.cluster_cidrs.is_empty() {
+            &file_cidrs
+        } else {
+            &self.cluster_cidrs
+        };
+        config.cluster_cidrs = cluster_cidrs
+            .iter()
+            .map(|text| parse_cidr_arg(text, "--cluster-cidr"))
+            .collect::<Result<_>>()?;
+        config.service_cidrs = self
+            .service_cidrs
+            .iter()
+            .map(|text| parse_cidr_arg(text, "--service-cidr"))
+            .collect::<Result<_>>()?;
+        config.masquerade_all = self.masquerade_all || settings.masquerade_all.unwrap_or(false);
+        let file_nodeports = file
+            .and_then(|f| f.node_port_addresses.clone())
+            .filter(|list| !list.is_empty())
+            .map(|list| list.join(","));
+        config.nodeport_addresses = match self.nodeport_addresses.clone().or(file_nodeports) {
+            None => None,
+            Some(list) if list == "primary" => Some(NodePortAddresses::Primary),
+            Some(list) => Some(NodePortAddresses::Cidrs(
+                list.split(',')
+                    .filter(|s| !s.trim().is_empty())
+                    .map(|text| parse_cidr_arg(text.trim(), "--nodeport-addresses"))
+                    .collect::<Result<_>>()?,
+            )),
+        };
+        config.family_mode = match self.ip_family.unwrap_or(FamilyArg::Ipv4) {
+            FamilyArg::Ipv4 => FamilyMode::V4,
+            FamilyArg::Ipv6 => FamilyMode::V6,
+            FamilyArg::Dual => FamilyMode::Dual,
+        };
+        config.zone = self.zone.clone();
+        let bit = match (self.masquerade_bit, settings.masquerade_bit) {
+            (Some(bit), _) => bit,
+            (None, Some(bit)) => u8::try_from(bit)
+                .ok()
+                .filter(|b| *b < 32)
+                .with_context(|| format!("masqueradeBit {bit} is not in 0..31"))?,
+            (None, None) => 14,
+        };
+        config.masquerade_mark = MasqueradeMark::from_bit(bit);
+        config.iptables.localhost_nodeports = self
+            .iptables_localhost_nodeports
+            .or(settings.localhost_node_ports)
+            .unwrap_or(true);
+        config.iptables.random_fully = !self.no_random_fully;
+        config.iptables.nfacct_counters = self.nfacct_counters;
+        config.iptables.conntrack_tcp_be_liberal = self.conntrack_tcp_be_liberal
+            || file
+                .and_then(|f| f.conntrack.as_ref())
+                .and_then(|c| c.tcp_be_liberal)
+                .unwrap_or(false);
+        Ok(config)
+    }
+
+    fn backend_options(&self, one_shot: bool) -> BackendOptions {
+        BackendOptions {
+            iptables: self.iptables_backend.choice(),
+            one_shot,
+        }
+    }
+}
+
+impl ModeArg {
+    fn mode(self) -> Mode {
+        match self {
+            ModeArg::Iptables => Mode::Iptables,
+            ModeArg::Nftables => Mode::Nftables,
+        }
+    }
+}
+
+fn parse_cidr_arg(text: &str, flag: &str) -> Result<IpNet> {
+    match parse_cidr_sloppy(text) {
+        Some(net) => Ok(net),
+        None => bail!("{flag}: {text:?} is not a CIDR (like 10.244.0.0/16)"),
+    }
+}
+
+/// `HOST:PORT` or a bare IP (the default port is added); empty disables the server.
+fn bind_address(text: &str, default_port: u16, flag: &str) -> Result<Option<SocketAddr>> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(address) = text.parse::<SocketAddr>() {
+        return Ok(Some(address));
+    }
+    match crate::family::parse_ip_sloppy(text) {
+        Some(ip) => Ok(Some(SocketAddr::new(ip, default_port))),
+        None => bail!("{flag}: {text:?} is not HOST:PORT (like 0.0.0.0:10256)"),
+    }
+}
+
+impl RunArgs {
+    /// The agent's configuration: flags, over the file's values, over kube-proxy's defaults.
+    pub fn agent_config(&self) -> Result<AgentConfig> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read --config {}", path.display()))?;
+                let (file, ignored) = KubeProxyConfiguration::parse(&text)
+                    .with_context(|| format!("--config {}", path.display()))?;
+                if !ignored.is_empty() {
+                    tracing::info!(
+                        "{}: kproxy does not use the fields {}",
+                        path.display(),
+                        ignored.join(", ")
+                    );
+                }
+                Some(file)
+            }
+            None => None,
+        };
+        let file = file.as_ref();
+        let mode = self.common.mode_with(file)?;
+        let settings = file.map(|f| f.mode_settings(mode.name())).unwrap_or_default();
+        let mut node = self.common.node_config_with(file)?;
+        // nftables' platform default (§1.5): NodePorts on the primary node IP.
+        if mode == Mode::Nftables && node.nodeport_addresses.is_none() {
+            node.nodeport_addresses = Some(NodePortAddresses::Primary);
+        }
+        let period = |flag: Option<Duration>, file: Option<&String>, default: Duration| {
+            match (flag, file) {
+                (Some(d), _) => Ok(d),
+                (None, Some(text)) => parse_duration(text).map_err(anyhow::Error::msg),
+                (None, None) => Ok(default),
+            }
+        };
+        let sync_period = period(
+            self.sync_period,
+            settings.sync_period.as_ref(),
+            Duration::from_secs(30),
+        )?;
+        let min_sync_period = period(
+            self.min_sync_period,
+            settings.min_sync_period.as_ref(),
+            Duration::from_secs(1),
+        )?;
+        if sync_period.is_zero() {
+            bail!("--sync-period must be more than 0");
+        }
+        if min_sync_period > sync_period {
+            bail!(
+                "--min-sync-period ({min_sync_period:?}) must not be longer than --sync-period ({sync_period:?})"
+            );
+        }
+        let healthz = self
+            .healthz_bind_address
+            .clone()
+            .or_else(|| file.and_then(|f| f.healthz_bind_address.clone()))
+            .unwrap_or_else(|| "0.0.0.0:10256".into());
+        let metrics = self
+            .metrics_bind_address
+            .clone()
+            .or_else(|| file.and_then(|f| f.metrics_bind_address.clone()))
+            .unwrap_or_else(|| "127.0.0.1:10249".into());
+        let detect_local = match (self.detect_local_mode, file.and_then(|f| f.detect_local_mode.as_deref())) {
+            (Some(DetectLocalArg::NodeCidr), _) => DetectLocal::NodeCidr,
+            (Some(DetectLocalArg::ClusterCidr), _) => DetectLocal::ClusterCidr,
+            (None, None | Some("") | Some("ClusterCIDR")) => DetectLocal::ClusterCidr,
+            (None, Some("NodeCIDR")) => DetectLocal::NodeCidr,
+            (None, Some(other)) => bail!("detectLocalMode {other:?} is not supported (ClusterCIDR or NodeCIDR)"),
+        };
+        let source = match &self.from_dir {
+            Some(dir) => Source::Dir(dir.clone()),
+            None => Source::ApiServer(ApiServer {
+                kubeconfig: self.kubeconfig.clone().or_else(|| {
+                    file.and_then(|f| f.client_connection.as_ref())
+                        .and_then(|c| c.kubeconfig.clone())
+                        .filter(|p| !p.is_empty())
+                        .map(PathBuf::from)
+                }),
+                master: self.master.clone(),
+            }),
+        };
+        Ok(AgentConfig {
+            mode,
+            node,
+            source,
+            detect_local,
+            healthz_bind: bind_address(&healthz, 10256, "--healthz-bind-address")?,
+            metrics_bind: bind_address(&metrics, 10249, "--metrics-bind-address")?,
+            min_sync_period,
+            sync_period,
+            backend: self.common.backend_options(false),
+            node_wait: self.node_wait,
+        })
+    }
+}
+
+/// Runs the command line; the exit status follows the design's contract (0, 1, 2 for bad
+/// flags, which clap reports itself).
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("kproxy: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Render { common, inputs } => render(&common, &inputs),
+        Command::Sync {
+            once: _,
+            common,
+            inputs,
+        } => sync_once(&common, &inputs),
+        Command::Run(args) => run_agent(&args),
+        Command::Cleanup {
+            mode,
+            iptables_backend,
+        } => backend::system(
+            mode.mode(),
+            BackendOptions {
+                iptables: iptables_backend.choice(),
+                one_shot: true,
+            },
+        )
+        .cleanup()
+        .context("cleanup failed"),
+        Command::Generate {
+            services,
+            endpoints,
+        } => {
+            let state = crate::synthetic::cluster(services, endpoints);
+            let mut out = std::io::stdout().lock();
+            crate::synthetic::write_manifests(&state, &mut out)
+                .and_then(|()| out.flush())
+                .context("cannot write the manifests")
+        }
+    }
+}
+
+fn run_agent(args: &RunArgs) -> Result<()> {
+    let level = match args.verbosity {
+        0 | 1 => "info",
+        2 | 3 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KPROXY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("kproxy={level},warn")));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let config = args.agent_config()?;
+    if args.cleanup {
+        return backend::system(config.mode, config.backend)
+            .cleanup()
+            .context("cleanup failed");
+    }
+    crate::agent::run(config)
+}
+
+/// Reads the inputs and builds the plan, reporting skipped objects on stderr.
+fn read_plan(config: &NodeConfig, inputs: &[PathBuf]) -> Result<pipeline::Plan> {
+    let manifests = Manifests::read_paths(inputs)?;
+    let plan = pipeline::plan(&manifests.state, config);
+    for note in manifests.notes.iter().chain(&plan.notes) {
+        eprintln!("kproxy: {note}");
+    }
+    Ok(plan)
+}
+
+fn sync_once(common: &Common, inputs: &[PathBuf]) -> Result<()> {
+    let config = common.node_config()?;
+    let plan = read_plan(&config, inputs)?;
+    let mut backend = backend::system(common.mode(), common.backend_options(true));
+    let mut failed = None;
+    for family in backend.sync(&plan.models, &config) {
+        match family.result {
+            Ok(report) => eprintln!(
+                "kproxy: synced {}: {} sync, {} objects, {} bytes",
+                report.family,
+                if report.full { "full" } else { "partial" },
+                report.objects,
+                report.bytes
+            ),
+            Err(err) => {
+                failed.get_or_insert(err);
+            }
+        }
+    }
+    if let Some(err) = failed {
+        return Err(anyhow::Error::new(err)
+            .context("sync failed; the rules the kernel had before are unchanged"));
+    }
+    let deleted = crate::sync::conntrack::cleanup_stale_udp(&plan.models)
+        .context("removing stale UDP conntrack entries failed")?;
+    if deleted > 0 {
+        eprintln!("kproxy: deleted {deleted} stale UDP conntrack entries");
+    }
+    Ok(())
+}
+
+fn render(common: &Common, inputs: &[PathBuf]) -> Result<()> {
+    let config = common.node_config()?;
+    let plan = read_plan(&config, inputs)?;
+    let text = common.mode().render(&plan.models, &config);
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .context("cannot write the rules to stdout")
+}
