@@ -5,6 +5,7 @@
 //! ([`iptables`] or [`nftables`]) turns that into a typed ruleset rendered to text in one place.
 
 pub mod config;
+pub mod fake_apiserver;
 pub mod family;
 pub mod iptables;
 pub mod model;

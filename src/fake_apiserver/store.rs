@@ -1,0 +1,265 @@
+//! The objects, the global resourceVersion and the bounded history of changes.
+//!
+//! Every change is kept with the object before and after it, so that a watch can tell an object
+//! that starts or stops matching its selectors, and a paginated list can be served from the
+//! snapshot it started on by undoing the newer changes.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::selector::{meta_str, Filter};
+use super::ResourceKind;
+
+/// namespace (empty for nodes), name: the order of list results.
+pub(crate) type Key = (String, String);
+
+/// One create, update or delete.
+#[derive(Debug, Clone)]
+pub(crate) struct Change {
+    pub rv: u64,
+    pub kind: ResourceKind,
+    pub old: Option<Arc<Value>>,
+    pub new: Option<Arc<Value>>,
+}
+
+/// A resourceVersion that the history no longer reaches back to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Expired {
+    /// The oldest resourceVersion that can still be resumed from.
+    pub oldest: u64,
+}
+
+/// One page of a list.
+#[derive(Debug)]
+pub(crate) struct Page {
+    /// The snapshot the page comes from.
+    pub rv: u64,
+    pub items: Vec<Arc<Value>>,
+    /// The last key on the page, when more matching objects follow it.
+    pub more_after: Option<Key>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Store {
+    rv: u64,
+    objects: [BTreeMap<Key, Arc<Value>>; 3],
+    history: VecDeque<Change>,
+    history_limit: usize,
+    /// Changes up to this resourceVersion may be missing from `history`.
+    dropped_through: u64,
+    /// The oldest resourceVersion a watch or a continue token may resume from; `compact()`
+    /// raises it past the current one.
+    resume_floor: u64,
+    next_uid: u64,
+}
+
+impl Store {
+    pub fn new(history_limit: usize) -> Store {
+        Store {
+            rv: 0,
+            objects: Default::default(),
+            history: VecDeque::new(),
+            history_limit: history_limit.max(1),
+            dropped_through: 0,
+            resume_floor: 0,
+            next_uid: 1,
+        }
+    }
+
+    pub fn resource_version(&self) -> u64 {
+        self.rv
+    }
+
+    /// Creates or replaces the object, stamping kind, apiVersion, resourceVersion and (on
+    /// create, unless given) uid.
+    pub fn apply(&mut self, kind: ResourceKind, mut object: Value) -> Result<Change, String> {
+        let key = key_of(kind, &object)?;
+        let old = self.objects[kind.index()].get(&key).cloned();
+        let fields = object
+            .as_object_mut()
+            .ok_or("the object is not a JSON object")?;
+        fields.insert("kind".into(), kind.kind().into());
+        fields.insert("apiVersion".into(), kind.api_version().into());
+        let metadata = fields
+            .entry("metadata")
+            .or_insert_with(|| Value::Object(Default::default()))
+            .as_object_mut()
+            .ok_or("metadata is not a JSON object")?;
+        if metadata.get("uid").and_then(Value::as_str).is_none() {
+            let uid = match old.as_deref().map(|old| meta_str(old, "uid")) {
+                Some(uid) if !uid.is_empty() => uid.to_string(),
+                _ => {
+                    self.next_uid += 1;
+                    format!("00000000-0000-4000-8000-{:012x}", self.next_uid - 1)
+                }
+            };
+            metadata.insert("uid".into(), uid.into());
+        }
+        self.rv += 1;
+        metadata.insert("resourceVersion".into(), self.rv.to_string().into());
+        let new = Arc::new(object);
+        self.objects[kind.index()].insert(key, new.clone());
+        Ok(self.record(kind, old, Some(new)))
+    }
+
+    pub fn delete(&mut self, kind: ResourceKind, namespace: &str, name: &str) -> Option<Change> {
+        let key = (namespace.to_string(), name.to_string());
+        let old = self.objects[kind.index()].remove(&key)?;
+        self.rv += 1;
+        Some(self.record(kind, Some(old), None))
+    }
+
+    fn record(
+        &mut self,
+        kind: ResourceKind,
+        old: Option<Arc<Value>>,
+        new: Option<Arc<Value>>,
+    ) -> Change {
+        let change = Change {
+            rv: self.rv,
+            kind,
+            old,
+            new,
+        };
+        if self.history.len() == self.history_limit {
+            if let Some(dropped) = self.history.pop_front() {
+                self.dropped_through = dropped.rv;
+                self.resume_floor = self.resume_floor.max(dropped.rv);
+            }
+        }
+        self.history.push_back(change.clone());
+        change
+    }
+
+    /// Forgets the history: nothing handed out so far can be resumed from, not even the current
+    /// resourceVersion (stricter than etcd, which keeps the compacted revision itself), so a
+    /// test can force a relist without making a change first.
+    pub fn compact(&mut self) {
+        self.history.clear();
+        self.dropped_through = self.rv;
+        self.resume_floor = self.rv + 1;
+    }
+
+    /// May a new watch or a continue token resume from `rv`?
+    pub fn check_resumable(&self, rv: u64) -> Result<(), Expired> {
+        if rv < self.resume_floor {
+            Err(Expired {
+                oldest: self.resume_floor,
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The changes after `rv`, for a watch that has seen everything up to it. Fails when some
+    /// of them have been dropped from the history.
+    pub fn changes_after(&self, rv: u64) -> Result<Vec<Change>, Expired> {
+        if rv < self.dropped_through {
+            return Err(Expired {
+                oldest: self.resume_floor,
+            });
+        }
+        let first = self.history.partition_point(|change| change.rv <= rv);
+        Ok(self.history.range(first..).cloned().collect())
+    }
+
+    pub fn get(&self, kind: ResourceKind, namespace: &str, name: &str) -> Option<Arc<Value>> {
+        self.objects[kind.index()]
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    /// The current objects of a kind that match, in key order.
+    pub fn current(&self, kind: ResourceKind, filter: &Filter) -> Vec<Arc<Value>> {
+        let objects = self.objects[kind.index()].values();
+        objects
+            .filter(|object| filter.matches(object))
+            .cloned()
+            .collect()
+    }
+
+    /// Up to `limit` (0: all) matching objects after `after`, from the snapshot at `at` (the
+    /// current state when `None`).
+    pub fn page(
+        &self,
+        kind: ResourceKind,
+        filter: &Filter,
+        at: Option<u64>,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<Page, Expired> {
+        let rv = at.unwrap_or(self.rv);
+        let rolled_back;
+        let objects = if rv >= self.rv {
+            &self.objects[kind.index()]
+        } else {
+            rolled_back = self.snapshot(kind, rv)?;
+            &rolled_back
+        };
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let matching = objects
+            .range((start, Bound::Unbounded))
+            .filter(|(_, object)| filter.matches(object));
+        let (mut items, mut last, mut more_after): (_, Option<&Key>, _) = (Vec::new(), None, None);
+        for (key, object) in matching {
+            if limit > 0 && items.len() == limit {
+                more_after = last.cloned();
+                break;
+            }
+            items.push(object.clone());
+            last = Some(key);
+        }
+        Ok(Page {
+            rv,
+            items,
+            more_after,
+        })
+    }
+
+    /// The objects of a kind as they were at `rv`: the current ones with newer changes undone.
+    fn snapshot(&self, kind: ResourceKind, rv: u64) -> Result<BTreeMap<Key, Arc<Value>>, Expired> {
+        self.check_resumable(rv)?;
+        let mut objects = self.objects[kind.index()].clone();
+        for change in self
+            .history
+            .iter()
+            .rev()
+            .take_while(|change| change.rv > rv)
+        {
+            if change.kind != kind {
+                continue;
+            }
+            let Some(object) = change.old.as_ref().or(change.new.as_ref()) else {
+                continue;
+            };
+            let key = (
+                meta_str(object, "namespace").to_string(),
+                meta_str(object, "name").to_string(),
+            );
+            match &change.old {
+                Some(old) => objects.insert(key, old.clone()),
+                None => objects.remove(&key),
+            };
+        }
+        Ok(objects)
+    }
+}
+
+fn key_of(kind: ResourceKind, object: &Value) -> Result<Key, String> {
+    let name = meta_str(object, "name");
+    if name.is_empty() {
+        return Err(format!("{} without metadata.name", kind.kind()));
+    }
+    let namespace = meta_str(object, "namespace");
+    match (kind.namespaced(), namespace.is_empty()) {
+        (true, true) => Err(format!("{} {name} without metadata.namespace", kind.kind())),
+        (false, false) => Err(format!(
+            "{} {name} is cluster-scoped but has a namespace",
+            kind.kind()
+        )),
+        _ => Ok((namespace.to_string(), name.to_string())),
+    }
+}
