@@ -32,6 +32,8 @@
 mod http;
 mod selector;
 mod store;
+#[cfg(test)]
+mod tests;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

@@ -192,11 +192,14 @@ impl Store {
         limit: usize,
     ) -> Result<Page, Expired> {
         let rv = at.unwrap_or(self.rv);
+        if at.is_some() {
+            self.check_resumable(rv)?;
+        }
         let rolled_back;
         let objects = if rv >= self.rv {
             &self.objects[kind.index()]
         } else {
-            rolled_back = self.snapshot(kind, rv)?;
+            rolled_back = self.snapshot(kind, rv);
             &rolled_back
         };
         let start = after.map_or(Bound::Unbounded, Bound::Excluded);
@@ -220,8 +223,8 @@ impl Store {
     }
 
     /// The objects of a kind as they were at `rv`: the current ones with newer changes undone.
-    fn snapshot(&self, kind: ResourceKind, rv: u64) -> Result<BTreeMap<Key, Arc<Value>>, Expired> {
-        self.check_resumable(rv)?;
+    /// Only for a resumable `rv`, whose newer changes are all in the history.
+    fn snapshot(&self, kind: ResourceKind, rv: u64) -> BTreeMap<Key, Arc<Value>> {
         let mut objects = self.objects[kind.index()].clone();
         for change in self
             .history
@@ -244,7 +247,7 @@ impl Store {
                 None => objects.remove(&key),
             };
         }
-        Ok(objects)
+        objects
     }
 }
 
