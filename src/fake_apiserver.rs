@@ -32,6 +32,7 @@
 mod http;
 mod selector;
 mod store;
+mod stream;
 #[cfg(test)]
 mod tests;
 

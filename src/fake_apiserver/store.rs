@@ -266,3 +266,119 @@ fn key_of(kind: ResourceKind, object: &Value) -> Result<Key, String> {
         _ => Ok((namespace.to_string(), name.to_string())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn service(name: &str, port: u16) -> Value {
+        json!({"metadata": {"namespace": "ns", "name": name}, "spec": {"ports": [{"port": port}]}})
+    }
+
+    fn names_and_ports(page: &Page) -> Vec<String> {
+        let entry =
+            |o: &Arc<Value>| format!("{}:{}", meta_str(o, "name"), o["spec"]["ports"][0]["port"]);
+        page.items.iter().map(entry).collect()
+    }
+
+    #[test]
+    fn a_snapshot_undoes_later_changes_of_its_own_kind_only() {
+        let mut store = Store::new(100);
+        store.apply(ResourceKind::Service, service("a", 1)).unwrap();
+        store.apply(ResourceKind::Service, service("b", 1)).unwrap();
+        let at = store.resource_version();
+        store
+            .apply(ResourceKind::Node, json!({"metadata": {"name": "n"}}))
+            .unwrap();
+        store.apply(ResourceKind::Service, service("a", 2)).unwrap();
+        store.delete(ResourceKind::Service, "ns", "b").unwrap();
+        store.apply(ResourceKind::Service, service("c", 1)).unwrap();
+
+        let all = Filter::default();
+        let then = store
+            .page(ResourceKind::Service, &all, Some(at), None, 0)
+            .unwrap();
+        assert_eq!(
+            (then.rv, names_and_ports(&then)),
+            (at, vec!["a:1".into(), "b:1".into()])
+        );
+        let now = store
+            .page(ResourceKind::Service, &all, None, None, 0)
+            .unwrap();
+        assert_eq!(names_and_ports(&now), ["a:2", "c:1"]);
+        let nodes = store
+            .page(ResourceKind::Node, &all, Some(at), None, 0)
+            .unwrap();
+        assert!(nodes.items.is_empty());
+    }
+
+    #[test]
+    fn pages_continue_after_their_last_key() {
+        let mut store = Store::new(100);
+        for name in ["a", "b", "c"] {
+            store
+                .apply(ResourceKind::Service, service(name, 1))
+                .unwrap();
+        }
+        let all = Filter::default();
+        let first = store
+            .page(ResourceKind::Service, &all, None, None, 2)
+            .unwrap();
+        let after = first.more_after.clone().unwrap();
+        assert_eq!(after, ("ns".to_string(), "b".to_string()));
+        let second = store
+            .page(ResourceKind::Service, &all, Some(first.rv), Some(&after), 2)
+            .unwrap();
+        assert_eq!(
+            (names_and_ports(&second), second.more_after),
+            (vec!["c:1".into()], None)
+        );
+    }
+
+    #[test]
+    fn history_replay_and_expiry() {
+        let mut store = Store::new(2);
+        for name in ["a", "b", "c"] {
+            store
+                .apply(ResourceKind::Service, service(name, 1))
+                .unwrap();
+        }
+        // Change 1 fell out of the two-change history.
+        assert_eq!(store.changes_after(0).unwrap_err(), Expired { oldest: 1 });
+        assert_eq!(store.check_resumable(0), Err(Expired { oldest: 1 }));
+        let replay = store.changes_after(1).unwrap();
+        assert_eq!(
+            replay.iter().map(|change| change.rv).collect::<Vec<_>>(),
+            [2, 3]
+        );
+        assert!(store.changes_after(3).unwrap().is_empty());
+
+        store.compact();
+        assert_eq!(store.check_resumable(3), Err(Expired { oldest: 4 }));
+        assert!(
+            store.changes_after(3).unwrap().is_empty(),
+            "a live watch at the head lost nothing"
+        );
+        assert!(store.changes_after(2).is_err());
+    }
+
+    #[test]
+    fn objects_need_a_name_and_the_right_scope() {
+        let mut store = Store::new(10);
+        assert!(store
+            .apply(
+                ResourceKind::Service,
+                json!({"metadata": {"namespace": "ns"}})
+            )
+            .is_err());
+        assert!(store
+            .apply(ResourceKind::Service, json!({"metadata": {"name": "x"}}))
+            .is_err());
+        let namespaced_node = json!({"metadata": {"name": "n", "namespace": "ns"}});
+        assert!(store.apply(ResourceKind::Node, namespaced_node).is_err());
+        assert!(store.apply(ResourceKind::Node, json!([])).is_err());
+        assert_eq!(store.resource_version(), 0);
+    }
+}
