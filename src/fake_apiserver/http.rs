@@ -13,6 +13,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -30,7 +31,11 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((stream, _)) = accepted else {
+                    // Out of file descriptors, say: let connections close before retrying.
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                };
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| handle(shared.clone(), request));
@@ -226,26 +231,39 @@ fn list(shared: &Shared, route: Route, query: &Query) -> Result<Response<Body>, 
     if let Some(key) = &page.more_after {
         metadata["continue"] = encode_continue(page.rv, key).into();
     }
-    let items: Vec<Value> = page
-        .items
-        .iter()
-        .map(|item| {
-            // Like the real server, list items carry no kind and apiVersion of their own.
-            let mut item = Value::clone(item);
-            if let Some(fields) = item.as_object_mut() {
-                fields.remove("kind");
-                fields.remove("apiVersion");
-            }
-            item
-        })
-        .collect();
-    let body = json!({
-        "kind": format!("{}List", route.kind.kind()),
-        "apiVersion": route.kind.api_version(),
-        "metadata": metadata,
-        "items": items,
-    });
-    Ok(json_response(StatusCode::OK, &body))
+    let list = List {
+        kind: format!("{}List", route.kind.kind()),
+        api_version: route.kind.api_version(),
+        metadata,
+        items: page.items.iter().map(|item| ListItem(item)).collect(),
+    };
+    let body = serde_json::to_vec(&list).map_err(|e| format!("cannot encode the list: {e}"))?;
+    Ok(json_bytes(StatusCode::OK, body))
+}
+
+#[derive(Serialize)]
+struct List<'a> {
+    kind: String,
+    #[serde(rename = "apiVersion")]
+    api_version: &'static str,
+    metadata: Value,
+    items: Vec<ListItem<'a>>,
+}
+
+/// Like the real server's, list items carry no kind and apiVersion of their own.
+struct ListItem<'a>(&'a Value);
+
+impl Serialize for ListItem<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_object() {
+            Some(fields) => serializer.collect_map(
+                fields
+                    .iter()
+                    .filter(|(name, _)| *name != "kind" && *name != "apiVersion"),
+            ),
+            None => self.0.serialize(serializer),
+        }
+    }
 }
 
 /// Continue tokens are opaque to clients: base64url of `{"rv":N,"start":[namespace,name]}`.
@@ -329,16 +347,15 @@ pub(super) fn status_body(code: u16, reason: &str, message: &str) -> Value {
 }
 
 fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
-    json_response(code, &status_body(code.as_u16(), reason, message))
+    let body = status_body(code.as_u16(), reason, message);
+    json_bytes(code, body.to_string().into_bytes())
 }
 
-fn json_response(code: StatusCode, body: &Value) -> Response<Body> {
-    let body = Full::new(Bytes::from(body.to_string())).map_err(|never| match never {});
+fn json_bytes(code: StatusCode, body: Vec<u8>) -> Response<Body> {
+    let body = Full::new(Bytes::from(body)).map_err(|never| match never {});
     let mut response = Response::new(BodyExt::boxed_unsync(body));
     *response.status_mut() = code;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
+    let json = hyper::header::HeaderValue::from_static("application/json");
+    response.headers_mut().insert(CONTENT_TYPE, json);
     response
 }

@@ -2,6 +2,7 @@
 //! filtered by the watch's selectors, with bookmarks, a deadline, and the server's stalls and
 //! dropped connections.
 
+use std::borrow::Cow;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -207,18 +208,18 @@ async fn stream_events(
 
 /// What a watch with `filter` sees of a change: an object that starts matching is ADDED, one
 /// that stops matching is DELETED (its last matching state, at the change's resourceVersion).
-fn event_for(change: &Change, filter: &Filter) -> Option<(&'static str, Value)> {
+fn event_for<'a>(change: &'a Change, filter: &Filter) -> Option<(&'static str, Cow<'a, Value>)> {
     let old = change.old.as_deref().filter(|old| filter.matches(old));
     let new = change.new.as_deref().filter(|new| filter.matches(new));
     match (old, new) {
-        (None, Some(new)) => Some(("ADDED", new.clone())),
-        (Some(_), Some(new)) => Some(("MODIFIED", new.clone())),
+        (None, Some(new)) => Some(("ADDED", Cow::Borrowed(new))),
+        (Some(_), Some(new)) => Some(("MODIFIED", Cow::Borrowed(new))),
         (Some(old), None) => {
             let mut old = old.clone();
             if let Some(metadata) = old.get_mut("metadata").and_then(Value::as_object_mut) {
                 metadata.insert("resourceVersion".into(), change.rv.to_string().into());
             }
-            Some(("DELETED", old))
+            Some(("DELETED", Cow::Owned(old)))
         }
         (None, None) => None,
     }
