@@ -8,6 +8,7 @@ pub mod agent;
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod fake_apiserver;
 pub mod family;
 pub mod iptables;
 pub mod model;
