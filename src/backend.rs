@@ -253,9 +253,6 @@ impl<A: nft_sync::Applier + Send> Backend for NftablesBackend<A> {
     }
 
     fn cleanup(&mut self) -> Result<(), SyncError> {
-        nft_sync::cleanup_with(
-            self.syncer.applier_mut(),
-            &[IpFamily::V4, IpFamily::V6],
-        )
+        nft_sync::cleanup_with(self.syncer.applier_mut(), &[IpFamily::V4, IpFamily::V6])
     }
 }

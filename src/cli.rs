@@ -3,9 +3,9 @@
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -221,7 +221,9 @@ impl Common {
         match file.and_then(|f| f.mode.as_deref()) {
             None | Some("") | Some("iptables") => Ok(Mode::Iptables),
             Some("nftables") => Ok(Mode::Nftables),
-            Some(other) => bail!("the configuration file's mode {other:?} is not supported (iptables or nftables)"),
+            Some(other) => bail!(
+                "the configuration file's mode {other:?} is not supported (iptables or nftables)"
+            ),
         }
     }
 
@@ -236,7 +238,9 @@ impl Common {
     /// The node settings from the flags, with the file's values where no flag was given.
     fn node_config_with(&self, file: Option<&KubeProxyConfiguration>) -> Result<NodeConfig> {
         let mode = self.mode_with(file)?;
-        let settings = file.map(|f| f.mode_settings(mode.name())).unwrap_or_default();
+        let settings = file
+            .map(|f| f.mode_settings(mode.name()))
+            .unwrap_or_default();
         let hostname = match self
             .hostname
             .clone()
@@ -377,19 +381,20 @@ impl RunArgs {
         };
         let file = file.as_ref();
         let mode = self.common.mode_with(file)?;
-        let settings = file.map(|f| f.mode_settings(mode.name())).unwrap_or_default();
+        let settings = file
+            .map(|f| f.mode_settings(mode.name()))
+            .unwrap_or_default();
         let mut node = self.common.node_config_with(file)?;
         // nftables' platform default (§1.5): NodePorts on the primary node IP.
         if mode == Mode::Nftables && node.nodeport_addresses.is_none() {
             node.nodeport_addresses = Some(NodePortAddresses::Primary);
         }
-        let period = |flag: Option<Duration>, file: Option<&String>, default: Duration| {
-            match (flag, file) {
+        let period =
+            |flag: Option<Duration>, file: Option<&String>, default: Duration| match (flag, file) {
                 (Some(d), _) => Ok(d),
                 (None, Some(text)) => parse_duration(text).map_err(anyhow::Error::msg),
                 (None, None) => Ok(default),
-            }
-        };
+            };
         let sync_period = period(
             self.sync_period,
             settings.sync_period.as_ref(),
@@ -418,12 +423,17 @@ impl RunArgs {
             .clone()
             .or_else(|| file.and_then(|f| f.metrics_bind_address.clone()))
             .unwrap_or_else(|| "127.0.0.1:10249".into());
-        let detect_local = match (self.detect_local_mode, file.and_then(|f| f.detect_local_mode.as_deref())) {
+        let detect_local = match (
+            self.detect_local_mode,
+            file.and_then(|f| f.detect_local_mode.as_deref()),
+        ) {
             (Some(DetectLocalArg::NodeCidr), _) => DetectLocal::NodeCidr,
             (Some(DetectLocalArg::ClusterCidr), _) => DetectLocal::ClusterCidr,
             (None, None | Some("") | Some("ClusterCIDR")) => DetectLocal::ClusterCidr,
             (None, Some("NodeCIDR")) => DetectLocal::NodeCidr,
-            (None, Some(other)) => bail!("detectLocalMode {other:?} is not supported (ClusterCIDR or NodeCIDR)"),
+            (None, Some(other)) => {
+                bail!("detectLocalMode {other:?} is not supported (ClusterCIDR or NodeCIDR)")
+            }
         };
         let source = match &self.from_dir {
             Some(dir) => Source::Dir(dir.clone()),
@@ -510,6 +520,7 @@ fn run_agent(args: &RunArgs) -> Result<()> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     let config = args.agent_config()?;
     if args.cleanup {

@@ -96,8 +96,8 @@ impl KubeProxyConfiguration {
             .filter(|key| !KNOWN_FIELDS.contains(key))
             .map(str::to_string)
             .collect();
-        let config = serde_yaml::from_value(value)
-            .map_err(|e| ConfigFileError::Invalid(e.to_string()))?;
+        let config =
+            serde_yaml::from_value(value).map_err(|e| ConfigFileError::Invalid(e.to_string()))?;
         Ok((config, ignored))
     }
 

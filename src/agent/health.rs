@@ -72,9 +72,9 @@ impl ProxyHealth {
     }
 
     fn family_healthy(&self, family: IpFamily, now: SystemTime) -> bool {
-        self.oldest_queued.get(&family).is_none_or(|queued| {
-            now.duration_since(*queued).unwrap_or_default() < self.timeout
-        })
+        self.oldest_queued
+            .get(&family)
+            .is_none_or(|queued| now.duration_since(*queued).unwrap_or_default() < self.timeout)
     }
 
     /// The `/healthz` (with `node_eligible`) or `/livez` (without) answer.
@@ -152,7 +152,10 @@ mod tests {
         let mut health = ProxyHealth::new(60 * S);
         health.updated(IpFamily::V4, t0);
         let report = health.report(t0 + S, Some(false));
-        assert!(!report.healthy, "a node that is not eligible fails /healthz");
+        assert!(
+            !report.healthy,
+            "a node that is not eligible fails /healthz"
+        );
         assert_eq!(
             report.body,
             "{\"lastUpdated\":\"1970-01-12T13:46:41.25Z\",\"currentTime\":\"1970-01-12T13:46:41.25Z\",\

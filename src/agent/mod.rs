@@ -121,7 +121,11 @@ async fn run_agent(mut config: AgentConfig) -> Result<()> {
         Source::ApiServer(api) => {
             let client = api.client().await?;
             let (node_tx, mut rx) = unbounded_channel();
-            tokio::spawn(watch_node(client.clone(), config.node.hostname.clone(), node_tx));
+            tokio::spawn(watch_node(
+                client.clone(),
+                config.node.hostname.clone(),
+                node_tx,
+            ));
             let node = wait_for_node(&mut rx, &config.node.hostname, config.node_wait).await;
             adopt_node(&mut config, node.as_ref())?;
             status.set_node_eligible(Some(node.as_ref().is_some_and(|n| n.eligible)));
@@ -180,7 +184,13 @@ async fn run_agent(mut config: AgentConfig) -> Result<()> {
         config.sync_period,
         config.sync_period,
     );
-    let mut sync_loop = SyncLoop::new(store, status.clone(), backend, config.node.clone(), schedule);
+    let mut sync_loop = SyncLoop::new(
+        store,
+        status.clone(),
+        backend,
+        config.node.clone(),
+        schedule,
+    );
     let healthy_status = status.clone();
     sync_loop.service_health = Some(ServiceHealthServers::new(
         tokio::runtime::Handle::current(),
@@ -237,10 +247,7 @@ async fn feed_store(
                 store.pending(),
             )
         };
-        status
-            .metrics
-            .service_changes_pending
-            .set(pending.0 as i64);
+        status.metrics.service_changes_pending.set(pending.0 as i64);
         status
             .metrics
             .endpoint_changes_pending
@@ -351,7 +358,9 @@ fn adopt_node(config: &mut AgentConfig, node: Option<&NodeInfo>) -> Result<()> {
             Some(node) if !node.ips.is_empty() => node.ips.clone(),
             _ => {
                 let host = node::host_addresses();
-                tracing::info!("no node IPs from flags or a Node object; using this host's addresses {host:?}");
+                tracing::info!(
+                    "no node IPs from flags or a Node object; using this host's addresses {host:?}"
+                );
                 host
             }
         };

@@ -23,7 +23,9 @@ pub struct AgentStatus {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic elsewhere while holding the lock leaves plain data behind; keep serving it.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn unix_seconds(time: SystemTime) -> f64 {
@@ -92,7 +94,10 @@ impl AgentStatus {
         let (report, counter) = match path {
             "/healthz" => {
                 let eligible = Some(lock(&self.node_eligible).unwrap_or(true));
-                (lock(&self.health).report(now, eligible), &self.metrics.healthz)
+                (
+                    lock(&self.health).report(now, eligible),
+                    &self.metrics.healthz,
+                )
             }
             "/livez" => (lock(&self.health).report(now, None), &self.metrics.livez),
             _ => return Reply::not_found(),

@@ -39,7 +39,8 @@ pub struct Changes {
     /// Per Service, the trigger times of the slice changes (§7.2), for the
     /// network-programming latency.
     pub trigger_times: BTreeMap<ServiceKey, Vec<SystemTime>>,
-    /// Service and EndpointSlice events that changed the store.
+    /// Service and EndpointSlice events that changed the store (a relist or a re-read
+    /// directory counts only the objects that differ).
     pub service_events: u64,
     pub endpoint_events: u64,
 }
@@ -105,12 +106,13 @@ impl ClusterStore {
     pub fn apply_service(&mut self, service: &Service) -> bool {
         let key = key_of(&service.metadata);
         let checked = validate_service(service);
-        self.changes.service_events += 1;
         if self.services.get(&key) == Some(&checked) {
             return false;
         }
+        self.changes.service_events += 1;
         if let Err(reason) = &checked {
-            self.notes.push(invalid(Kind::Service, &service.metadata, reason));
+            self.notes
+                .push(invalid(Kind::Service, &service.metadata, reason));
         }
         self.services.insert(key.clone(), checked);
         self.changes.services.insert(key);
@@ -120,10 +122,10 @@ impl ClusterStore {
     /// Removes a Service. Returns whether it was there.
     pub fn delete_service(&mut self, namespace: &str, name: &str) -> bool {
         let key = format!("{namespace}/{name}");
-        self.changes.service_events += 1;
         if self.services.remove(&key).is_none() {
             return false;
         }
+        self.changes.service_events += 1;
         self.changes.services.insert(key);
         true
     }
@@ -132,7 +134,6 @@ impl ClusterStore {
     pub fn apply_slice(&mut self, slice: &EndpointSlice) -> bool {
         let key = key_of(&slice.metadata);
         let checked = validate_slice(slice);
-        self.changes.endpoint_events += 1;
         let service = slice
             .metadata
             .labels
@@ -144,13 +145,13 @@ impl ClusterStore {
                 return false;
             }
         }
+        self.changes.endpoint_events += 1;
         if let Err(reason) = &checked {
             self.notes
                 .push(invalid(Kind::EndpointSlice, &slice.metadata, reason));
         }
         if let Some(service) = &service {
-            if let Some(time) = trigger_time(&slice.metadata).filter(|t| Some(*t) > self.started)
-            {
+            if let Some(time) = trigger_time(&slice.metadata).filter(|t| Some(*t) > self.started) {
                 self.changes
                     .trigger_times
                     .entry(service.clone())
@@ -163,7 +164,9 @@ impl ClusterStore {
                 .insert(key.clone());
             self.changes.services.insert(service.clone());
         }
-        let old = self.slices.insert(key.clone(), SliceEntry { service, checked });
+        let old = self
+            .slices
+            .insert(key.clone(), SliceEntry { service, checked });
         if let Some(old_service) = old.and_then(|old| old.service) {
             self.unlink(&old_service, &key);
         }
@@ -173,10 +176,10 @@ impl ClusterStore {
     /// Removes an EndpointSlice. Returns whether it was there.
     pub fn delete_slice(&mut self, namespace: &str, name: &str) -> bool {
         let key = format!("{namespace}/{name}");
-        self.changes.endpoint_events += 1;
         let Some(old) = self.slices.remove(&key) else {
             return false;
         };
+        self.changes.endpoint_events += 1;
         if let Some(service) = old.service {
             // A deleted slice discards the Service's pending trigger times (§7.2).
             self.changes.trigger_times.remove(&service);
@@ -379,7 +382,10 @@ mod tests {
         assert!(notes[0].to_string().starts_with("skipped Service ns/b: "));
         store.replace_services(&[service("b", "not-an-ip")]);
         let (changes, notes) = store.take_changes();
-        assert!(notes.is_empty(), "the same bad object is not reported again");
+        assert!(
+            notes.is_empty(),
+            "the same bad object is not reported again"
+        );
         assert_eq!(changes.services, BTreeSet::from(["ns/a".to_string()]));
         assert!(store.service("ns/a").is_none());
         assert_eq!(store.invalid_counts(), (1, 0));

@@ -88,7 +88,10 @@ impl SyncLoop {
                     Err(_) => return,
                 }
             };
-            for message in received.into_iter().chain(std::iter::from_fn(|| wake.try_recv().ok())) {
+            for message in received
+                .into_iter()
+                .chain(std::iter::from_fn(|| wake.try_recv().ok()))
+            {
                 match message {
                     Wake::Changed => self.schedule.request(),
                     Wake::Node(node) => {
@@ -163,7 +166,10 @@ impl SyncLoop {
         for family_sync in &results {
             let label = FamilyLabel::of(family_sync.family);
             let duration = started.elapsed().as_secs_f64();
-            metrics.sync_duration.get_or_create(&label).observe(duration);
+            metrics
+                .sync_duration
+                .get_or_create(&label)
+                .observe(duration);
             match &family_sync.result {
                 Ok(report) => {
                     let kind = if report.full { "full" } else { "partial" };
@@ -185,10 +191,16 @@ impl SyncLoop {
                                     table: table.into(),
                                     ip_family: label.ip_family.clone(),
                                 };
-                                metrics.iptables_rules.get_or_create(&table_label).set(count as i64);
+                                metrics
+                                    .iptables_rules
+                                    .get_or_create(&table_label)
+                                    .set(count as i64);
                             }
                             Mode::Nftables => {
-                                metrics.nftables_objects.get_or_create(&label).set(count as i64);
+                                metrics
+                                    .nftables_objects
+                                    .get_or_create(&label)
+                                    .set(count as i64);
                             }
                         }
                     }
@@ -256,7 +268,10 @@ impl SyncLoop {
         let metrics = &self.status.metrics;
         match self.backend.mode() {
             Mode::Iptables => {
-                metrics.iptables_restore_failures.get_or_create(&label).inc();
+                metrics
+                    .iptables_restore_failures
+                    .get_or_create(&label)
+                    .inc();
             }
             Mode::Nftables => {
                 metrics.nftables_sync_failures.get_or_create(&label).inc();

@@ -16,7 +16,8 @@ use ipnet::IpNet;
 pub use build::{service_ports, ProxyModel};
 pub use endpoints::EndpointSelection;
 pub use validate::{
-    validate, validate_service, validate_slice, PortSpec, SERVICE_NAME_LABEL, ServiceSpec, SliceEndpoint, SlicePort, SliceSpec, ValidCluster,
+    validate, validate_service, validate_slice, PortSpec, ServiceSpec, SliceEndpoint, SlicePort,
+    SliceSpec, ValidCluster, SERVICE_NAME_LABEL,
 };
 
 /// A transport protocol of a service port.

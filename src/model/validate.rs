@@ -97,7 +97,14 @@ pub struct SliceEndpoint {
 pub fn validate(state: &ClusterState) -> (ValidCluster, Vec<Note>) {
     // Services and slices are independent until they are joined in the model.
     let ((services, mut notes), (slices, slice_notes)) = crate::parallel::join(
-        || check_all(&state.services, "Service", |s| &s.metadata, validate_service),
+        || {
+            check_all(
+                &state.services,
+                "Service",
+                |s| &s.metadata,
+                validate_service,
+            )
+        },
         || {
             check_all(
                 &state.endpoint_slices,

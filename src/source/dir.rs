@@ -26,6 +26,8 @@ struct FileContent {
 pub struct ManifestDir {
     path: PathBuf,
     files: BTreeMap<PathBuf, FileContent>,
+    /// The text of files that failed to parse, so that each failure is reported once.
+    failed: BTreeMap<PathBuf, String>,
 }
 
 impl ManifestDir {
@@ -33,6 +35,7 @@ impl ManifestDir {
         ManifestDir {
             path: path.into(),
             files: BTreeMap::new(),
+            failed: BTreeMap::new(),
         }
     }
 
@@ -48,6 +51,7 @@ impl ManifestDir {
             .collect();
         present.sort();
         self.files.retain(|path, _| present.contains(path));
+        self.failed.retain(|path, _| present.contains(path));
         for path in present {
             let text = match std::fs::read_to_string(&path) {
                 Ok(text) => text,
@@ -59,13 +63,16 @@ impl ManifestDir {
                     continue;
                 }
             };
-            if self.files.get(&path).is_some_and(|f| f.text == text) {
+            if self.files.get(&path).is_some_and(|f| f.text == text)
+                || self.failed.get(&path) == Some(&text)
+            {
                 continue;
             }
             let mut manifests = Manifests::default();
             match manifests.add_text(&text, &path.display().to_string()) {
                 Ok(()) => {
                     reports.extend(manifests.notes.iter().map(ToString::to_string));
+                    self.failed.remove(&path);
                     self.files.insert(path, FileContent { text, manifests });
                 }
                 Err(err) => {
@@ -75,6 +82,7 @@ impl ManifestDir {
                         "ignoring it until it parses"
                     };
                     reports.push(format!("{err}; {kept}"));
+                    self.failed.insert(path, text);
                 }
             }
         }
@@ -88,7 +96,13 @@ impl ManifestDir {
         for file in self.files.values() {
             let state = &file.manifests.state;
             services.extend(state.services.iter().cloned().map(Object::Service));
-            slices.extend(state.endpoint_slices.iter().cloned().map(Object::EndpointSlice));
+            slices.extend(
+                state
+                    .endpoint_slices
+                    .iter()
+                    .cloned()
+                    .map(Object::EndpointSlice),
+            );
         }
         (services, slices)
     }
@@ -106,7 +120,14 @@ pub async fn watch_dir(
 ) -> anyhow::Result<()> {
     let (notify_tx, mut notify_rx) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let _ = notify_tx.send(event.map(|_| ()));
+        // Reading the files makes access events of our own: only changes count.
+        let relevant = match &event {
+            Ok(event) => !matches!(event.kind, notify::EventKind::Access(_)),
+            Err(_) => true,
+        };
+        if relevant {
+            let _ = notify_tx.send(event.map(|_| ()));
+        }
     })?;
     watcher
         .watch(dir.path(), RecursiveMode::NonRecursive)
@@ -166,9 +187,17 @@ mod tests {
         std::fs::write(&file, "kind: Service\nmetadata: [\n").unwrap();
         let reports = dir.reread().unwrap();
         assert_eq!(reports.len(), 1, "{reports:?}");
-        assert!(reports[0].contains("a.yaml: malformed YAML/JSON at line"), "{}", reports[0]);
+        assert!(
+            reports[0].contains("a.yaml: malformed YAML/JSON at line"),
+            "{}",
+            reports[0]
+        );
         assert!(reports[0].ends_with("keeping its last good content"));
         assert_eq!(dir.objects().0.len(), 1, "the last good Service stays");
+        assert!(
+            dir.reread().unwrap().is_empty(),
+            "a failure is reported once"
+        );
 
         std::fs::remove_file(&file).unwrap();
         dir.reread().unwrap();
