@@ -267,6 +267,18 @@ impl Metrics {
         self
     }
 
+    /// Shows the failure counters of `families` at 0 from the start, so that a rate over them
+    /// works before the first failure (kube-proxy's appear only once incremented).
+    pub fn start_families(&self, families: &[IpFamily]) {
+        for &family in families {
+            let label = FamilyLabel::of(family);
+            drop(self.iptables_restore_failures.get_or_create(&label));
+            drop(self.iptables_partial_restore_failures.get_or_create(&label));
+            drop(self.nftables_sync_failures.get_or_create(&label));
+            drop(self.nftables_cleanup_failures.get_or_create(&label));
+        }
+    }
+
     /// The OpenMetrics text of every metric.
     pub fn encode(&self) -> String {
         let mut text = String::new();
@@ -306,8 +318,12 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }
         assert!(!text.contains("nftables_sync_failures"));
-        let nft = Metrics::new(Mode::Nftables).encode();
-        assert!(nft.contains("# TYPE kubeproxy_sync_proxy_rules_nftables_sync_failures counter"));
+        let nft = Metrics::new(Mode::Nftables);
+        nft.start_families(&[IpFamily::V4]);
+        let nft = nft.encode();
+        assert!(nft.contains(
+            "kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family=\"IPv4\"} 0"
+        ));
         assert!(!nft.contains("iptables_restore_failures"));
     }
 

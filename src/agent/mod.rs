@@ -283,7 +283,7 @@ fn apply(store: &mut ClusterStore, event: SourceEvent) -> bool {
                     &objects
                         .into_iter()
                         .filter_map(|o| match o {
-                            Object::Service(s) => Some(s),
+                            Object::Service(s) => Some(*s),
                             _ => None,
                         })
                         .collect::<Vec<_>>(),
@@ -292,7 +292,7 @@ fn apply(store: &mut ClusterStore, event: SourceEvent) -> bool {
                     &objects
                         .into_iter()
                         .filter_map(|o| match o {
-                            Object::EndpointSlice(s) => Some(s),
+                            Object::EndpointSlice(s) => Some(*s),
                             _ => None,
                         })
                         .collect::<Vec<_>>(),

@@ -36,10 +36,12 @@ fn unix_seconds(time: SystemTime) -> f64 {
 
 impl AgentStatus {
     pub fn new(mode: Mode, families: Vec<IpFamily>, sync_period: Duration) -> AgentStatus {
+        let metrics = Metrics::new(mode);
+        metrics.start_families(&families);
         AgentStatus {
             mode,
             families,
-            metrics: Metrics::new(mode),
+            metrics,
             // kube-proxy's health timeout: twice the sync period (§6.1).
             health: Mutex::new(ProxyHealth::new(2 * sync_period)),
             node_eligible: Mutex::new(None),

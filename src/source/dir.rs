@@ -95,13 +95,17 @@ impl ManifestDir {
         let mut slices = Vec::new();
         for file in self.files.values() {
             let state = &file.manifests.state;
-            services.extend(state.services.iter().cloned().map(Object::Service));
+            services.extend(
+                state
+                    .services
+                    .iter()
+                    .map(|s| Object::Service(Box::new(s.clone()))),
+            );
             slices.extend(
                 state
                     .endpoint_slices
                     .iter()
-                    .cloned()
-                    .map(Object::EndpointSlice),
+                    .map(|s| Object::EndpointSlice(Box::new(s.clone()))),
             );
         }
         (services, slices)

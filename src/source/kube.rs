@@ -72,14 +72,14 @@ pub async fn watch_cluster(client: Client, events: UnboundedSender<SourceEvent>)
             .labels(SERVICE_LABELS)
             .fields(SERVICE_FIELDS),
         Kind::Service,
-        Object::Service,
+        |service| Object::Service(Box::new(service)),
         events.clone(),
     );
     let slices = watch_kind(
         Api::<EndpointSlice>::all(client),
         watcher::Config::default().labels(SLICE_LABELS),
         Kind::EndpointSlice,
-        Object::EndpointSlice,
+        |slice| Object::EndpointSlice(Box::new(slice)),
         events,
     );
     futures::join!(services, slices);
@@ -91,7 +91,7 @@ pub async fn watch_node(client: Client, name: String, events: UnboundedSender<So
         Api::<Node>::all(client),
         watcher::Config::default().fields(&format!("metadata.name={name}")),
         Kind::Node,
-        Object::Node,
+        |node| Object::Node(Box::new(node)),
         events,
     )
     .await

@@ -46,9 +46,9 @@ impl Kind {
 /// An object of one of the kinds the agent reads.
 #[derive(Debug, Clone)]
 pub enum Object {
-    Service(Service),
-    EndpointSlice(EndpointSlice),
-    Node(k8s_openapi::api::core::v1::Node),
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
+    Node(Box<k8s_openapi::api::core::v1::Node>),
 }
 
 /// What a source tells the agent.

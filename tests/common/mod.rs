@@ -2,6 +2,7 @@
 //! iptables ordering, and readable diffs.
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod netns;
 pub mod topology;
 pub mod vector;
