@@ -240,6 +240,7 @@ async fn feed_store(
             while let Ok(event) = events.try_recv() {
                 changed |= apply(&mut store, event);
             }
+            store.mark_received(Instant::now());
             let initialized = store.is_initialized();
             (
                 changed || (initialized && !was_initialized),

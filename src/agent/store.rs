@@ -43,6 +43,9 @@ pub struct Changes {
     /// directory counts only the objects that differ).
     pub service_events: u64,
     pub endpoint_events: u64,
+    /// When the first of these changes reached the agent (set by the caller, which has the
+    /// clock), for the change-to-kernel time.
+    pub first_received: Option<std::time::Instant>,
 }
 
 /// Services and EndpointSlices by key (module docs).
@@ -82,6 +85,13 @@ impl ClusterStore {
             Kind::Service => self.services_listed = true,
             Kind::EndpointSlice => self.slices_listed = true,
             Kind::Node => {}
+        }
+    }
+
+    /// Records when changes arrived: the earliest time since the changes were last taken.
+    pub fn mark_received(&mut self, now: std::time::Instant) {
+        if self.has_changes() && self.changes.first_received.is_none() {
+            self.changes.first_received = Some(now);
         }
     }
 

@@ -155,7 +155,6 @@ impl SyncLoop {
                 .get_or_create(&super::metrics::KindLabel { kind: kind.into() })
                 .set(count as i64);
         }
-        let prepared = started.elapsed();
 
         // 2. Translate and apply, one transaction per family.
         let results = self.backend.sync(&models, &self.config);
@@ -222,13 +221,20 @@ impl SyncLoop {
                                 .observe(latency.as_secs_f64());
                         }
                     }
+                    let total = started.elapsed();
+                    let waited = changes
+                        .first_received
+                        .map(|first| format!(", change to kernel {:.1} ms", ms(first.elapsed())))
+                        .unwrap_or_default();
                     tracing::info!(
-                        "synced {}: {kind} sync in {:.1} ms ({:.1} ms before the kernel), {} objects sent, {} Services changed",
+                        "synced {}: {kind} sync in {:.1} ms (kproxy {:.1} ms, kernel tools {:.1} ms){waited}, {} objects sent, {} Services changed, {} EndpointSlice events",
                         family_sync.family,
-                        report.duration.as_secs_f64() * 1000.0 + prepared.as_secs_f64() * 1000.0,
-                        prepared.as_secs_f64() * 1000.0,
+                        ms(total),
+                        ms(total.saturating_sub(report.kernel)),
+                        ms(report.kernel),
                         report.objects,
-                        changes.services.len()
+                        changes.services.len(),
+                        changes.endpoint_events,
                     );
                 }
                 Err(err) => {
@@ -304,6 +310,10 @@ impl SyncLoop {
             Err(err) => tracing::warn!("removing stale UDP conntrack entries failed: {err}"),
         }
     }
+}
+
+fn ms(duration: std::time::Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
 }
 
 fn udp_services(models: &[ProxyModel]) -> BTreeSet<ServiceKey> {

@@ -27,7 +27,7 @@ pub use applier::{
     RESTORE_FLAGS, WAIT_FLAGS,
 };
 
-use super::{SyncError, SyncReport};
+use super::{SyncError, SyncReport, Timed};
 use crate::family::IpFamily;
 use crate::iptables::{
     is_owned_chain, is_service_chain, restore_payload, Chain, ChainContent, ChainName,
@@ -231,7 +231,8 @@ impl<A: Applier> IptablesSyncer<A> {
         let family = desired.family;
         let period = self.full_sync_period;
         let state = &mut self.states[family_index(family)];
-        let applier = &mut self.applier;
+        let mut timed = Timed::new(&mut self.applier);
+        let applier = &mut timed;
         let full = match &state.applied {
             None => true,
             Some(_) if state.full_requested => true,
@@ -264,6 +265,7 @@ impl<A: Applier> IptablesSyncer<A> {
             objects: sent.lines,
             bytes: sent.text.len(),
             duration: Duration::ZERO,
+            kernel: timed.spent,
         })
     }
 }

@@ -40,6 +40,30 @@ pub(crate) fn run_tool(command: &mut Command, stdin: Option<&[u8]>) -> std::io::
     })
 }
 
+/// An applier (of either mode) that adds up the time spent in its calls: the kernel tools'
+/// share of a sync, for reports and benchmarks.
+pub(crate) struct Timed<'a, A: ?Sized> {
+    pub inner: &'a mut A,
+    pub spent: std::time::Duration,
+}
+
+impl<'a, A: ?Sized> Timed<'a, A> {
+    pub fn new(inner: &'a mut A) -> Timed<'a, A> {
+        Timed {
+            inner,
+            spent: std::time::Duration::ZERO,
+        }
+    }
+
+    /// Runs one call of the inner applier, timing it.
+    pub fn time<T>(&mut self, call: impl FnOnce(&mut A) -> T) -> T {
+        let started = std::time::Instant::now();
+        let result = call(self.inner);
+        self.spent += started.elapsed();
+        result
+    }
+}
+
 /// What one sync of one family sent to the kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncReport {
@@ -52,6 +76,8 @@ pub struct SyncReport {
     pub bytes: usize,
     /// How long the sync of this family took, kernel tool included.
     pub duration: std::time::Duration,
+    /// The part of it spent in the kernel tools (and netlink requests).
+    pub kernel: std::time::Duration,
 }
 
 /// Why a sync or cleanup failed. The kernel keeps the rules it had before a failed transaction.

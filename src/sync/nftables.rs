@@ -59,7 +59,7 @@ pub use kernel::{
     parse_listing, ChainKind, ContainerDecl, KernelChain, KernelContainer, KernelTable,
 };
 
-use super::{SyncError, SyncReport};
+use super::{SyncError, SyncReport, Timed};
 use crate::family::IpFamily;
 use crate::nftables::{
     Chain, Command, Element, Map, Name, Object, ObjectId, Ruleset, Set, SetFlag, Value, SERVICES,
@@ -179,12 +179,14 @@ impl<A: Applier> Syncer<A> {
         let family = desired.family();
         let now = Instant::now();
         let state = self.families.entry(family).or_default();
+        let mut applier = Timed::new(&mut self.applier);
         let mut report = SyncReport {
             family,
             full: false,
             objects: 0,
             bytes: 0,
             duration: Duration::ZERO,
+            kernel: Duration::ZERO,
         };
 
         // Stale chains past their grace period go first, in a transaction of their own.
@@ -206,7 +208,7 @@ impl<A: Applier> Syncer<A> {
                 .collect();
             if !due.is_empty() {
                 let commands: Vec<Command> = due.iter().map(Command::Delete).collect();
-                match self.applier.apply(family, &commands) {
+                match applier.apply(family, &commands) {
                     Ok(bytes) => {
                         report.objects += commands.len();
                         report.bytes += bytes;
@@ -242,7 +244,7 @@ impl<A: Applier> Syncer<A> {
                 .and_then(|a| a.chains.get(SERVICES))
                 .map(|c| c.rules.len());
             // A failed check counts as drift: the full sync will say what is wrong.
-            let found = self.applier.rule_count(family, SERVICES).ok().flatten();
+            let found = applier.rule_count(family, SERVICES).ok().flatten();
             full = expected != found;
         }
 
@@ -256,7 +258,7 @@ impl<A: Applier> Syncer<A> {
             Some(plan) => plan,
             None => {
                 full = true;
-                let kernel = self.applier.read(family)?;
+                let kernel = applier.read(family)?;
                 let wanted = Index::new(desired);
                 full_plan(desired, &wanted, kernel.as_ref(), self.options.one_shot)
             }
@@ -264,7 +266,7 @@ impl<A: Applier> Syncer<A> {
 
         let commands = plan.transaction.commands();
         if !commands.is_empty() {
-            match self.applier.apply(family, &commands) {
+            match applier.apply(family, &commands) {
                 Ok(bytes) => {
                     report.objects += commands.len();
                     report.bytes += bytes;
@@ -297,6 +299,7 @@ impl<A: Applier> Syncer<A> {
             _ => state.applied = Some(Applied::new(desired)),
         }
         report.full = full;
+        report.kernel = applier.spent;
         Ok(report)
     }
 }

@@ -140,6 +140,24 @@ pub trait Applier {
     }
 }
 
+impl<A: Applier + ?Sized> Applier for crate::sync::Timed<'_, A> {
+    fn program(&self, family: IpFamily, tool: Tool) -> String {
+        self.inner.program(family, tool)
+    }
+    fn restore(&mut self, family: IpFamily, payload: &str) -> Result<Exit, SpawnError> {
+        self.time(|a| a.restore(family, payload))
+    }
+    fn save(&mut self, family: IpFamily, table: Option<&str>) -> Result<Exit, SpawnError> {
+        self.time(|a| a.save(family, table))
+    }
+    fn iptables(&mut self, family: IpFamily, args: &[&str]) -> Result<Exit, SpawnError> {
+        self.time(|a| a.iptables(family, args))
+    }
+    fn nf_tables_socket(&mut self) -> Option<std::io::Result<NetfilterSocket>> {
+        self.time(|a| a.nf_tables_socket())
+    }
+}
+
 /// Runs the real programs of one backend.
 #[derive(Debug, Clone)]
 pub struct SystemApplier {

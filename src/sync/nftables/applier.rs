@@ -42,6 +42,21 @@ impl<A: Applier + ?Sized> Applier for &mut A {
     }
 }
 
+impl<A: Applier + ?Sized> Applier for crate::sync::Timed<'_, A> {
+    fn apply(&mut self, family: IpFamily, commands: &[Command<'_>]) -> Result<usize, SyncError> {
+        self.time(|a| a.apply(family, commands))
+    }
+    fn read(&mut self, family: IpFamily) -> Result<Option<KernelTable>, SyncError> {
+        self.time(|a| a.read(family))
+    }
+    fn rule_count(&mut self, family: IpFamily, chain: &str) -> Result<Option<usize>, SyncError> {
+        self.time(|a| a.rule_count(family, chain))
+    }
+    fn table_exists(&mut self, family: IpFamily) -> Result<bool, SyncError> {
+        self.time(|a| a.table_exists(family))
+    }
+}
+
 /// The text of a transaction for `nft -f`: one command per line.
 pub fn render_transaction(family: IpFamily, commands: &[Command<'_>]) -> Result<String, SyncError> {
     let mut text = String::with_capacity(commands.len() * 100);
