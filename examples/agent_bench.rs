@@ -131,8 +131,8 @@ impl Agent {
     }
 
     fn memory(&self) -> (u64, u64) {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         let field = |name: &str| {
             status
                 .lines()
@@ -199,7 +199,10 @@ fn main() {
         .filter(|p| p.exists())
         .expect("build the binary first: cargo build --release");
 
-    println!("cluster: {services} services x {endpoints} endpoints; binary {}", kproxy.display());
+    println!(
+        "cluster: {services} services x {endpoints} endpoints; binary {}",
+        kproxy.display()
+    );
     let cluster = kproxy::synthetic::cluster(services, endpoints);
     for mode in modes {
         let netns = Netns::new(format!("kp-agent-bench-{}-{mode}", std::process::id()));

@@ -263,10 +263,27 @@ fn agent_follows_the_api_server_through_changes_and_watch_trouble() {
             .is_some_and(|v| v >= 300.0),
             "{mode}: endpoint changes not counted:\n{metrics}"
         );
+        // The Node's address changes: the agent exits (status 1) to restart with it, as
+        // kube-proxy does; its rules stay.
+        let mut node = node_object();
+        node["status"]["addresses"][0]["address"] = json!("10.100.0.77");
+        api.apply(node);
+        let mut agent = agent;
+        wait_until(
+            Duration::from_secs(10),
+            || !agent.is_running(),
+            || "the agent did not exit after its node's address changed".into(),
+        );
+        assert!(
+            agent.log_text().contains("changed its addresses"),
+            "{mode}: {}",
+            agent.log_text()
+        );
+        assert_eq!(agent.stop().code(), Some(1), "{mode}");
         assert_eq!(
-            agent.stop().code(),
-            Some(0),
-            "{mode}: SIGTERM ends the agent cleanly"
+            topology.connect("tcp", 9, WEB_IP, 80, 1),
+            vec!["backend-1"],
+            "{mode}"
         );
     }
 }
@@ -359,6 +376,27 @@ fn from_dir_follows_edits_and_keeps_the_last_good_rules() {
             edited.elapsed()
         );
 
+        // The slice's trigger time feeds the network-programming latency.
+        let mut annotated = slice("web", &[2]);
+        annotated["metadata"]["annotations"] = json!({
+            "endpoints.kubernetes.io/last-change-trigger-time":
+                k8s_openapi::jiff::Timestamp::now().to_string()
+        });
+        // Only a change of the endpoints counts (§7.2): here, the endpoint's node.
+        annotated["endpoints"][0]["nodeName"] = json!("node-x");
+        std::fs::write(&web_slice, annotated.to_string()).unwrap();
+        let series = "kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"}";
+        wait_until(
+            Duration::from_secs(5),
+            || agent.metric(series).is_some_and(|v| v >= 1.0),
+            || {
+                format!(
+                    "{mode}: no network programming observation:\n{}",
+                    agent.metrics()
+                )
+            },
+        );
+
         // A malformed file, new or replacing a good one, keeps the last good rules.
         std::fs::write(
             dir.path().join("broken.yaml"),
@@ -436,6 +474,25 @@ fn from_dir_follows_edits_and_keeps_the_last_good_rules() {
             "{mode}: {programmed} missing:\n{metrics}"
         );
         assert_eq!(agent.stop().code(), Some(0));
+
+        // `run --cleanup` removes kproxy's rules and nothing else: the Service stops answering.
+        let out = topology.kproxy(&["run", "--cleanup", "--mode", mode, "--from-dir", &dir_arg]);
+        assert!(
+            out.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let tables = topology.node.run(&["nft", "list", "tables"], None);
+        let tables = String::from_utf8_lossy(&tables.stdout).to_string();
+        assert!(!tables.contains("kube-proxy"), "{mode}: {tables}");
+        let saved = topology.node.run(&["iptables-save"], None);
+        let saved = String::from_utf8_lossy(&saved.stdout).to_string();
+        assert!(!saved.contains("KUBE-SERVICES"), "{mode}: {saved}");
+        let answers = topology.connect("tcp", 2, WEB_IP, 80, 1);
+        assert!(
+            answers.iter().all(|a| a.starts_with("ERR:")),
+            "{mode}: {answers:?}"
+        );
     }
 }
 
