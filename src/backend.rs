@@ -4,6 +4,7 @@
 //! owns. The two implementations wrap the mode's syncer and translator; both are generic over
 //! the syncer's applier, so tests drive them with the fake kernels.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use crate::config::NodeConfig;
@@ -110,6 +111,7 @@ pub fn system(mode: Mode, options: BackendOptions) -> Box<dyn Backend> {
     match mode {
         Mode::Iptables => Box::new(IptablesBackend {
             syncer: IptablesSyncer::new(SystemApplier::new(options.iptables)),
+            translations: BTreeMap::new(),
             choice: Some(options.iptables),
         }),
         Mode::Nftables => Box::new(NftablesBackend::new(
@@ -126,6 +128,8 @@ pub fn system(mode: Mode, options: BackendOptions) -> Box<dyn Backend> {
 /// iptables mode: `iptables-restore` of the chains that changed (spec §4.11).
 pub struct IptablesBackend<A: ipt_sync::Applier> {
     syncer: IptablesSyncer<A>,
+    /// Each family's service ports as last translated: only changed ports are translated again.
+    translations: BTreeMap<IpFamily, iptables::PortCache>,
     /// The real tools: cleanup covers every installed iptables (nft and legacy) for `Auto`.
     choice: Option<BackendChoice>,
 }
@@ -134,6 +138,7 @@ impl<A: ipt_sync::Applier> IptablesBackend<A> {
     pub fn new(applier: A) -> IptablesBackend<A> {
         IptablesBackend {
             syncer: IptablesSyncer::new(applier),
+            translations: BTreeMap::new(),
             choice: None,
         }
     }
@@ -156,7 +161,8 @@ impl<A: ipt_sync::Applier + Send> Backend for IptablesBackend<A> {
         models
             .iter()
             .map(|model| {
-                let ruleset = iptables::translate(model, config);
+                let cache = self.translations.entry(model.family).or_default();
+                let ruleset = iptables::translate_cached(model, config, cache);
                 let programmed = vec![
                     ("filter", count_rules(&ruleset.filter)),
                     ("nat", count_rules(&ruleset.nat)),
@@ -203,12 +209,15 @@ fn count_rules(table: &iptables::Table) -> usize {
 /// nftables mode: one `nft -f` transaction of the objects that changed (spec §5A.11).
 pub struct NftablesBackend<A: nft_sync::Applier> {
     syncer: Syncer<A>,
+    /// Each family's service ports as last translated: only changed ports are translated again.
+    translations: BTreeMap<IpFamily, nftables::PortCache>,
 }
 
 impl<A: nft_sync::Applier> NftablesBackend<A> {
     pub fn new(applier: A, options: SyncOptions) -> NftablesBackend<A> {
         NftablesBackend {
             syncer: Syncer::new(applier, options),
+            translations: BTreeMap::new(),
         }
     }
 
@@ -230,7 +239,8 @@ impl<A: nft_sync::Applier + Send> Backend for NftablesBackend<A> {
         models
             .iter()
             .map(|model| {
-                let ruleset = nftables::translate(model, config);
+                let cache = self.translations.entry(model.family).or_default();
+                let ruleset = nftables::translate_cached(model, config, cache);
                 let objects = 1
                     + ruleset.chains.len()
                     + ruleset.chains.iter().map(|c| c.rules.len()).sum::<usize>()

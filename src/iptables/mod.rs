@@ -10,7 +10,7 @@ pub use ruleset::{
     Addr, AddrType, Chain, ChainName, Match, Matches, RecentCheck, Rule, Ruleset, Table, TableName,
     Target,
 };
-pub use translate::translate;
+pub use translate::{translate, translate_cached, PortCache};
 
 // Top-level chains (§4.2).
 pub const KUBE_SERVICES: &str = "KUBE-SERVICES";

@@ -53,7 +53,7 @@ fn write_table(out: &mut String, table: &Table) {
 }
 
 fn write_chain_rules(out: &mut String, chain: &Chain) {
-    for rule in &chain.rules {
+    for rule in chain.rules.iter() {
         out.push_str("-A ");
         out.push_str(&chain.name);
         write_rule(out, rule);
@@ -356,7 +356,7 @@ mod tests {
     fn payload_counts_lines_and_commits() {
         let chain = Chain {
             name: ChainName::fixed("KUBE-SERVICES"),
-            rules: vec![Rule::new(Default::default(), Target::Return)],
+            rules: std::sync::Arc::new(vec![Rule::new(Default::default(), Target::Return)]),
         };
         let saved = vec!["-A KUBE-FORWARD -j ACCEPT".to_string()];
         let patches = [

@@ -130,7 +130,9 @@ pub struct Table {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Chain {
     pub name: ChainName,
-    pub rules: Vec<Rule>,
+    /// Shared, so that a chain kept from one translation to the next, and the syncer's copy of
+    /// what it applied, cost no copies (and compare by pointer first: [`Chain::same_rules`]).
+    pub rules: Arc<Vec<Rule>>,
 }
 
 impl Chain {
@@ -138,8 +140,26 @@ impl Chain {
     pub fn new(name: ChainName, rules: usize) -> Chain {
         Chain {
             name,
-            rules: Vec::with_capacity(rules),
+            rules: Arc::new(Vec::with_capacity(rules)),
         }
+    }
+
+    pub fn push(&mut self, rule: Rule) {
+        Arc::make_mut(&mut self.rules).push(rule);
+    }
+
+    /// Appends another chain's rules.
+    pub fn extend_from(&mut self, other: &Chain) {
+        if self.rules.is_empty() {
+            self.rules = other.rules.clone();
+        } else if !other.rules.is_empty() {
+            Arc::make_mut(&mut self.rules).extend(other.rules.iter().cloned());
+        }
+    }
+
+    /// The same rules: the very same list, or equal ones.
+    pub fn same_rules(&self, other: &Chain) -> bool {
+        Arc::ptr_eq(&self.rules, &other.rules) || self.rules == other.rules
     }
 }
 

@@ -18,8 +18,9 @@ use super::{
 };
 use crate::config::NodeConfig;
 use crate::family::IpFamily;
-use crate::model::{Endpoint, NoEndpointVerdict, ProxyModel, ServicePort};
+use crate::model::{Endpoint, NoEndpointVerdict, ProxyModel, ServicePort, ServicePortName};
 use crate::names::IptablesPortNames;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 const NFACCT_INVALID_DROPPED: &str = "ct_state_invalid_dropped_pkts";
 const NFACCT_LOCALHOST_NODEPORTS: &str = "localhost_nps_accepted_pkts";
@@ -39,8 +40,91 @@ pub fn translate(model: &ProxyModel, config: &NodeConfig) -> Ruleset {
         part
     });
     for part in parts {
-        translator.filter.append(part.filter);
-        translator.nat.append(part.nat);
+        translator.filter.append(&part.filter);
+        translator.nat.append(&part.nat);
+    }
+    translator.forward_rules();
+    translator.nodeports_tail();
+    Ruleset {
+        family: translator.family,
+        filter: translator.filter.finish(),
+        nat: translator.nat.finish(),
+    }
+}
+
+/// Each service port's translation, kept between translations of one family so that only
+/// the ports that changed are translated again (the agent's incremental sync). A port is
+/// reused while the model hands over the very same [`ServicePort`] and the node settings
+/// (and kube-proxy's large-cluster mode, which drops endpoint comments) are unchanged.
+#[derive(Default)]
+pub struct PortCache {
+    settings: String,
+    ports: FxHashMap<ServicePortName, (Arc<ServicePort>, PortPart)>,
+}
+
+/// What one service port added to each table.
+struct PortPart {
+    filter: TableBuilder,
+    nat: TableBuilder,
+}
+
+impl PortCache {
+    /// The ports kept.
+    pub fn len(&self) -> usize {
+        self.ports.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ports.is_empty()
+    }
+}
+
+/// [`translate`], reusing the translation of every port found unchanged in `cache`, and
+/// keeping the new ones there. The result is the same as [`translate`]'s.
+pub fn translate_cached(model: &ProxyModel, config: &NodeConfig, cache: &mut PortCache) -> Ruleset {
+    let mut translator = Translator::new(model, config);
+    let settings = format!("{:?} {} {config:?}", model.family, translator.large_cluster);
+    if cache.settings != settings {
+        cache.ports.clear();
+        cache.settings = settings;
+    }
+    translator.static_rules();
+    let changed: Vec<&Arc<ServicePort>> = model
+        .ports
+        .iter()
+        .filter(|port| {
+            !cache
+                .ports
+                .get(&port.name)
+                .is_some_and(|(kept, _)| Arc::ptr_eq(kept, port))
+        })
+        .collect();
+    let translated = crate::parallel::map_chunks(&changed, |ports| {
+        ports
+            .iter()
+            .map(|&port| {
+                let mut part = translator.empty_copy();
+                part.service_port(port);
+                let part = PortPart {
+                    filter: part.filter,
+                    nat: part.nat,
+                };
+                (port.clone(), part)
+            })
+            .collect::<Vec<_>>()
+    });
+    for (port, part) in translated.into_iter().flatten() {
+        cache.ports.insert(port.name.clone(), (port, part));
+    }
+    if cache.ports.len() > model.ports.len() {
+        let wanted: FxHashSet<&ServicePortName> = model.ports.iter().map(|p| &p.name).collect();
+        cache.ports.retain(|name, _| wanted.contains(name));
+    }
+    for port in &model.ports {
+        if let Some((_, part)) = cache.ports.get(&port.name) {
+            translator.filter.append(&part.filter);
+            translator.nat.append(&part.nat);
+        }
     }
     translator.forward_rules();
     translator.nodeports_tail();
@@ -501,14 +585,14 @@ impl<'a> Translator<'a> {
             } else {
                 &mut cluster
             };
-            internal.rules.push(Rule::new(matches, mark_masq()));
+            internal.push(Rule::new(matches, mark_masq()));
         }
 
         // 8. The external chain.
         if port.uses_external_chain() {
             let mut ext = Chain::new(chains.external, 4);
             if !port.external_policy_local {
-                ext.rules.push(Rule::new(
+                ext.push(Rule::new(
                     smallvec![comment(&format!(
                         "masquerade traffic for {spn} external destinations"
                     ))],
@@ -516,7 +600,7 @@ impl<'a> Translator<'a> {
                 ));
             } else {
                 if let Some(cidr) = local_cidr {
-                    ext.rules.push(Rule::new(
+                    ext.push(Rule::new(
                         smallvec![
                             comment(&format!("pod traffic for {spn} external destinations")),
                             Match::Source {
@@ -527,7 +611,7 @@ impl<'a> Translator<'a> {
                         Target::Jump(chains.cluster),
                     ));
                 }
-                ext.rules.push(Rule::new(
+                ext.push(Rule::new(
                     smallvec![
                         comment(&format!(
                             "masquerade LOCAL traffic for {spn} external destinations"
@@ -536,7 +620,7 @@ impl<'a> Translator<'a> {
                     ],
                     mark_masq(),
                 ));
-                ext.rules.push(Rule::new(
+                ext.push(Rule::new(
                     smallvec![
                         comment(&format!(
                             "route LOCAL traffic for {spn} external destinations"
@@ -552,8 +636,7 @@ impl<'a> Translator<'a> {
                 } else {
                     &chains.cluster
                 };
-                ext.rules
-                    .push(Rule::new(smallvec![], Target::Jump(*policy_chain)));
+                ext.push(Rule::new(smallvec![], Target::Jump(*policy_chain)));
             }
             self.nat.push_chain(ext);
         }
@@ -571,7 +654,7 @@ impl<'a> Translator<'a> {
                 negated: false,
             };
             for range in &port.source_ranges {
-                fw.rules.push(Rule::new(
+                fw.push(Rule::new(
                     smallvec![lb_comment.clone(), from(Addr::Net(*range))],
                     to_external(),
                 ));
@@ -585,13 +668,13 @@ impl<'a> Translator<'a> {
                 .any(|range| node_ip.is_some_and(|ip| range.contains(&ip)))
             {
                 for &ip in &port.load_balancer_ips {
-                    fw.rules.push(Rule::new(
+                    fw.push(Rule::new(
                         smallvec![lb_comment.clone(), from(Addr::Host(ip))],
                         to_external(),
                     ));
                 }
             }
-            fw.rules.push(Rule {
+            fw.push(Rule {
                 matches: smallvec![comment(&format!(
                     "other traffic to {spn} will be dropped by KUBE-PROXY-FIREWALL"
                 ))],
@@ -651,10 +734,8 @@ impl<'a> Translator<'a> {
             }
             dnat.push(Match::Protocol(spn.protocol));
             let mut chain = Chain::new(name, 2);
-            chain.rules.push(Rule::new(hairpin, mark_masq()));
-            chain
-                .rules
-                .push(Rule::new(dnat, Target::Dnat(endpoint.addr)));
+            chain.push(Rule::new(hairpin, mark_masq()));
+            chain.push(Rule::new(dnat, Target::Dnat(endpoint.addr)));
             self.nat.push_chain(chain);
         }
     }
@@ -685,7 +766,7 @@ impl<'a> Translator<'a> {
         } else {
             0
         };
-        chain.rules.reserve_exact(affinity_rules + targets.len());
+        std::sync::Arc::make_mut(&mut chain.rules).reserve_exact(affinity_rules + targets.len());
         if let Some(seconds) = port.affinity_timeout {
             for (endpoint, sep) in &targets {
                 let mut matches = endpoint_comment(endpoint);
@@ -693,7 +774,7 @@ impl<'a> Translator<'a> {
                     list: *sep,
                     check: RecentCheck::SeenWithin(seconds),
                 });
-                chain.rules.push(Rule::new(matches, Target::Jump(*sep)));
+                chain.push(Rule::new(matches, Target::Jump(*sep)));
             }
         }
         let n = targets.len();
@@ -702,7 +783,7 @@ impl<'a> Translator<'a> {
             if i + 1 < n {
                 matches.push(Match::RandomProbability(1.0 / (n - i) as f64));
             }
-            chain.rules.push(Rule::new(matches, Target::Jump(*sep)));
+            chain.push(Rule::new(matches, Target::Jump(*sep)));
         }
     }
 }
@@ -759,7 +840,7 @@ impl TableBuilder {
     /// Appends a rule to a top-level chain.
     fn add(&mut self, chain: &str, rule: Rule) {
         match self.top.iter_mut().find(|c| &*c.name == chain) {
-            Some(c) => c.rules.push(rule),
+            Some(c) => c.push(rule),
             None => unreachable!("{chain} is not a top-level chain of this table"),
         }
     }
@@ -778,11 +859,12 @@ impl TableBuilder {
     }
 
     /// Appends another builder's rules after this one's (its top-level chains are the same).
-    fn append(&mut self, other: TableBuilder) {
-        for (mine, theirs) in self.top.iter_mut().zip(other.top) {
-            mine.rules.extend(theirs.rules);
+    fn append(&mut self, other: &TableBuilder) {
+        for (mine, theirs) in self.top.iter_mut().zip(&other.top) {
+            mine.extend_from(theirs);
         }
-        self.service_chains.extend(other.service_chains);
+        self.service_chains
+            .extend(other.service_chains.iter().cloned());
     }
 
     /// Chains in kube-proxy's canonical dump order (`KUBE-NODEPORTS`, `KUBE-SERVICES`, then the
@@ -805,5 +887,54 @@ fn chain_rank(name: &str) -> u8 {
         KUBE_SERVICES => 1,
         _ if name.starts_with("KUBE-") => 2,
         _ => 3,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cached translation must equal the full one, before and after changes, and must
+    /// translate only the ports that changed.
+    #[test]
+    fn cached_translation_equals_a_full_one() {
+        let mut config = NodeConfig::new("node-1");
+        config.cluster_cidrs = vec!["10.128.0.0/9".parse().unwrap()];
+        config.node_ips = vec!["10.0.0.1".parse().unwrap()];
+        let state = crate::synthetic::cluster(60, 3);
+        let model = crate::pipeline::plan(&state, &config).models.remove(0);
+        let mut cache = PortCache::default();
+        let cached = translate_cached(&model, &config, &mut cache);
+        assert_eq!(cached, translate(&model, &config));
+        assert_eq!(cache.len(), model.ports.len());
+
+        let mut next = model.clone();
+        let mut changed = (*next.ports[7]).clone();
+        changed.endpoints.truncate(1);
+        changed.selection = crate::model::EndpointSelection::default();
+        next.ports[7] = Arc::new(changed);
+        next.ports.remove(3);
+        let first_chain = |cache: &PortCache| {
+            cache
+                .ports
+                .get(&next.ports[10].name)
+                .map(|(_, p)| p.nat.service_chains[0].rules.clone())
+        };
+        let kept = first_chain(&cache).expect("port 10 has chains");
+        let cached = translate_cached(&next, &config, &mut cache);
+        assert_eq!(cached, translate(&next, &config));
+        assert_eq!(cache.len(), next.ports.len());
+        let reused = first_chain(&cache).expect("port 10 has chains");
+        assert!(
+            Arc::ptr_eq(&kept, &reused),
+            "an unchanged port was translated again"
+        );
+
+        // Large-cluster mode changes every endpoint chain: nothing is reused.
+        config.iptables.large_cluster_endpoints_threshold = 10;
+        assert_eq!(
+            translate_cached(&next, &config, &mut cache),
+            translate(&next, &config)
+        );
     }
 }

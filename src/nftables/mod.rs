@@ -13,7 +13,7 @@ pub use ruleset::{
     BaseChain, Chain, ChainType, DataType, Direction, Element, Field, Hook, Joining, Map, Match,
     Name, ObjectId, Rule, Ruleset, Set, SetFlag, Statement, Table, Value, Verdict, TABLE_NAME,
 };
-pub use translate::translate;
+pub use translate::{translate, translate_cached, PortCache};
 
 // Base chains (§5.2).
 pub const FILTER_PREROUTING_PRE_DNAT: &str = "filter-prerouting-pre-dnat";

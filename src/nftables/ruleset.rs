@@ -70,8 +70,10 @@ pub struct Chain {
     /// Set for chains attached to a netfilter hook.
     pub base: Option<BaseChain>,
     pub comment: Option<Name>,
-    /// The chain's rules in order; order is significant.
-    pub rules: Vec<Rule>,
+    /// The chain's rules in order; order is significant. Shared, so that a chain kept from
+    /// one translation to the next, and the syncer's copy of what it applied, cost no copies
+    /// and compare equal at a glance (`Arc`'s equality checks the pointer first).
+    pub rules: std::sync::Arc<Vec<Rule>>,
 }
 
 impl Chain {

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::config::{NodeConfig, NodePortAddresses};
 use crate::family::IpFamily;
-use crate::model::{Endpoint, NoEndpointVerdict, ProxyModel, ServicePort};
+use crate::model::{Endpoint, NoEndpointVerdict, ProxyModel, ServicePort, ServicePortName};
 use crate::names;
 
 /// The base chains in kube-proxy's order, with their numeric priorities (§5.2).
@@ -79,6 +79,77 @@ pub fn translate(model: &ProxyModel, config: &NodeConfig) -> Ruleset {
     });
     for part in parts {
         translator.out.append(part);
+    }
+    translator.out.finish(Table {
+        family: translator.family,
+        name: TABLE_NAME.into(),
+        comment: Some("rules for kube-proxy".into()),
+    })
+}
+
+/// Each service port's translation, kept between translations of one family so that only
+/// the ports that changed are translated again (the agent's incremental sync). A port is
+/// reused while the model hands over the very same [`ServicePort`] (the agent's
+/// `NodeModel` keeps unchanged ports shared) and the node settings are unchanged.
+#[derive(Default)]
+pub struct PortCache {
+    settings: String,
+    ports: FxHashMap<ServicePortName, (Arc<ServicePort>, Part)>,
+}
+
+impl PortCache {
+    /// The ports kept.
+    pub fn len(&self) -> usize {
+        self.ports.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ports.is_empty()
+    }
+}
+
+/// [`translate`], reusing the translation of every port found unchanged in `cache`, and
+/// keeping the new ones there. The result is the same as [`translate`]'s.
+pub fn translate_cached(model: &ProxyModel, config: &NodeConfig, cache: &mut PortCache) -> Ruleset {
+    let settings = format!("{:?} {config:?}", model.family);
+    if cache.settings != settings {
+        cache.ports.clear();
+        cache.settings = settings;
+    }
+    let mut translator = Translator::new(model, config);
+    translator.setup();
+    let changed: Vec<&Arc<ServicePort>> = model
+        .ports
+        .iter()
+        .filter(|port| {
+            !cache
+                .ports
+                .get(&port.name)
+                .is_some_and(|(kept, _)| Arc::ptr_eq(kept, port))
+        })
+        .collect();
+    let translated = crate::parallel::map_chunks(&changed, |ports| {
+        ports
+            .iter()
+            .map(|&port| {
+                let mut part = translator.empty_copy();
+                part.service_port(port);
+                (port.clone(), part.out.into_part())
+            })
+            .collect::<Vec<_>>()
+    });
+    for (port, part) in translated.into_iter().flatten() {
+        cache.ports.insert(port.name.clone(), (port, part));
+    }
+    if cache.ports.len() > model.ports.len() {
+        let wanted: rustc_hash::FxHashSet<&ServicePortName> =
+            model.ports.iter().map(|p| &p.name).collect();
+        cache.ports.retain(|name, _| wanted.contains(name));
+    }
+    for port in &model.ports {
+        if let Some((_, part)) = cache.ports.get(&port.name) {
+            translator.out.append_part(part);
+        }
     }
     translator.out.finish(Table {
         family: translator.family,
@@ -811,6 +882,15 @@ fn truncate_comment(text: &str) -> &str {
     &text[..cut]
 }
 
+/// What the translation of one service port created, in creation order.
+#[derive(Debug, Default)]
+struct Part {
+    chains: Vec<Chain>,
+    sets: Vec<Set>,
+    maps: Vec<Map>,
+    elements: Vec<Element>,
+}
+
 /// Collects objects in creation order; chains, sets, maps and elements are unique by identity.
 #[derive(Default)]
 struct Builder {
@@ -835,7 +915,7 @@ impl Builder {
             name: name.clone(),
             base,
             comment: comment.map(Name::from),
-            rules: Vec::new(),
+            rules: Default::default(),
         });
         self.chain_index.insert(name, self.chains.len() - 1);
         self.chains.len() - 1
@@ -843,7 +923,7 @@ impl Builder {
 
     fn rule(&mut self, chain: &str, rule: Rule) {
         let i = self.chain(chain, None, None);
-        self.chains[i].rules.push(rule);
+        Arc::make_mut(&mut self.chains[i].rules).push(rule);
     }
 
     /// Adds a set, or replaces an earlier one of the same name.
@@ -893,22 +973,45 @@ impl Builder {
     /// Adds what another builder built after this one's objects, exactly as if its calls had
     /// been made on this builder.
     fn append(&mut self, other: Builder) {
-        for chain in other.chains {
+        self.append_part(&other.into_part());
+    }
+
+    /// [`Builder::append`] of a part kept for later: its objects are copied (cheaply: names
+    /// and rule lists are shared).
+    fn append_part(&mut self, part: &Part) {
+        for chain in &part.chains {
             match self.chain_index.get(&chain.name) {
-                Some(&i) => self.chains[i].rules.extend(chain.rules),
+                Some(&i) => {
+                    let rules = &mut self.chains[i].rules;
+                    if rules.is_empty() {
+                        *rules = chain.rules.clone();
+                    } else {
+                        Arc::make_mut(rules).extend(chain.rules.iter().cloned());
+                    }
+                }
                 None => {
                     self.chain_index
                         .insert(chain.name.clone(), self.chains.len());
-                    self.chains.push(chain);
+                    self.chains.push(chain.clone());
                 }
             }
         }
-        for set in other.sets {
-            self.set(set);
+        for set in &part.sets {
+            self.set(set.clone());
         }
-        self.maps.extend(other.maps);
-        for element in other.elements {
-            self.insert_element(element);
+        self.maps.extend(part.maps.iter().cloned());
+        for element in &part.elements {
+            self.insert_element(element.clone());
+        }
+    }
+
+    /// The objects built, without the indexes.
+    fn into_part(self) -> Part {
+        Part {
+            chains: self.chains,
+            sets: self.sets,
+            maps: self.maps,
+            elements: self.elements,
         }
     }
 
@@ -935,6 +1038,51 @@ mod tests {
         // 127 ASCII bytes then a two-byte character straddling the limit.
         let straddling = format!("{}é", "a".repeat(127));
         assert_eq!(truncate_comment(&straddling), "a".repeat(127));
+    }
+
+    /// The cached translation must equal the full one, before and after changes, and must
+    /// translate only the ports that changed.
+    #[test]
+    fn cached_translation_equals_a_full_one() {
+        let mut config = NodeConfig::new("node-1");
+        config.cluster_cidrs = vec!["10.128.0.0/9".parse().unwrap()];
+        config.node_ips = vec!["10.0.0.1".parse().unwrap()];
+        let state = crate::synthetic::cluster(60, 3);
+        let model = crate::pipeline::plan(&state, &config).models.remove(0);
+        let mut cache = PortCache::default();
+        let cached = translate_cached(&model, &config, &mut cache);
+        assert_eq!(cached, translate(&model, &config));
+        assert_eq!(cache.len(), model.ports.len());
+
+        // One port changed (a new Arc), one removed: the rest is reused as it was.
+        let mut next = model.clone();
+        let mut changed = (*next.ports[7]).clone();
+        changed.endpoints.truncate(1);
+        changed.selection = crate::model::EndpointSelection::default();
+        next.ports[7] = Arc::new(changed);
+        next.ports.remove(3);
+        let kept = cache
+            .ports
+            .get(&next.ports[10].name)
+            .map(|(_, p)| p.chains[0].rules.clone());
+        let cached = translate_cached(&next, &config, &mut cache);
+        assert_eq!(cached, translate(&next, &config));
+        assert_eq!(cache.len(), next.ports.len());
+        let reused = cache
+            .ports
+            .get(&next.ports[10].name)
+            .map(|(_, p)| p.chains[0].rules.clone());
+        assert!(
+            Arc::ptr_eq(&kept.unwrap(), &reused.unwrap()),
+            "an unchanged port was translated again"
+        );
+
+        // Other node settings: nothing is reused.
+        config.masquerade_all = true;
+        assert_eq!(
+            translate_cached(&next, &config, &mut cache),
+            translate(&next, &config)
+        );
     }
 
     #[test]

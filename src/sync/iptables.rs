@@ -419,7 +419,7 @@ fn partial_patch<'a>(table: &'a Table, before: &Table) -> TablePatch<'a> {
     let changed = crate::parallel::map_chunks(&pairs, |pairs| {
         pairs
             .iter()
-            .filter(|(chain, previous)| previous.is_none_or(|p| p.rules != chain.rules))
+            .filter(|(chain, previous)| previous.is_none_or(|p| !p.same_rules(chain)))
             .map(|(chain, _)| chain.name)
             .collect::<FxHashSet<ChainName>>()
     });

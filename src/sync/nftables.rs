@@ -432,7 +432,7 @@ impl<'a> Transaction<'a> {
     }
 
     fn add_rules(&mut self, chain: &'a Chain) {
-        for rule in &chain.rules {
+        for rule in chain.rules.iter() {
             self.add(
                 Phase::Rules,
                 Object::Rule {

@@ -110,7 +110,7 @@ impl FakeKernel {
     pub fn flush_table(&mut self, family: IpFamily) {
         if let Some(table) = self.tables.get_mut(&family) {
             for chain in &mut table.chains {
-                chain.rules.clear();
+                chain.rules = Default::default();
             }
         }
     }
@@ -140,7 +140,7 @@ impl FakeKernel {
             line(Command::Add(Object::Chain(chain)));
         }
         for chain in &table.chains {
-            for rule in &chain.rules {
+            for rule in chain.rules.iter() {
                 line(Command::Add(Object::Rule {
                     chain: &chain.name,
                     rule,
@@ -215,13 +215,13 @@ impl FakeTable {
             Command::Flush(id) => match id {
                 ObjectId::Table => {
                     for chain in &mut self.chains {
-                        chain.rules.clear();
+                        chain.rules = Default::default();
                     }
                     Ok(())
                 }
                 ObjectId::Chain(name) => {
                     let i = self.chain_index(name).ok_or(ENOENT)?;
-                    self.chains[i].rules.clear();
+                    self.chains[i].rules = Default::default();
                     Ok(())
                 }
                 ObjectId::Set(name) | ObjectId::Map(name) => {
@@ -283,7 +283,7 @@ impl FakeTable {
                         name: chain.name.clone(),
                         base: chain.base,
                         comment: chain.comment.clone(),
-                        rules: Vec::new(),
+                        rules: Default::default(),
                     }),
                 }
                 Ok(())
@@ -299,7 +299,7 @@ impl FakeTable {
                 for container in rule_containers(rule) {
                     self.is_map(&container).ok_or(ENOENT)?;
                 }
-                self.chains[i].rules.push((*rule).clone());
+                std::sync::Arc::make_mut(&mut self.chains[i].rules).push((*rule).clone());
                 Ok(())
             }
             Object::Set(set) => {
@@ -375,7 +375,7 @@ impl FakeTable {
             })
             .collect();
         for chain in &self.chains {
-            for rule in &chain.rules {
+            for rule in chain.rules.iter() {
                 for statement in &rule.statements {
                     if let Statement::RandomVerdict(verdicts) = statement {
                         in_element.extend(verdicts.iter().filter_map(verdict_chain).cloned());
@@ -550,7 +550,7 @@ mod tests {
             name: name.into(),
             base: None,
             comment: None,
-            rules: vec![],
+            rules: Default::default(),
         }
     }
 
