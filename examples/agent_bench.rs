@@ -77,6 +77,8 @@ struct SyncLine {
     kernel_ms: f64,
     change_to_kernel_ms: Option<f64>,
     endpoint_events: u64,
+    /// The log line itself.
+    text: String,
 }
 
 fn parse_sync_line(line: &str) -> Option<SyncLine> {
@@ -96,6 +98,7 @@ fn parse_sync_line(line: &str) -> Option<SyncLine> {
         kernel_ms: number_after("kernel tools ")?,
         change_to_kernel_ms: number_after("change to kernel "),
         endpoint_events: events_tail.split_whitespace().next()?.parse().ok()?,
+        text: line.to_string(),
     })
 }
 
@@ -259,7 +262,7 @@ fn main() {
             let syncs = agent.wait_for_syncs(before + 1, Duration::from_secs(600));
             let line = &syncs[before];
             let whole = line.change_to_kernel_ms.unwrap_or(f64::NAN);
-            eprintln!("{mode}: change {round}: {line:?}");
+            eprintln!("{mode}: change {round}: {}", line.text);
             total.push(whole);
             kernel.push(line.kernel_ms);
             own.push(whole - line.kernel_ms);
@@ -299,6 +302,9 @@ fn main() {
             assert!(Instant::now() < deadline, "the burst was not synced");
             std::thread::sleep(Duration::from_millis(50));
         };
+        for line in &agent.syncs()[before..] {
+            eprintln!("{mode}: burst: {}", line.text);
+        }
         let (rss, hwm) = agent.memory();
         println!(
             "{mode}: burst of {burst} EndpointSlice updates (sent in {:.0} ms): {syncs} syncs ({} full); last change in the kernel {:.2} s after the first update; VmRSS {rss} MiB, VmHWM {hwm} MiB",

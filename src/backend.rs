@@ -68,6 +68,8 @@ pub struct FamilySync {
     /// The rules kproxy owns in the kernel after a successful sync, by table (iptables:
     /// `filter`, `nat`) or as the whole table's objects (nftables: `kube-proxy`).
     pub programmed: Vec<(&'static str, usize)>,
+    /// The time spent translating the model into the ruleset (before the syncer's part).
+    pub translate: std::time::Duration,
 }
 
 /// Keeps one network namespace's rules equal to the models, in one mode.
@@ -161,8 +163,10 @@ impl<A: ipt_sync::Applier + Send> Backend for IptablesBackend<A> {
         models
             .iter()
             .map(|model| {
+                let started = Instant::now();
                 let cache = self.translations.entry(model.family).or_default();
                 let ruleset = iptables::translate_cached(model, config, cache);
+                let translate = started.elapsed();
                 let programmed = vec![
                     ("filter", count_rules(&ruleset.filter)),
                     ("nat", count_rules(&ruleset.nat)),
@@ -175,6 +179,7 @@ impl<A: ipt_sync::Applier + Send> Backend for IptablesBackend<A> {
                     family: model.family,
                     result,
                     programmed,
+                    translate,
                 }
             })
             .collect()
@@ -239,8 +244,10 @@ impl<A: nft_sync::Applier + Send> Backend for NftablesBackend<A> {
         models
             .iter()
             .map(|model| {
+                let started = Instant::now();
                 let cache = self.translations.entry(model.family).or_default();
                 let ruleset = nftables::translate_cached(model, config, cache);
+                let translate = started.elapsed();
                 let objects = 1
                     + ruleset.chains.len()
                     + ruleset.chains.iter().map(|c| c.rules.len()).sum::<usize>()
@@ -256,6 +263,7 @@ impl<A: nft_sync::Applier + Send> Backend for NftablesBackend<A> {
                     family: model.family,
                     result,
                     programmed: vec![(nftables::TABLE_NAME, objects)],
+                    translate,
                 }
             })
             .collect()

@@ -130,7 +130,7 @@ impl SyncLoop {
     pub fn sync(&mut self) -> bool {
         let started = Instant::now();
         // 1. Changes: take them, rebuild the ports of the Services they touch.
-        let (changes, notes, invalid, models) = {
+        let (changes, notes, invalid, models, modelled) = {
             let mut store = self
                 .store
                 .lock()
@@ -138,7 +138,8 @@ impl SyncLoop {
             let (changes, notes) = store.take_changes();
             let changed = (!self.rebuild_all).then_some(&changes.services);
             self.model.update(&store, changed, &self.config);
-            (changes, notes, store.invalid_counts(), self.model.models())
+            let models = self.model.models();
+            (changes, notes, store.invalid_counts(), models, started.elapsed())
         };
         self.rebuild_all = false;
         for note in &notes {
@@ -227,10 +228,13 @@ impl SyncLoop {
                         .map(|first| format!(", change to kernel {:.1} ms", ms(first.elapsed())))
                         .unwrap_or_default();
                     tracing::info!(
-                        "synced {}: {kind} sync in {:.1} ms (kproxy {:.1} ms, kernel tools {:.1} ms){waited}, {} objects sent, {} Services changed, {} EndpointSlice events",
+                        "synced {}: {kind} sync in {:.1} ms (kproxy {:.1} ms: model {:.1}, translate {:.1}, diff and rest {:.1}; kernel tools {:.1} ms){waited}, {} objects sent, {} Services changed, {} EndpointSlice events",
                         family_sync.family,
                         ms(total),
                         ms(total.saturating_sub(report.kernel)),
+                        ms(modelled),
+                        ms(family_sync.translate),
+                        ms(report.duration.saturating_sub(report.kernel)),
                         ms(report.kernel),
                         report.objects,
                         changes.services.len(),
