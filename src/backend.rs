@@ -70,6 +70,8 @@ pub struct FamilySync {
     pub programmed: Vec<(&'static str, usize)>,
     /// The time spent translating the model into the ruleset (before the syncer's part).
     pub translate: std::time::Duration,
+    /// The sync attempted was a partial one (iptables; kube-proxy counts their failures).
+    pub attempted_partial: bool,
 }
 
 /// Keeps one network namespace's rules equal to the models, in one mode.
@@ -177,6 +179,7 @@ impl<A: ipt_sync::Applier + Send> Backend for IptablesBackend<A> {
                     .map(|mut reports| reports.remove(0));
                 FamilySync {
                     family: model.family,
+                    attempted_partial: !self.syncer.attempted_full(model.family),
                     result,
                     programmed,
                     translate,
@@ -264,6 +267,7 @@ impl<A: nft_sync::Applier + Send> Backend for NftablesBackend<A> {
                     result,
                     programmed: vec![(nftables::TABLE_NAME, objects)],
                     translate,
+                    attempted_partial: false,
                 }
             })
             .collect()

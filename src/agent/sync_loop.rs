@@ -15,7 +15,7 @@ use super::runner::SyncSchedule;
 use super::service_health::{self, ServiceHealthServers};
 use super::status::AgentStatus;
 use super::store::{ClusterStore, ServiceKey};
-use crate::backend::{Backend, Mode};
+use crate::backend::{Backend, FamilySync, Mode};
 use crate::config::NodeConfig;
 use crate::model::{Protocol, ProxyModel};
 
@@ -139,7 +139,13 @@ impl SyncLoop {
             let changed = (!self.rebuild_all).then_some(&changes.services);
             self.model.update(&store, changed, &self.config);
             let models = self.model.models();
-            (changes, notes, store.invalid_counts(), models, started.elapsed())
+            (
+                changes,
+                notes,
+                store.invalid_counts(),
+                models,
+                started.elapsed(),
+            )
         };
         self.rebuild_all = false;
         for note in &notes {
@@ -243,7 +249,7 @@ impl SyncLoop {
                 }
                 Err(err) => {
                     all_ok = false;
-                    self.count_failure(family_sync.family);
+                    self.count_failure(family_sync);
                     tracing::error!(
                         "sync of {} failed: {err}; the kernel keeps its previous rules, retrying with a full sync",
                         family_sync.family
@@ -273,8 +279,8 @@ impl SyncLoop {
         all_ok
     }
 
-    fn count_failure(&self, family: crate::family::IpFamily) {
-        let label = FamilyLabel::of(family);
+    fn count_failure(&self, family_sync: &FamilySync) {
+        let label = FamilyLabel::of(family_sync.family);
         let metrics = &self.status.metrics;
         match self.backend.mode() {
             Mode::Iptables => {
@@ -282,6 +288,12 @@ impl SyncLoop {
                     .iptables_restore_failures
                     .get_or_create(&label)
                     .inc();
+                if family_sync.attempted_partial {
+                    metrics
+                        .iptables_partial_restore_failures
+                        .get_or_create(&label)
+                        .inc();
+                }
             }
             Mode::Nftables => {
                 metrics.nftables_sync_failures.get_or_create(&label).inc();
@@ -351,5 +363,128 @@ fn set_no_local_endpoints(metrics: &super::metrics::Metrics, model: &ProxyModel)
                 ip_family: model.family.api_name().into(),
             })
             .set(count);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::NftablesBackend;
+    use crate::family::IpFamily;
+    use crate::nftables::Command;
+    use crate::sync::nftables::{Applier, FakeKernel, KernelTable, SyncOptions};
+    use crate::sync::SyncError;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    /// The fake kernel, refusing every transaction while `refuse` is set.
+    struct Refusing {
+        kernel: FakeKernel,
+        refuse: Arc<AtomicBool>,
+    }
+
+    impl Applier for Refusing {
+        fn apply(
+            &mut self,
+            family: IpFamily,
+            commands: &[Command<'_>],
+        ) -> Result<usize, SyncError> {
+            if self.refuse.load(Ordering::Relaxed) {
+                return Err(SyncError::Refused {
+                    tool: "nft".into(),
+                    family,
+                    object: None,
+                    message: "refused by the test".into(),
+                });
+            }
+            self.kernel.apply(family, commands)
+        }
+        fn read(&mut self, family: IpFamily) -> Result<Option<KernelTable>, SyncError> {
+            self.kernel.read(family)
+        }
+        fn rule_count(
+            &mut self,
+            family: IpFamily,
+            chain: &str,
+        ) -> Result<Option<usize>, SyncError> {
+            self.kernel.rule_count(family, chain)
+        }
+        fn table_exists(&mut self, family: IpFamily) -> Result<bool, SyncError> {
+            self.kernel.table_exists(family)
+        }
+    }
+
+    fn metric(status: &AgentStatus, series: &str) -> Option<f64> {
+        status
+            .metrics
+            .encode()
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn a_refused_sync_is_counted_and_leaves_the_changes_for_the_next() {
+        let cluster = crate::synthetic::cluster(3, 2);
+        let store = Arc::new(Mutex::new(ClusterStore::new(SystemTime::UNIX_EPOCH)));
+        {
+            let mut store = store.lock().unwrap();
+            store.replace_services(&cluster.services);
+            store.replace_slices(&cluster.endpoint_slices);
+            store.set_listed(crate::source::Kind::Service);
+            store.set_listed(crate::source::Kind::EndpointSlice);
+        }
+        let status = Arc::new(AgentStatus::new(
+            Mode::Nftables,
+            vec![IpFamily::V4],
+            Duration::from_secs(30),
+        ));
+        let refuse = Arc::new(AtomicBool::new(true));
+        let backend = NftablesBackend::new(
+            Refusing {
+                kernel: FakeKernel::new(),
+                refuse: refuse.clone(),
+            },
+            SyncOptions::default(),
+        );
+        let schedule = SyncSchedule::new(
+            Instant::now(),
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+            Duration::from_secs(30),
+        );
+        let config = NodeConfig::new("node-1");
+        let mut sync_loop =
+            SyncLoop::new(store, status.clone(), Box::new(backend), config, schedule);
+        sync_loop.conntrack = false;
+
+        let failures =
+            "kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family=\"IPv4\"}";
+        let last = "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}";
+        assert!(!sync_loop.sync(), "the refused sync reports failure");
+        assert_eq!(metric(&status, failures), Some(1.0));
+        assert_eq!(metric(&status, last), None, "no successful sync yet");
+        assert_eq!(
+            metric(&status, "kubeproxy_sync_proxy_rules_service_changes_total"),
+            Some(3.0)
+        );
+
+        // Nothing changed since, but the next sync still programs everything.
+        refuse.store(false, Ordering::Relaxed);
+        assert!(sync_loop.sync());
+        assert_eq!(metric(&status, failures), Some(1.0));
+        assert!(metric(&status, last).is_some_and(|t| t > 1.0e9));
+        assert!(metric(
+            &status,
+            "kproxy_sync_proxy_rules_nftables_objects{ip_family=\"IPv4\"}"
+        )
+        .is_some_and(|n| n > 20.0));
+        assert_eq!(
+            metric(
+                &status,
+                "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}"
+            ),
+            Some(1.0),
+            "the repairing sync is a full one"
+        );
     }
 }

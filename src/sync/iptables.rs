@@ -170,6 +170,8 @@ struct FamilyState {
     applied: Option<Ruleset>,
     last_full: Option<Instant>,
     full_requested: bool,
+    /// The kind of the last sync attempted, successful or not.
+    attempted_full: bool,
 }
 
 /// Applies desired rulesets to the kernel through an [`Applier`]; see the module docs.
@@ -216,6 +218,12 @@ impl<A: Applier> IptablesSyncer<A> {
         &mut self.applier
     }
 
+    /// Whether the last sync attempted for `family` was a full one (kube-proxy counts failed
+    /// partial restores separately).
+    pub fn attempted_full(&self, family: IpFamily) -> bool {
+        self.states[family_index(family)].attempted_full
+    }
+
     /// The ruleset last committed for `family`, if the syncer knows it.
     pub fn applied(&self, family: IpFamily) -> Option<&Ruleset> {
         self.states[family_index(family)].applied.as_ref()
@@ -239,6 +247,7 @@ impl<A: Applier> IptablesSyncer<A> {
             Some(_) if state.last_full.is_none_or(|t| t.elapsed() >= period) => true,
             Some(_) => drifted(applier, family)?,
         };
+        state.attempted_full = full;
         // Whatever happens next, the kernel may no longer hold `applied` until it succeeds.
         let previous = state.applied.take();
         let result = if full {
