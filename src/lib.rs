@@ -16,6 +16,7 @@ pub mod names;
 pub mod nftables;
 pub mod parallel;
 pub mod pipeline;
+pub mod port_cache;
 pub mod source;
 pub mod sync;
 pub mod synthetic;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use common::agent::{in_netns, wait_until, AgentProcess, HEALTHZ, METRICS};
+use common::agent::{wait_until, AgentProcess, HEALTHZ, METRICS};
 use common::netns::kernel_tests_possible;
 use common::topology::{Topology, BACKEND_PORT, CLUSTER_CIDR, NODE_IP};
 use kproxy::fake_apiserver::FakeApiServer;
@@ -68,9 +68,9 @@ fn node_object() -> Value {
 /// The fake API server, started inside the node namespace so that the agent reaches it on
 /// loopback there.
 fn api_server(topology: &Topology) -> FakeApiServer {
-    in_netns(&topology.node.name, || {
-        FakeApiServer::start().expect("fake API server")
-    })
+    topology
+        .node
+        .enter(|| FakeApiServer::start().expect("fake API server"))
 }
 
 fn agent_args<'a>(mode: &'a str, source: &[&'a str]) -> Vec<&'a str> {

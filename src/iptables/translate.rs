@@ -18,9 +18,8 @@ use super::{
 };
 use crate::config::NodeConfig;
 use crate::family::IpFamily;
-use crate::model::{Endpoint, NoEndpointVerdict, ProxyModel, ServicePort, ServicePortName};
+use crate::model::{Endpoint, NoEndpointVerdict, ProxyModel, ServicePort};
 use crate::names::IptablesPortNames;
-use rustc_hash::{FxHashMap, FxHashSet};
 
 const NFACCT_INVALID_DROPPED: &str = "ct_state_invalid_dropped_pkts";
 const NFACCT_LOCALHOST_NODEPORTS: &str = "localhost_nps_accepted_pkts";
@@ -52,79 +51,34 @@ pub fn translate(model: &ProxyModel, config: &NodeConfig) -> Ruleset {
     }
 }
 
-/// Each service port's translation, kept between translations of one family so that only
-/// the ports that changed are translated again (the agent's incremental sync). A port is
-/// reused while the model hands over the very same [`ServicePort`] and the node settings
-/// (and kube-proxy's large-cluster mode, which drops endpoint comments) are unchanged.
-#[derive(Default)]
-pub struct PortCache {
-    settings: String,
-    ports: FxHashMap<ServicePortName, (Arc<ServicePort>, PortPart)>,
-}
+/// Each service port's rules, kept between translations of one family (see
+/// [`crate::port_cache`]).
+pub type PortCache = crate::port_cache::PortCache<PortRules>;
 
 /// What one service port added to each table.
-struct PortPart {
+pub struct PortRules {
     filter: TableBuilder,
     nat: TableBuilder,
-}
-
-impl PortCache {
-    /// The ports kept.
-    pub fn len(&self) -> usize {
-        self.ports.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ports.is_empty()
-    }
 }
 
 /// [`translate`], reusing the translation of every port found unchanged in `cache`, and
 /// keeping the new ones there. The result is the same as [`translate`]'s.
 pub fn translate_cached(model: &ProxyModel, config: &NodeConfig, cache: &mut PortCache) -> Ruleset {
     let mut translator = Translator::new(model, config);
-    let settings = format!("{:?} {} {config:?}", model.family, translator.large_cluster);
-    if cache.settings != settings {
-        cache.ports.clear();
-        cache.settings = settings;
-    }
     translator.static_rules();
-    let changed: Vec<&Arc<ServicePort>> = model
-        .ports
-        .iter()
-        .filter(|port| {
-            !cache
-                .ports
-                .get(&port.name)
-                .is_some_and(|(kept, _)| Arc::ptr_eq(kept, port))
-        })
-        .collect();
-    let translated = crate::parallel::map_chunks(&changed, |ports| {
-        ports
-            .iter()
-            .map(|&port| {
-                let mut part = translator.empty_copy();
-                part.service_port(port);
-                let part = PortPart {
-                    filter: part.filter,
-                    nat: part.nat,
-                };
-                (port.clone(), part)
-            })
-            .collect::<Vec<_>>()
-    });
-    for (port, part) in translated.into_iter().flatten() {
-        cache.ports.insert(port.name.clone(), (port, part));
-    }
-    if cache.ports.len() > model.ports.len() {
-        let wanted: FxHashSet<&ServicePortName> = model.ports.iter().map(|p| &p.name).collect();
-        cache.ports.retain(|name, _| wanted.contains(name));
-    }
-    for port in &model.ports {
-        if let Some((_, part)) = cache.ports.get(&port.name) {
-            translator.filter.append(&part.filter);
-            translator.nat.append(&part.nat);
+    // Large-cluster mode (no endpoint comments) changes every port's rules.
+    let settings = format!("{:?} {} {config:?}", model.family, translator.large_cluster);
+    let parts = cache.update(settings, &model.ports, |port| {
+        let mut part = translator.empty_copy();
+        part.service_port(port);
+        PortRules {
+            filter: part.filter,
+            nat: part.nat,
         }
+    });
+    for part in parts {
+        translator.filter.append(&part.filter);
+        translator.nat.append(&part.nat);
     }
     translator.forward_rules();
     translator.nodeports_tail();
@@ -916,9 +870,8 @@ mod tests {
         next.ports.remove(3);
         let first_chain = |cache: &PortCache| {
             cache
-                .ports
                 .get(&next.ports[10].name)
-                .map(|(_, p)| p.nat.service_chains[0].rules.clone())
+                .map(|p| p.nat.service_chains[0].rules.clone())
         };
         let kept = first_chain(&cache).expect("port 10 has chains");
         let cached = translate_cached(&next, &config, &mut cache);

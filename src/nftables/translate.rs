@@ -22,7 +22,7 @@ use super::{
 };
 use crate::config::{NodeConfig, NodePortAddresses};
 use crate::family::IpFamily;
-use crate::model::{Endpoint, NoEndpointVerdict, ProxyModel, ServicePort, ServicePortName};
+use crate::model::{Endpoint, NoEndpointVerdict, ProxyModel, ServicePort};
 use crate::names;
 
 /// The base chains in kube-proxy's order, with their numeric priorities (§5.2).
@@ -87,72 +87,26 @@ pub fn translate(model: &ProxyModel, config: &NodeConfig) -> Ruleset {
     })
 }
 
-/// Each service port's translation, kept between translations of one family so that only
-/// the ports that changed are translated again (the agent's incremental sync). A port is
-/// reused while the model hands over the very same [`ServicePort`] (the agent's
-/// `NodeModel` keeps unchanged ports shared) and the node settings are unchanged.
-#[derive(Default)]
-pub struct PortCache {
-    settings: String,
-    ports: FxHashMap<ServicePortName, (Arc<ServicePort>, Part)>,
-}
-
-impl PortCache {
-    /// The ports kept.
-    pub fn len(&self) -> usize {
-        self.ports.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ports.is_empty()
-    }
-}
+/// Each service port's objects, kept between translations of one family (see
+/// [`crate::port_cache`]).
+pub type PortCache = crate::port_cache::PortCache<PortObjects>;
 
 /// [`translate`], reusing the translation of every port found unchanged in `cache`, and
 /// keeping the new ones there. The result is the same as [`translate`]'s.
 pub fn translate_cached(model: &ProxyModel, config: &NodeConfig, cache: &mut PortCache) -> Ruleset {
-    let settings = format!("{:?} {config:?}", model.family);
-    if cache.settings != settings {
-        cache.ports.clear();
-        cache.settings = settings;
-    }
     let mut translator = Translator::new(model, config);
     translator.setup();
-    let changed: Vec<&Arc<ServicePort>> = model
-        .ports
-        .iter()
-        .filter(|port| {
-            !cache
-                .ports
-                .get(&port.name)
-                .is_some_and(|(kept, _)| Arc::ptr_eq(kept, port))
-        })
-        .collect();
-    let translated = crate::parallel::map_chunks(&changed, |ports| {
-        ports
-            .iter()
-            .map(|&port| {
-                let mut part = translator.empty_copy();
-                part.service_port(port);
-                (port.clone(), part.out.into_part())
-            })
-            .collect::<Vec<_>>()
+    let settings = format!("{:?} {config:?}", model.family);
+    let parts = cache.update(settings, &model.ports, |port| {
+        let mut part = translator.empty_copy();
+        part.service_port(port);
+        part.out.into_part()
     });
-    for (port, part) in translated.into_iter().flatten() {
-        cache.ports.insert(port.name.clone(), (port, part));
-    }
-    if cache.ports.len() > model.ports.len() {
-        let wanted: rustc_hash::FxHashSet<&ServicePortName> =
-            model.ports.iter().map(|p| &p.name).collect();
-        cache.ports.retain(|name, _| wanted.contains(name));
-    }
-    for port in &model.ports {
-        if let Some((_, part)) = cache.ports.get(&port.name) {
-            translator.out.append_part(part);
-        }
+    for part in parts {
+        translator.out.append_part(part);
     }
     translator.out.finish(Table {
-        family: translator.family,
+        family: model.family,
         name: TABLE_NAME.into(),
         comment: Some("rules for kube-proxy".into()),
     })
@@ -884,7 +838,7 @@ fn truncate_comment(text: &str) -> &str {
 
 /// What the translation of one service port created, in creation order.
 #[derive(Debug, Default)]
-struct Part {
+pub struct PortObjects {
     chains: Vec<Chain>,
     sets: Vec<Set>,
     maps: Vec<Map>,
@@ -978,7 +932,7 @@ impl Builder {
 
     /// [`Builder::append`] of a part kept for later: its objects are copied (cheaply: names
     /// and rule lists are shared).
-    fn append_part(&mut self, part: &Part) {
+    fn append_part(&mut self, part: &PortObjects) {
         for chain in &part.chains {
             match self.chain_index.get(&chain.name) {
                 Some(&i) => {
@@ -1006,8 +960,8 @@ impl Builder {
     }
 
     /// The objects built, without the indexes.
-    fn into_part(self) -> Part {
-        Part {
+    fn into_part(self) -> PortObjects {
+        PortObjects {
             chains: self.chains,
             sets: self.sets,
             maps: self.maps,
@@ -1062,16 +1016,14 @@ mod tests {
         next.ports[7] = Arc::new(changed);
         next.ports.remove(3);
         let kept = cache
-            .ports
             .get(&next.ports[10].name)
-            .map(|(_, p)| p.chains[0].rules.clone());
+            .map(|p| p.chains[0].rules.clone());
         let cached = translate_cached(&next, &config, &mut cache);
         assert_eq!(cached, translate(&next, &config));
         assert_eq!(cache.len(), next.ports.len());
         let reused = cache
-            .ports
             .get(&next.ports[10].name)
-            .map(|(_, p)| p.chains[0].rules.clone());
+            .map(|p| p.chains[0].rules.clone());
         assert!(
             Arc::ptr_eq(&kept.unwrap(), &reused.unwrap()),
             "an unchanged port was translated again"

@@ -58,7 +58,7 @@ impl AgentProcess {
     pub fn get(&self, address: &str, path: &str) -> Option<(u16, String)> {
         let address = address.to_string();
         let path = path.to_string();
-        in_netns(&self.netns, move || http_get(&address, &path))
+        super::netns::enter(&self.netns, move || http_get(&address, &path))
     }
 
     pub fn metrics(&self) -> String {
@@ -145,24 +145,6 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|line| {
         let rest = line.strip_prefix(series)?;
         rest.strip_prefix(' ')?.trim().parse().ok()
-    })
-}
-
-/// Runs `f` on a thread inside the named network namespace.
-pub fn in_netns<R: Send>(netns: &str, f: impl FnOnce() -> R + Send) -> R {
-    let path = format!("/var/run/netns/{netns}");
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                use std::os::fd::AsRawFd;
-                let file = std::fs::File::open(&path).expect("namespace file");
-                // SAFETY: setns on a valid namespace fd affects only this thread.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns into {path} failed");
-                f()
-            })
-            .join()
-            .expect("thread in namespace")
     })
 }
 

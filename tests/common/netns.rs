@@ -108,19 +108,24 @@ impl Netns {
     /// Runs `f` on a thread that has entered this namespace, so that the library's own child
     /// processes (`conntrack`, `nft`, …) run inside it.
     pub fn enter<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    use std::os::fd::AsRawFd;
-                    let file = std::fs::File::open(&path).expect("namespace file");
-                    // SAFETY: setns on a valid namespace fd affects only this thread.
-                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert_eq!(rc, 0, "setns into {path} failed");
-                    f()
-                })
-                .join()
-                .expect("thread in namespace")
-        })
+        enter(&self.name, f)
     }
+}
+
+/// Runs `f` on a thread inside the named network namespace (sockets it opens live there).
+pub fn enter<R: Send>(name: &str, f: impl FnOnce() -> R + Send) -> R {
+    let path = format!("/var/run/netns/{name}");
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                use std::os::fd::AsRawFd;
+                let file = std::fs::File::open(&path).expect("namespace file");
+                // SAFETY: setns on a valid namespace fd affects only this thread.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns into {path} failed");
+                f()
+            })
+            .join()
+            .expect("thread in namespace")
+    })
 }

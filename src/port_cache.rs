@@ -1,0 +1,83 @@
+//! Translation results kept per service port between translations, for both modes: the agent
+//! translates only the ports that changed and reuses the others. A port is reused while the
+//! model hands over the very same [`ServicePort`] (the agent's `NodeModel` keeps the ports of
+//! unchanged Services shared) and the translation-wide settings are unchanged.
+
+use std::sync::Arc;
+
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use crate::model::{ServicePort, ServicePortName};
+
+/// What each port's translation produced (`P`: the mode's part type).
+pub struct PortCache<P> {
+    /// Everything besides the port that the parts depend on (node settings, modes).
+    settings: String,
+    ports: FxHashMap<ServicePortName, (Arc<ServicePort>, P)>,
+}
+
+impl<P> Default for PortCache<P> {
+    fn default() -> Self {
+        PortCache {
+            settings: String::new(),
+            ports: FxHashMap::default(),
+        }
+    }
+}
+
+impl<P: Send> PortCache<P> {
+    /// Brings the cache to `ports`: translates (in parallel) the ports it does not hold as they
+    /// are, drops the ports no longer there, and forgets everything when `settings` differ
+    /// from the last call's. Returns the parts in the order of `ports`.
+    pub fn update<'a>(
+        &'a mut self,
+        settings: String,
+        ports: &'a [Arc<ServicePort>],
+        translate: impl Fn(&ServicePort) -> P + Sync,
+    ) -> impl Iterator<Item = &'a P> + 'a {
+        if self.settings != settings {
+            self.ports.clear();
+            self.settings = settings;
+        }
+        let changed: Vec<&Arc<ServicePort>> = ports
+            .iter()
+            .filter(|port| {
+                !self
+                    .ports
+                    .get(&port.name)
+                    .is_some_and(|(kept, _)| Arc::ptr_eq(kept, port))
+            })
+            .collect();
+        let translated = crate::parallel::map_chunks(&changed, |chunk| {
+            chunk
+                .iter()
+                .map(|&port| (port.clone(), translate(port)))
+                .collect::<Vec<_>>()
+        });
+        for (port, part) in translated.into_iter().flatten() {
+            self.ports.insert(port.name.clone(), (port, part));
+        }
+        if self.ports.len() > ports.len() {
+            let wanted: FxHashSet<&ServicePortName> = ports.iter().map(|p| &p.name).collect();
+            self.ports.retain(|name, _| wanted.contains(name));
+        }
+        let cache = &*self;
+        ports
+            .iter()
+            .filter_map(move |port| cache.ports.get(&port.name).map(|(_, part)| part))
+    }
+
+    /// The ports kept.
+    pub fn len(&self) -> usize {
+        self.ports.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ports.is_empty()
+    }
+
+    /// The part kept for a port, if any.
+    pub fn get(&self, name: &ServicePortName) -> Option<&P> {
+        self.ports.get(name).map(|(_, part)| part)
+    }
+}
