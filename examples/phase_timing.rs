@@ -44,4 +44,29 @@ fn main() {
             t8 - t7
         );
     }
+    // The agent's case: one port changed since the last translation.
+    let (cluster, _) = kproxy::model::validate(&state);
+    let model = kproxy::model::ProxyModel::build(&cluster, &config, kproxy::family::IpFamily::V4);
+    let mut ipt_cache = kproxy::iptables::PortCache::default();
+    let mut nft_cache = kproxy::nftables::PortCache::default();
+    kproxy::iptables::translate_cached(&model, &config, &mut ipt_cache);
+    kproxy::nftables::translate_cached(&model, &config, &mut nft_cache);
+    for round in 0..3 {
+        let mut next = model.clone();
+        let mut port = (*next.ports[round * 7]).clone();
+        port.endpoints.truncate(1);
+        port.selection = Default::default();
+        next.ports[round * 7] = std::sync::Arc::new(port);
+        let t = Instant::now();
+        let ipt = kproxy::iptables::translate_cached(&next, &config, &mut ipt_cache);
+        let t1 = t.elapsed();
+        let nft = kproxy::nftables::translate_cached(&next, &config, &mut nft_cache);
+        let t2 = t.elapsed();
+        std::thread::spawn(move || drop((ipt, nft)));
+        println!(
+            "one port changed: iptables translate_cached {:?} | nftables translate_cached {:?}",
+            t1,
+            t2 - t1
+        );
+    }
 }
