@@ -3,6 +3,10 @@
 //! that reports the figures is `cargo bench --bench render`.
 use std::time::Instant;
 
+// The same allocator as the kproxy binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let args: Vec<usize> = std::env::args()
         .skip(1)

@@ -3,6 +3,11 @@
 
 use std::process::ExitCode;
 
+/// mimalloc: the translators allocate many small objects, and the agent's threads would
+/// otherwise each get a glibc arena that keeps freed memory.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     kproxy::cli::main()
 }
