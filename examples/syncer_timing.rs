@@ -52,7 +52,10 @@ fn main() {
         ("iptables", Box::new(IptablesBackend::new(Accepting))),
         (
             "nftables",
-            Box::new(NftablesBackend::new(FakeKernel::new(), SyncOptions::default())),
+            Box::new(NftablesBackend::new(
+                FakeKernel::new(),
+                SyncOptions::default(),
+            )),
         ),
     ];
     let only: Vec<String> = std::env::args()

@@ -102,6 +102,8 @@ pub fn translate_cached(model: &ProxyModel, config: &NodeConfig, cache: &mut Por
         part.service_port(port);
         part.out.into_part()
     });
+    let parts: Vec<&PortObjects> = parts.collect();
+    translator.out.reserve(&parts);
     for part in parts {
         translator.out.append_part(part);
     }
@@ -957,6 +959,19 @@ impl Builder {
         for element in &part.elements {
             self.insert_element(element.clone());
         }
+    }
+
+    /// Makes room for `parts` at once, instead of growing (and re-hashing) step by step.
+    fn reserve(&mut self, parts: &[&PortObjects]) {
+        let chains: usize = parts.iter().map(|p| p.chains.len()).sum();
+        let sets: usize = parts.iter().map(|p| p.sets.len()).sum();
+        let elements: usize = parts.iter().map(|p| p.elements.len()).sum();
+        self.chains.reserve(chains);
+        self.chain_index.reserve(chains);
+        self.sets.reserve(sets);
+        self.set_index.reserve(sets);
+        self.elements.reserve(elements);
+        self.element_index.reserve(elements);
     }
 
     /// The objects built, without the indexes.
