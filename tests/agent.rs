@@ -546,3 +546,79 @@ fn health_check_node_port_reports_local_endpoints() {
         || "port 30500 still open".into(),
     );
 }
+
+/// Sends one datagram per round from the same source port: one conntrack flow throughout.
+const SAME_FLOW: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 45000)); s.settimeout(2)
+for i in range(int(sys.argv[4])):
+    s.sendto(b"hi", (sys.argv[2], int(sys.argv[3])))
+    try: print(s.recvfrom(100)[0].decode().strip(), flush=True)
+    except Exception as e: print("ERR:" + type(e).__name__, flush=True)
+"#;
+
+#[test]
+fn a_udp_flow_follows_its_service_when_the_backend_changes() {
+    if !possible() {
+        return;
+    }
+    for mode in MODES {
+        let topology = Topology::new(2);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut dns = service("dns", WEB_IP, false);
+        dns["spec"]["ports"] = json!([{"name": "dns", "protocol": "UDP", "port": 53}]);
+        let dns_slice = |backend: usize| {
+            let mut value = slice("dns", &[backend]);
+            value["ports"] = json!([{"name": "dns", "protocol": "UDP", "port": BACKEND_PORT}]);
+            value
+        };
+        std::fs::write(dir.path().join("dns.json"), dns.to_string()).unwrap();
+        let slice_file = dir.path().join("dns-slice.json");
+        std::fs::write(&slice_file, dns_slice(1).to_string()).unwrap();
+        let dir_arg = dir.path().to_string_lossy().to_string();
+        let agent = AgentProcess::start(
+            &topology.node,
+            &agent_args(mode, &["--from-dir", &dir_arg, "--node-ip", NODE_IP]),
+        );
+        agent.wait_for_syncs(1, Duration::from_secs(20));
+        let flow = |count: usize| {
+            let out = topology.client.run(
+                &[
+                    "python3",
+                    "-c",
+                    SAME_FLOW,
+                    "10.100.0.2",
+                    WEB_IP,
+                    "53",
+                    &count.to_string(),
+                ],
+                None,
+            );
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(flow(2), vec!["backend-1"; 2], "{mode}");
+
+        // The endpoint changes; backend-1 still answers, so only the deleted conntrack entry
+        // lets the same flow reach backend-2.
+        let syncs = agent.syncs();
+        std::fs::write(&slice_file, dns_slice(2).to_string()).unwrap();
+        agent.wait_for_syncs(syncs + 1, Duration::from_secs(10));
+        assert_eq!(
+            flow(2),
+            vec!["backend-2"; 2],
+            "{mode}: the UDP flow stuck to its old backend"
+        );
+        let deleted = "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv4\"}";
+        assert!(
+            agent.metric(deleted).is_some_and(|n| n >= 1.0),
+            "{mode}: {}",
+            agent.metrics()
+        );
+        assert_eq!(agent.stop().code(), Some(0));
+    }
+}
