@@ -362,10 +362,12 @@ fn bind_address(text: &str, default_port: u16, flag: &str) -> Result<Option<Sock
 impl RunArgs {
     /// The agent's configuration: flags, over the file's values, over kube-proxy's defaults.
     pub fn agent_config(&self) -> Result<AgentConfig> {
+        let mut config_file = None;
         let file = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read --config {}", path.display()))?;
+                config_file = Some((path.clone(), text.clone()));
                 let (file, ignored) = KubeProxyConfiguration::parse(&text)
                     .with_context(|| format!("--config {}", path.display()))?;
                 if !ignored.is_empty() {
@@ -458,6 +460,7 @@ impl RunArgs {
             sync_period,
             backend: self.common.backend_options(false),
             node_wait: self.node_wait,
+            config_file,
         })
     }
 }

@@ -622,3 +622,57 @@ fn a_udp_flow_follows_its_service_when_the_backend_changes() {
         assert_eq!(agent.stop().code(), Some(0));
     }
 }
+
+#[test]
+fn a_changed_config_file_ends_the_agent() {
+    if !possible() {
+        return;
+    }
+    let topology = Topology::new(1);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    let config = dir.path().join("config.conf");
+    let text = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: nftables\n";
+    std::fs::write(&config, text).unwrap();
+    let (config_arg, dir_arg) = (
+        config.to_string_lossy().to_string(),
+        manifests.to_string_lossy().to_string(),
+    );
+    let mut agent = AgentProcess::start(
+        &topology.node,
+        &[
+            "--config",
+            &config_arg,
+            "--from-dir",
+            &dir_arg,
+            "--hostname",
+            NODE,
+            "--node-ip",
+            NODE_IP,
+        ],
+    );
+    agent.wait_for_syncs(1, Duration::from_secs(20));
+    assert_eq!(
+        agent.get(METRICS, "/proxyMode").map(|r| r.1),
+        Some("nftables".into())
+    );
+
+    // The same content written again is no change.
+    std::fs::write(&config, text).unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(agent.is_running(), "{}", agent.log_text());
+
+    std::fs::write(&config, format!("{text}nftables:\n  syncPeriod: 10s\n")).unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || !agent.is_running(),
+        || "the agent did not exit after its configuration file changed".into(),
+    );
+    assert!(
+        agent.log_text().contains("configuration file"),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(agent.stop().code(), Some(1));
+}

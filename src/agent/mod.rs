@@ -16,6 +16,7 @@
 //! and SIGINT end the agent after the current sync, leaving the rules in place.
 
 pub mod config_file;
+pub mod config_watch;
 pub mod health;
 pub mod http;
 pub mod metrics;
@@ -84,6 +85,8 @@ pub struct AgentConfig {
     pub backend: BackendOptions,
     /// How long start-up waits for the Node object to appear with addresses (§2.2: 30 s).
     pub node_wait: Duration,
+    /// The `--config` file and its content at start: the agent exits when it changes (§1.1).
+    pub config_file: Option<(PathBuf, String)>,
 }
 
 /// Runs the agent until SIGTERM/SIGINT (`Ok`) or a fatal error.
@@ -142,6 +145,13 @@ async fn run_agent(mut config: AgentConfig) -> Result<()> {
                 }
             });
         }
+    }
+    if let Some((path, text)) = config.config_file.clone() {
+        tokio::spawn(config_watch::watch_config_file(
+            path,
+            text,
+            fatal_tx.clone(),
+        ));
     }
     if let Some((rx, started)) = node_rx {
         tokio::spawn(follow_node(
