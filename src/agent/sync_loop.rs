@@ -114,7 +114,7 @@ impl SyncLoop {
             }
             let deadline = self.backend.next_deadline();
             if self.schedule.is_due(Instant::now(), deadline) {
-                let ok = self.sync();
+                let ok = self.sync_guarded();
                 self.schedule.finished(Instant::now(), ok);
             }
         }
@@ -124,6 +124,18 @@ impl SyncLoop {
         self.store
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// [`SyncLoop::sync`], surviving a panic inside it as kube-proxy's runner does: the panic
+    /// counts as a failed sync, and the next one is full (and rebuilds every Service).
+    fn sync_guarded(&mut self) -> bool {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.sync()));
+        outcome.unwrap_or_else(|_| {
+            tracing::error!("a sync panicked; the next sync is a full one");
+            self.rebuild_all = true;
+            self.backend.request_full_sync();
+            false
+        })
     }
 
     /// One sync; whether every family succeeded.
