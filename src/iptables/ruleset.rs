@@ -84,10 +84,22 @@ impl PartialOrd for ChainName {
     }
 }
 
-/// Alphabetical, like the names themselves.
+/// Alphabetical, like the names themselves. Names hold no zero bytes and are zero-padded, so
+/// comparing the padded bytes gives the same order; as two big-endian integers that is a
+/// couple of instructions (sorting 100,000 chain names is part of every sync).
 impl Ord for ChainName {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.bytes[..self.len as usize].cmp(&other.bytes[..other.len as usize])
+        self.order_key().cmp(&other.order_key())
+    }
+}
+
+impl ChainName {
+    fn order_key(&self) -> (u128, u128) {
+        let mut high = [0u8; 16];
+        let mut low = [0u8; 16];
+        high.copy_from_slice(&self.bytes[..16]);
+        low[..Self::MAX_LEN - 16].copy_from_slice(&self.bytes[16..]);
+        (u128::from_be_bytes(high), u128::from_be_bytes(low))
     }
 }
 
@@ -253,6 +265,26 @@ impl Rule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chain_names_sort_alphabetically() {
+        let mut names: Vec<&str> = vec![
+            "KUBE-SVC-B",
+            "KUBE-SVC-AB",
+            "KUBE-SVC-A",
+            "KUBE-SEP-Z",
+            "KUBE-NODEPORTS",
+            "KUBE-SVC-ABCDEFGHIJKLMNOPQRS",
+            "KUBE-SVC-ABCDEFGHIJKLMNOPQR",
+            "A",
+            "KUBE-SVC-ABCDEFGHIJKLMNOPQRT",
+        ];
+        let mut chains: Vec<ChainName> = names.iter().map(|n| ChainName::fixed(n)).collect();
+        chains.sort();
+        names.sort();
+        let sorted: Vec<&str> = chains.iter().map(|c| c.as_str()).collect();
+        assert_eq!(sorted, names);
+    }
 
     #[test]
     fn chain_names_follow_the_kernel_limits() {

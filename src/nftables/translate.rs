@@ -103,10 +103,7 @@ pub fn translate_cached(model: &ProxyModel, config: &NodeConfig, cache: &mut Por
         part.out.into_part()
     });
     let parts: Vec<&PortObjects> = parts.collect();
-    translator.out.reserve(&parts);
-    for part in parts {
-        translator.out.append_part(part);
-    }
+    translator.out.append_parts(&parts);
     translator.out.finish(Table {
         family: model.family,
         name: TABLE_NAME.into(),
@@ -826,6 +823,22 @@ fn l4proto(port: &ServicePort) -> Match {
     compare(Field::L4Proto, false, Value::Protocol(port.name.protocol))
 }
 
+/// Adds an element to `elements`, or replaces the one with the same container and key.
+fn insert_element(
+    elements: &mut Vec<Element>,
+    index: &mut FxHashMap<(Name, Vec<Value>), usize>,
+    element: Element,
+) {
+    let id = (element.container.clone(), element.key.clone());
+    match index.get(&id) {
+        Some(&i) => elements[i] = element,
+        None => {
+            index.insert(id, elements.len());
+            elements.push(element);
+        }
+    }
+}
+
 /// A comment cut to knftables' limit, on a character boundary.
 fn truncate_comment(text: &str) -> &str {
     if text.len() <= COMMENT_LENGTH_MAX {
@@ -916,14 +929,40 @@ impl Builder {
     }
 
     fn insert_element(&mut self, element: Element) {
-        let id = (element.container.clone(), element.key.clone());
-        match self.element_index.get(&id) {
-            Some(&i) => self.elements[i] = element,
-            None => {
-                self.element_index.insert(id, self.elements.len());
-                self.elements.push(element);
+        insert_element(&mut self.elements, &mut self.element_index, element);
+    }
+
+    /// [`Builder::append_part`] of every part in order. Chains, sets and maps are added on
+    /// this thread and elements on another: they are independent, and the agent's sync waits
+    /// for this.
+    fn append_parts(&mut self, parts: &[&PortObjects]) {
+        self.reserve(parts);
+        let (elements, index) = (&mut self.elements, &mut self.element_index);
+        let mut objects = Builder {
+            chains: std::mem::take(&mut self.chains),
+            chain_index: std::mem::take(&mut self.chain_index),
+            sets: std::mem::take(&mut self.sets),
+            set_index: std::mem::take(&mut self.set_index),
+            maps: std::mem::take(&mut self.maps),
+            ..Builder::default()
+        };
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for part in parts {
+                    for element in &part.elements {
+                        insert_element(elements, index, element.clone());
+                    }
+                }
+            });
+            for part in parts {
+                objects.append_objects(part);
             }
-        }
+        });
+        self.chains = objects.chains;
+        self.chain_index = objects.chain_index;
+        self.sets = objects.sets;
+        self.set_index = objects.set_index;
+        self.maps = objects.maps;
     }
 
     /// Adds what another builder built after this one's objects, exactly as if its calls had
@@ -935,6 +974,14 @@ impl Builder {
     /// [`Builder::append`] of a part kept for later: its objects are copied (cheaply: names
     /// and rule lists are shared).
     fn append_part(&mut self, part: &PortObjects) {
+        self.append_objects(part);
+        for element in &part.elements {
+            self.insert_element(element.clone());
+        }
+    }
+
+    /// The chains, sets and maps of a part (not its elements).
+    fn append_objects(&mut self, part: &PortObjects) {
         for chain in &part.chains {
             match self.chain_index.get(&chain.name) {
                 Some(&i) => {
@@ -956,9 +1003,6 @@ impl Builder {
             self.set(set.clone());
         }
         self.maps.extend(part.maps.iter().cloned());
-        for element in &part.elements {
-            self.insert_element(element.clone());
-        }
     }
 
     /// Makes room for `parts` at once, instead of growing (and re-hashing) step by step.
