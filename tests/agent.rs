@@ -215,6 +215,13 @@ fn agent_follows_the_api_server_through_changes_and_watch_trouble() {
         );
 
         // A stalled API server: the rules stay; changes made meanwhile arrive afterwards.
+        // First every watcher (Services, slices, Node) must be back from its relist, so that
+        // no list answered during the stall carries the change.
+        wait_until(
+            Duration::from_secs(10),
+            || api.open_watches() >= 3,
+            || format!("{} watches open", api.open_watches()),
+        );
         api.set_stalled(true);
         api.apply(slice("late", &[2]));
         std::thread::sleep(Duration::from_secs(2));
