@@ -198,6 +198,12 @@ impl SyncLoop {
                     };
                     histogram.get_or_create(&label).observe(duration);
                     self.status.synced(family_sync.family, now);
+                    if report.cleanup_failed {
+                        metrics
+                            .nftables_cleanup_failures
+                            .get_or_create(&label)
+                            .inc();
+                    }
                     metrics
                         .sync_objects_last
                         .get_or_create(&label)

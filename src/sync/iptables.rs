@@ -275,6 +275,7 @@ impl<A: Applier> IptablesSyncer<A> {
             bytes: sent.text.len(),
             duration: Duration::ZERO,
             kernel: timed.spent,
+            cleanup_failed: false,
         })
     }
 }

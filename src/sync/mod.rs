@@ -78,6 +78,9 @@ pub struct SyncReport {
     pub duration: std::time::Duration,
     /// The part of it spent in the kernel tools (and netlink requests).
     pub kernel: std::time::Duration,
+    /// nftables: deleting stale chains was refused, so this sync was made a full one
+    /// (kube-proxy's `nftables_cleanup_failures_total`).
+    pub cleanup_failed: bool,
 }
 
 /// Why a sync or cleanup failed. The kernel keeps the rules it had before a failed transaction.

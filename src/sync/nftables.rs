@@ -187,6 +187,7 @@ impl<A: Applier> Syncer<A> {
             bytes: 0,
             duration: Duration::ZERO,
             kernel: Duration::ZERO,
+            cleanup_failed: false,
         };
 
         // Stale chains past their grace period go first, in a transaction of their own.
@@ -223,6 +224,7 @@ impl<A: Applier> Syncer<A> {
                     Err(_) => {
                         state.applied = None;
                         state.stale.clear();
+                        report.cleanup_failed = true;
                     }
                 }
             }
@@ -1195,7 +1197,7 @@ endpoints:
         s.sync(&two).unwrap();
         assert!(new_commands(&s, before).is_empty(), "grace period not over");
         s.age_stale_chains(Duration::from_secs(2));
-        s.sync(&two).unwrap();
+        assert!(!s.sync(&two).unwrap()[0].cleanup_failed);
         assert_eq!(
             new_commands(&s, before),
             vec![format!("delete chain ip kube-proxy {chain}")]
@@ -1410,11 +1412,12 @@ endpoints:
             report.full,
             "the refused deletion made this sync a full one"
         );
+        assert!(report.cleanup_failed, "the refused deletion is reported");
         // The full sync found the chain again (empty) and waits anew before deleting it.
         assert_eq!(s.stale_chains(V4), stale);
         let before = s.applier().transactions.len();
         s.age_stale_chains(Duration::from_secs(2));
-        s.sync(&two).unwrap();
+        assert!(!s.sync(&two).unwrap()[0].cleanup_failed);
         assert_eq!(
             new_commands(&s, before),
             vec![format!("delete chain ip kube-proxy {}", stale[0])]
