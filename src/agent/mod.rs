@@ -48,9 +48,6 @@ use status::{serve_status, AgentStatus, Server};
 use store::ClusterStore;
 use sync_loop::{SyncLoop, Wake};
 
-/// kube-proxy's periodic full sync (§5.1 `maxInterval`); the syncers count it themselves.
-pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
-
 /// Where the cluster's objects come from.
 #[derive(Debug, Clone)]
 pub enum Source {

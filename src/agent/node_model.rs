@@ -69,15 +69,6 @@ impl NodeModel {
             })
             .collect()
     }
-
-    /// The service ports of one Service in one family.
-    pub fn ports_of(&self, family: IpFamily, key: &str) -> &[Arc<ServicePort>] {
-        self.families
-            .get(&family)
-            .and_then(|services| services.get(key))
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-    }
 }
 
 #[cfg(test)]

@@ -282,10 +282,6 @@ impl ClusterStore {
             self.slices.values().filter(|e| e.checked.is_err()).count(),
         )
     }
-
-    pub fn len(&self) -> (usize, usize) {
-        (self.services.len(), self.slices.len())
-    }
 }
 
 fn service_key(slice: &SliceSpec) -> String {
