@@ -15,10 +15,10 @@ use crate::agent::config_file::{parse_duration, KubeProxyConfiguration};
 use crate::agent::{AgentConfig, DetectLocal, Source};
 use crate::backend::{self, BackendOptions, Mode};
 use crate::config::{MasqueradeMark, NodeConfig, NodePortAddresses};
-use crate::family::{parse_cidr_sloppy, FamilyMode};
+use crate::family::{parse_cidr_sloppy, FamilyMode, IpFamily};
 use crate::pipeline;
 use crate::source::kube::ApiServer;
-use crate::source::Manifests;
+use crate::source::{Manifests, Note};
 
 #[derive(Parser)]
 #[command(
@@ -46,6 +46,10 @@ pub enum Command {
         /// Sync once and exit (the only form; `kproxy run` is the node agent).
         #[arg(long, required = true)]
         once: bool,
+        /// Sync even when the input holds no usable Service, removing every service rule
+        /// (without it such a sync is refused; `kproxy cleanup` removes all of kproxy's rules).
+        #[arg(long)]
+        allow_empty: bool,
         #[command(flatten)]
         common: Common,
         /// Manifest files or directories; `-` reads stdin.
@@ -116,20 +120,21 @@ pub struct Common {
     /// Node address; the first of each family is the primary node IP. Repeatable.
     #[arg(long = "node-ip", value_name = "IP")]
     node_ips: Vec<IpAddr>,
-    /// Pod network (the first per family tells pod traffic from other traffic). Repeatable.
-    #[arg(long = "cluster-cidr", value_name = "CIDR")]
-    cluster_cidrs: Vec<String>,
+    /// Pod network (the first per family tells pod traffic from other traffic). Repeatable,
+    /// or comma-separated.
+    #[arg(long = "cluster-cidr", value_name = "CIDR", value_delimiter = ',', value_parser = cidr_flag)]
+    cluster_cidrs: Vec<IpNet>,
     /// A ServiceCIDR of the cluster; nftables drops traffic to its unallocated addresses.
-    /// Repeatable.
-    #[arg(long = "service-cidr", value_name = "CIDR")]
-    service_cidrs: Vec<String>,
+    /// Repeatable, or comma-separated.
+    #[arg(long = "service-cidr", value_name = "CIDR", value_delimiter = ',', value_parser = cidr_flag)]
+    service_cidrs: Vec<IpNet>,
     /// Masquerade all traffic to cluster IPs.
     #[arg(long)]
     masquerade_all: bool,
     /// Where NodePorts are accepted: comma-separated CIDRs, or `primary`. Default: every address
     /// (iptables) or the primary node IP (nftables).
-    #[arg(long, value_name = "CIDR,...")]
-    nodeport_addresses: Option<String>,
+    #[arg(long, value_name = "CIDR,...", value_parser = nodeport_addresses_flag)]
+    nodeport_addresses: Option<NodePortAddresses>,
     /// IP families to proxy [default: ipv4].
     #[arg(long, value_enum)]
     ip_family: Option<FamilyArg>,
@@ -231,8 +236,20 @@ impl Common {
         self.mode.map_or(Mode::Iptables, ModeArg::mode)
     }
 
-    fn node_config(&self) -> Result<NodeConfig> {
-        self.node_config_with(None)
+    /// The node settings for a command that runs on this node: the flags, with a `primary`
+    /// NodePort address the flags leave open taken from this network namespace.
+    fn node_config_here(&self) -> Result<NodeConfig> {
+        let mut config = self.node_config_with(None)?;
+        let mode_default = (self.mode() == Mode::Nftables).then_some(NodePortAddresses::Primary);
+        for (family, ip) in
+            crate::host::resolve_primary_node_ips(&mut config, mode_default.as_ref())
+                .map_err(|e| UsageError(e.to_string()))?
+        {
+            eprintln!(
+                "kproxy: NodePorts are accepted on {ip}, this network namespace's primary {family} address (--node-ip chooses another)"
+            );
+        }
+        Ok(config)
     }
 
     /// The node settings from the flags, with the file's values where no flag was given.
@@ -253,50 +270,32 @@ impl Common {
         };
         let mut config = NodeConfig::new(hostname.trim().to_lowercase());
         config.node_ips = self.node_ips.clone();
-        let file_cidrs: Vec<String> = file
-            .and_then(|f| f.cluster_cidr.as_deref())
-            .map(|text| {
-                text.split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default();
-        let cluster_cidrs = if self.cluster_cidrs.is_empty() {
-            &file_cidrs
+        config.cluster_cidrs = if self.cluster_cidrs.is_empty() {
+            match file.and_then(|f| f.cluster_cidr.as_deref()) {
+                Some(list) => cidr_list(list).context("the configuration file's clusterCIDR")?,
+                None => Vec::new(),
+            }
         } else {
-            &self.cluster_cidrs
+            self.cluster_cidrs.clone()
         };
-        config.cluster_cidrs = cluster_cidrs
-            .iter()
-            .map(|text| parse_cidr_arg(text, "--cluster-cidr"))
-            .collect::<Result<_>>()?;
-        config.service_cidrs = self
-            .service_cidrs
-            .iter()
-            .map(|text| parse_cidr_arg(text, "--service-cidr"))
-            .collect::<Result<_>>()?;
+        config.service_cidrs = self.service_cidrs.clone();
         config.masquerade_all = self.masquerade_all || settings.masquerade_all.unwrap_or(false);
-        let file_nodeports = file
-            .and_then(|f| f.node_port_addresses.clone())
-            .filter(|list| !list.is_empty())
-            .map(|list| list.join(","));
-        config.nodeport_addresses = match self.nodeport_addresses.clone().or(file_nodeports) {
-            None => None,
-            Some(list) if list == "primary" => Some(NodePortAddresses::Primary),
-            Some(list) => Some(NodePortAddresses::Cidrs(
-                list.split(',')
-                    .filter(|s| !s.trim().is_empty())
-                    .map(|text| parse_cidr_arg(text.trim(), "--nodeport-addresses"))
-                    .collect::<Result<_>>()?,
-            )),
+        config.nodeport_addresses = match &self.nodeport_addresses {
+            Some(addresses) => Some(addresses.clone()),
+            None => match file.and_then(|f| f.node_port_addresses.as_ref()) {
+                Some(list) if !list.is_empty() => Some(
+                    parse_nodeport_addresses(&list.join(","))
+                        .context("the configuration file's nodePortAddresses")?,
+                ),
+                _ => None,
+            },
         };
         config.family_mode = match self.ip_family.unwrap_or(FamilyArg::Ipv4) {
             FamilyArg::Ipv4 => FamilyMode::V4,
             FamilyArg::Ipv6 => FamilyMode::V6,
             FamilyArg::Dual => FamilyMode::Dual,
         };
+        check_node_ip_families(&config.node_ips, config.family_mode)?;
         config.zone = self.zone.clone();
         let bit = match (self.masquerade_bit, settings.masquerade_bit) {
             (Some(bit), _) => bit,
@@ -338,11 +337,59 @@ impl ModeArg {
     }
 }
 
-fn parse_cidr_arg(text: &str, flag: &str) -> Result<IpNet> {
-    match parse_cidr_sloppy(text) {
-        Some(net) => Ok(net),
-        None => bail!("{flag}: {text:?} is not a CIDR (like 10.244.0.0/16)"),
+/// A flag value that cannot work with the others: reported like clap's own errors, with exit
+/// status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// One CIDR of a CIDR flag.
+fn cidr_flag(text: &str) -> std::result::Result<IpNet, String> {
+    parse_cidr_sloppy(text.trim())
+        .ok_or_else(|| format!("{text:?} is not a CIDR (like 10.244.0.0/16 or fd00:10::/56)"))
+}
+
+/// A comma-separated list of CIDRs, as configuration files write them.
+fn cidr_list(list: &str) -> Result<Vec<IpNet>> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|text| cidr_flag(text).map_err(anyhow::Error::msg))
+        .collect()
+}
+
+/// `--nodeport-addresses`: `primary`, or comma-separated CIDRs.
+fn nodeport_addresses_flag(text: &str) -> std::result::Result<NodePortAddresses, String> {
+    parse_nodeport_addresses(text).map_err(|e| e.to_string())
+}
+
+fn parse_nodeport_addresses(text: &str) -> Result<NodePortAddresses> {
+    if text.trim() == "primary" {
+        return Ok(NodePortAddresses::Primary);
     }
+    Ok(NodePortAddresses::Cidrs(cidr_list(text).context(
+        "want `primary` or comma-separated CIDRs (like 192.168.0.0/24,127.0.0.0/8)",
+    )?))
+}
+
+/// The node IPs given must include one of each family proxied: a node IP of the other family
+/// only would silently change which addresses accept NodePorts.
+fn check_node_ip_families(node_ips: &[IpAddr], families: FamilyMode) -> Result<()> {
+    if node_ips.is_empty() {
+        return Ok(());
+    }
+    for &family in families.families() {
+        if !node_ips.iter().any(|ip| IpFamily::of(ip) == family) {
+            let given: Vec<String> = node_ips.iter().map(IpAddr::to_string).collect();
+            return Err(UsageError(format!(
+                "--node-ip {} has no {family} address, but --ip-family proxies {family}: add a \
+                 --node-ip of that family, or choose another --ip-family",
+                given.join(", ")
+            ))
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// `HOST:PORT` or a bare IP (the default port is added); empty disables the server.
@@ -471,6 +518,10 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.downcast_ref::<UsageError>().is_some() => {
+            eprintln!("kproxy: error: {err:#}");
+            ExitCode::from(2)
+        }
         Err(err) => {
             eprintln!("kproxy: {err:#}");
             ExitCode::from(1)
@@ -483,9 +534,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Render { common, inputs } => render(&common, &inputs),
         Command::Sync {
             once: _,
+            allow_empty,
             common,
             inputs,
-        } => sync_once(&common, &inputs),
+        } => sync_once(&common, &inputs, allow_empty),
         Command::Run(args) => run_agent(&args),
         Command::Cleanup {
             mode,
@@ -534,19 +586,51 @@ fn run_agent(args: &RunArgs) -> Result<()> {
     crate::agent::run(config)
 }
 
-/// Reads the inputs and builds the plan, reporting skipped objects on stderr.
-fn read_plan(config: &NodeConfig, inputs: &[PathBuf]) -> Result<pipeline::Plan> {
-    let manifests = Manifests::read_paths(inputs)?;
-    let plan = pipeline::plan(&manifests.state, config);
-    for note in manifests.notes.iter().chain(&plan.notes) {
-        eprintln!("kproxy: {note}");
-    }
-    Ok(plan)
+/// The plan for a set of inputs, and how many Services they held and how many of those were
+/// skipped as invalid.
+struct InputPlan {
+    plan: pipeline::Plan,
+    services_read: usize,
+    services_skipped: usize,
 }
 
-fn sync_once(common: &Common, inputs: &[PathBuf]) -> Result<()> {
-    let config = common.node_config()?;
-    let plan = read_plan(&config, inputs)?;
+/// Reads the inputs and builds the plan, reporting skipped objects on stderr.
+fn read_plan(config: &NodeConfig, inputs: &[PathBuf]) -> Result<InputPlan> {
+    let manifests = Manifests::read_paths(inputs)?;
+    let plan = pipeline::plan(&manifests.state, config);
+    let mut services_skipped = 0;
+    for note in manifests.notes.iter().chain(&plan.notes) {
+        if matches!(note, Note::Invalid { object, .. } if object.kind == "Service") {
+            services_skipped += 1;
+        }
+        eprintln!("kproxy: {note}");
+    }
+    Ok(InputPlan {
+        plan,
+        services_read: manifests.state.services.len(),
+        services_skipped,
+    })
+}
+
+fn sync_once(common: &Common, inputs: &[PathBuf], allow_empty: bool) -> Result<()> {
+    let config = common.node_config_here()?;
+    let input = read_plan(&config, inputs)?;
+    if !allow_empty && input.services_skipped >= input.services_read {
+        let what = if input.services_read == 0 {
+            "the input holds no Service".to_string()
+        } else {
+            format!(
+                "every Service in the input ({}) was skipped as invalid",
+                input.services_read
+            )
+        };
+        bail!(
+            "refusing to sync: {what}, so the sync would remove every service rule on this \
+             node; the rules are unchanged. Check the input paths; pass --allow-empty to sync \
+             an empty cluster anyway, or use `kproxy cleanup` to remove kproxy's rules"
+        );
+    }
+    let plan = input.plan;
     let mut backend = backend::system(common.mode(), common.backend_options(true));
     let mut failed = None;
     for family in backend.sync(&plan.models, &config) {
@@ -576,8 +660,8 @@ fn sync_once(common: &Common, inputs: &[PathBuf]) -> Result<()> {
 }
 
 fn render(common: &Common, inputs: &[PathBuf]) -> Result<()> {
-    let config = common.node_config()?;
-    let plan = read_plan(&config, inputs)?;
+    let config = common.node_config_here()?;
+    let plan = read_plan(&config, inputs)?.plan;
     let text = common.mode().render(&plan.models, &config);
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())

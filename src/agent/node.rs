@@ -85,49 +85,6 @@ impl NodeInfo {
     }
 }
 
-/// The host's global addresses (no loopback, no link-local), IPv4 first, in interface order.
-pub fn host_addresses() -> Vec<IpAddr> {
-    let mut addresses = Vec::new();
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `list` with a linked list that we only read and then free.
-    unsafe {
-        if libc::getifaddrs(&mut list) != 0 {
-            return addresses;
-        }
-        let mut entry = list;
-        while !entry.is_null() {
-            let addr = (*entry).ifa_addr;
-            if !addr.is_null() {
-                match i32::from((*addr).sa_family) {
-                    libc::AF_INET => {
-                        let sin = &*(addr as *const libc::sockaddr_in);
-                        addresses.push(IpAddr::from(
-                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
-                        ));
-                    }
-                    libc::AF_INET6 => {
-                        let sin6 = &*(addr as *const libc::sockaddr_in6);
-                        addresses.push(IpAddr::from(sin6.sin6_addr.s6_addr));
-                    }
-                    _ => {}
-                }
-            }
-            entry = (*entry).ifa_next;
-        }
-        libc::freeifaddrs(list);
-    }
-    addresses.retain(|ip| {
-        !ip.is_loopback()
-            && !ip.is_unspecified()
-            && match ip {
-                IpAddr::V4(v4) => !v4.is_link_local(),
-                IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
-            }
-    });
-    addresses.sort_by_key(|ip| ip.is_ipv6());
-    addresses
-}
-
 /// The Node object, once listed (up to `wait` for it to exist with addresses, §2.2).
 pub(super) async fn wait_for_node(
     events: &mut UnboundedReceiver<SourceEvent>,
@@ -176,13 +133,16 @@ pub(super) fn adopt_node(config: &mut AgentConfig, node: Option<&NodeInfo>) -> R
         config.node.node_ips = match node {
             Some(node) if !node.ips.is_empty() => node.ips.clone(),
             _ => {
-                let host = host_addresses();
+                let host = crate::host::addresses();
                 tracing::info!(
                     "no node IPs from flags or a Node object; using this host's addresses {host:?}"
                 );
                 host
             }
         };
+    }
+    for (family, ip) in crate::host::resolve_primary_node_ips(&mut config.node, None)? {
+        tracing::info!("NodePorts are accepted on {ip}, this host's primary {family} address");
     }
     if config.node.zone.is_none() {
         config.node.zone = node.and_then(|n| n.zone.clone());
