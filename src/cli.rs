@@ -34,6 +34,14 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Print the full ruleset for a set of manifests.
+    ///
+    /// The output is for reading, diffing and testing: it is exactly what `kproxy sync` would
+    /// make the kernel hold, but it is not a way to apply rules. Loaded by hand it does not
+    /// work: `iptables-restore` of it creates chains that nothing jumps to (the jumps from the
+    /// built-in chains are added by `sync`) and, without `--noflush`, flushes the host's own
+    /// filter and nat rules; `nft -f` of it twice duplicates the base chains' rules. To apply
+    /// rules, use `kproxy sync --once` (or the agent, `kproxy run`); to remove them, `kproxy
+    /// cleanup`.
     Render {
         #[command(flatten)]
         common: Common,
