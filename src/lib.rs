@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod fake_apiserver;
 pub mod family;
+pub mod fuzzing;
 pub mod host;
 pub mod iptables;
 pub mod model;

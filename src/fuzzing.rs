@@ -1,0 +1,377 @@
+//! Entry points of the fuzz targets (`fuzz/`), shared with `cargo test`, which replays the
+//! checked-in corpora through them (`tests/fuzz_corpus.rs`). Each takes the raw bytes
+//! libFuzzer made, runs them through kproxy, and panics only when kproxy breaks a promise —
+//! which is what the fuzzer looks for.
+//!
+//! - [`manifest`]: bytes as a manifest file: read, validate, build, render in both modes.
+//! - [`validation`]: bytes decoded (with `arbitrary`) into Services and EndpointSlices whose
+//!   fields are drawn from the values validation cares about — addresses of every class,
+//!   colliding names, cluster IPs and node ports, odd protocols and port numbers — so that the
+//!   fuzzer explores validation and conflict resolution instead of the YAML grammar.
+
+use std::collections::BTreeMap;
+
+use arbitrary::{Arbitrary, Unstructured};
+use k8s_openapi::api::core::v1::{
+    ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, Service, ServicePort,
+    ServiceSpec as ApiServiceSpec, ServiceStatus, SessionAffinityConfig,
+};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::backend::Mode;
+use crate::config::{NodeConfig, NodePortAddresses};
+use crate::family::FamilyMode;
+use crate::pipeline;
+use crate::source::{ClusterState, Manifests};
+
+/// A manifest file's bytes: reading never panics, and what is read renders in both modes
+/// without breaking the rule text's line structure.
+pub fn manifest(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let mut manifests = Manifests::default();
+    if manifests.add_text(text, "fuzz.yaml").is_err() {
+        return;
+    }
+    check_renders(&manifests.state);
+}
+
+/// Arbitrary Services and EndpointSlices: validation never panics, and what it lets through
+/// renders in both modes without breaking the rule text's line structure.
+pub fn validation(data: &[u8]) {
+    let mut input = Unstructured::new(data);
+    let Ok(cluster) = FuzzCluster::arbitrary(&mut input) else {
+        return;
+    };
+    check_renders(&cluster.into_state());
+}
+
+fn check_renders(state: &ClusterState) {
+    for family_mode in [FamilyMode::V4, FamilyMode::Dual] {
+        let mut config = NodeConfig::new("node-a");
+        config.family_mode = family_mode;
+        config.node_ips = vec![
+            [192, 0, 2, 10].into(),
+            "2001:db8::10".parse().expect("IPv6"),
+        ];
+        config.cluster_cidrs = vec!["10.244.0.0/16".parse().expect("CIDR")];
+        config.zone = Some("zone-a".into());
+        config.nodeport_addresses = Some(NodePortAddresses::Primary);
+        let plan = pipeline::plan(state, &config);
+        for mode in [Mode::Iptables, Mode::Nftables] {
+            let text = mode.render(&plan.models, &config);
+            check_lines(mode, &text);
+        }
+    }
+}
+
+/// Every line of the output is one the format allows: an object's name or address can never
+/// start a line of its own (rule injection) or carry a control character.
+pub fn check_lines(mode: Mode, text: &str) {
+    for line in text.lines() {
+        assert!(
+            !line.chars().any(|c| c.is_control() && c != '\t'),
+            "{mode:?}: control character in {line:?}"
+        );
+        if mode == Mode::Iptables {
+            let allowed = ["*", ":", "-A ", "-X ", "COMMIT", "#"];
+            assert!(
+                line.is_empty() || allowed.iter().any(|p| line.starts_with(p)),
+                "iptables: a line that is no restore command: {line:?}"
+            );
+        }
+    }
+}
+
+/// Values that validation treats differently, so that random bytes hit them often.
+const ADDRESSES: &[&str] = &[
+    "10.96.0.10",
+    "10.96.0.11",
+    "172.30.0.41",
+    "10.244.1.5",
+    "10.244.2.7",
+    "192.0.2.10",
+    "203.0.113.5",
+    "127.0.0.1",
+    "127.0.0.53",
+    "0.0.0.0",
+    "255.255.255.255",
+    "169.254.169.254",
+    "224.0.0.5",
+    "010.096.000.010",
+    "fd00::10",
+    "fd00:10:244::5",
+    "::1",
+    "::",
+    "fe80::1",
+    "ff02::1",
+    "::ffff:10.96.0.10",
+    "2001:db8::10",
+    "None",
+    "",
+];
+const NAMES: &[&str] = &["a", "b", "web", "db", "x-1"];
+const NAMESPACES: &[&str] = &["default", "ns"];
+const PROTOCOLS: &[&str] = &["TCP", "UDP", "SCTP", "tcp", "ICMP"];
+const TYPES: &[&str] = &[
+    "ClusterIP",
+    "NodePort",
+    "LoadBalancer",
+    "ExternalName",
+    "Bogus",
+];
+const POLICIES: &[&str] = &["Cluster", "Local", "local"];
+const SOURCE_RANGES: &[&str] = &[
+    "203.0.113.0/24",
+    "0.0.0.0/0",
+    " 10.0.0.0/8 ",
+    "1.2.3.4",
+    "fd00::/64",
+];
+
+/// One of a list of interesting values, or arbitrary text.
+#[derive(Debug)]
+struct Pick<const LIST: usize>(String);
+
+impl<'a, const LIST: usize> Arbitrary<'a> for Pick<LIST> {
+    fn arbitrary(u: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
+        let list: &[&str] = match LIST {
+            0 => ADDRESSES,
+            1 => NAMES,
+            2 => NAMESPACES,
+            3 => PROTOCOLS,
+            4 => TYPES,
+            5 => POLICIES,
+            _ => SOURCE_RANGES,
+        };
+        if u.ratio(1, 16)? {
+            return Ok(Pick(String::arbitrary(u)?));
+        }
+        Ok(Pick(u.choose(list)?.to_string()))
+    }
+}
+
+type Address = Pick<0>;
+type Name = Pick<1>;
+type Namespace = Pick<2>;
+type ProtocolText = Pick<3>;
+type TypeText = Pick<4>;
+type Policy = Pick<5>;
+type SourceRange = Pick<6>;
+
+/// A port number: mostly valid, sometimes 0, negative or too large.
+#[derive(Debug)]
+struct PortNumber(i32);
+
+impl<'a> Arbitrary<'a> for PortNumber {
+    fn arbitrary(u: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
+        Ok(PortNumber(match u.int_in_range(0..=7)? {
+            0 => i32::arbitrary(u)?,
+            1 => 0,
+            2 => 65536,
+            3 => 30000 + i32::from(u.int_in_range(0u16..=3)?),
+            _ => i32::from(u.int_in_range(1u16..=4)?) * 80,
+        }))
+    }
+}
+
+#[derive(Debug, Arbitrary)]
+struct FuzzCluster {
+    services: Vec<FuzzService>,
+    slices: Vec<FuzzSlice>,
+}
+
+#[derive(Debug, Arbitrary)]
+struct FuzzService {
+    namespace: Namespace,
+    name: Name,
+    /// Seconds after an epoch; `None` leaves the timestamp out.
+    created: Option<u8>,
+    type_: TypeText,
+    cluster_ips: Vec<Address>,
+    ports: Vec<FuzzServicePort>,
+    external_ips: Vec<Address>,
+    ingress_ips: Vec<Address>,
+    source_ranges: Vec<SourceRange>,
+    affinity_timeout: Option<Option<i32>>,
+    external_policy: Option<Policy>,
+    internal_policy: Option<Policy>,
+    health_check_node_port: Option<PortNumber>,
+    ignored_by_label: bool,
+}
+
+#[derive(Debug, Arbitrary)]
+struct FuzzServicePort {
+    name: Option<Name>,
+    protocol: Option<ProtocolText>,
+    port: PortNumber,
+    target_port: PortNumber,
+    node_port: Option<PortNumber>,
+}
+
+#[derive(Debug, Arbitrary)]
+struct FuzzSlice {
+    namespace: Namespace,
+    name: Name,
+    service: Option<Name>,
+    ipv6: bool,
+    ports: Vec<FuzzSlicePort>,
+    endpoints: Vec<FuzzEndpoint>,
+}
+
+#[derive(Debug, Arbitrary)]
+struct FuzzSlicePort {
+    name: Option<Name>,
+    protocol: Option<ProtocolText>,
+    port: Option<PortNumber>,
+}
+
+#[derive(Debug, Arbitrary)]
+struct FuzzEndpoint {
+    addresses: Vec<Address>,
+    ready: Option<bool>,
+    serving: Option<bool>,
+    terminating: Option<bool>,
+    local: bool,
+    zone_hint: Option<bool>,
+}
+
+impl FuzzCluster {
+    fn into_state(self) -> ClusterState {
+        ClusterState {
+            services: self
+                .services
+                .into_iter()
+                .map(FuzzService::into_api)
+                .collect(),
+            endpoint_slices: self.slices.into_iter().map(FuzzSlice::into_api).collect(),
+        }
+    }
+}
+
+fn meta(namespace: String, name: String, created: Option<u8>) -> ObjectMeta {
+    ObjectMeta {
+        namespace: Some(namespace),
+        name: Some(name),
+        creation_timestamp: created.and_then(|s| {
+            k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 + i64::from(s))
+                .ok()
+                .map(Time)
+        }),
+        ..ObjectMeta::default()
+    }
+}
+
+impl FuzzService {
+    fn into_api(self) -> Service {
+        let strings = |list: Vec<Address>| Some(list.into_iter().map(|a| a.0).collect());
+        let mut metadata = meta(self.namespace.0, self.name.0, self.created);
+        if self.ignored_by_label {
+            metadata.labels = Some(BTreeMap::from([(
+                "service.kubernetes.io/service-proxy-name".to_string(),
+                "other".to_string(),
+            )]));
+        }
+        let cluster_ips: Option<Vec<String>> = strings(self.cluster_ips);
+        Service {
+            metadata,
+            spec: Some(ApiServiceSpec {
+                type_: Some(self.type_.0),
+                cluster_ip: cluster_ips.as_ref().and_then(|ips| ips.first().cloned()),
+                cluster_ips,
+                ports: Some(
+                    self.ports
+                        .into_iter()
+                        .map(|p| ServicePort {
+                            name: p.name.map(|n| n.0),
+                            protocol: p.protocol.map(|p| p.0),
+                            port: p.port.0,
+                            target_port: Some(IntOrString::Int(p.target_port.0)),
+                            node_port: p.node_port.map(|n| n.0),
+                            ..ServicePort::default()
+                        })
+                        .collect(),
+                ),
+                external_ips: strings(self.external_ips),
+                load_balancer_source_ranges: Some(
+                    self.source_ranges.into_iter().map(|r| r.0).collect(),
+                ),
+                session_affinity: self.affinity_timeout.map(|_| "ClientIP".to_string()),
+                session_affinity_config: self.affinity_timeout.flatten().map(|t| {
+                    SessionAffinityConfig {
+                        client_ip: Some(ClientIPConfig {
+                            timeout_seconds: Some(t),
+                        }),
+                    }
+                }),
+                external_traffic_policy: self.external_policy.map(|p| p.0),
+                internal_traffic_policy: self.internal_policy.map(|p| p.0),
+                health_check_node_port: self.health_check_node_port.map(|p| p.0),
+                ..ApiServiceSpec::default()
+            }),
+            status: Some(ServiceStatus {
+                load_balancer: Some(LoadBalancerStatus {
+                    ingress: Some(
+                        self.ingress_ips
+                            .into_iter()
+                            .map(|ip| LoadBalancerIngress {
+                                ip: Some(ip.0),
+                                ..LoadBalancerIngress::default()
+                            })
+                            .collect(),
+                    ),
+                }),
+                ..ServiceStatus::default()
+            }),
+        }
+    }
+}
+
+impl FuzzSlice {
+    fn into_api(self) -> EndpointSlice {
+        let mut metadata = meta(self.namespace.0, self.name.0, None);
+        metadata.labels = self
+            .service
+            .map(|service| BTreeMap::from([("kubernetes.io/service-name".to_string(), service.0)]));
+        EndpointSlice {
+            metadata,
+            address_type: if self.ipv6 { "IPv6" } else { "IPv4" }.to_string(),
+            ports: Some(
+                self.ports
+                    .into_iter()
+                    .map(|p| EndpointPort {
+                        name: p.name.map(|n| n.0),
+                        protocol: p.protocol.map(|p| p.0),
+                        port: p.port.map(|p| p.0),
+                        ..EndpointPort::default()
+                    })
+                    .collect(),
+            ),
+            endpoints: self
+                .endpoints
+                .into_iter()
+                .map(|e| Endpoint {
+                    addresses: e.addresses.into_iter().map(|a| a.0).collect(),
+                    conditions: Some(EndpointConditions {
+                        ready: e.ready,
+                        serving: e.serving,
+                        terminating: e.terminating,
+                    }),
+                    node_name: Some(if e.local { "node-a" } else { "node-b" }.to_string()),
+                    hints: e
+                        .zone_hint
+                        .map(|same| k8s_openapi::api::discovery::v1::EndpointHints {
+                            for_zones: Some(vec![k8s_openapi::api::discovery::v1::ForZone {
+                                name: if same { "zone-a" } else { "zone-b" }.to_string(),
+                            }]),
+                            ..Default::default()
+                        }),
+                    ..Endpoint::default()
+                })
+                .collect(),
+        }
+    }
+}
