@@ -96,11 +96,16 @@ fn cluster_ip_of_the_wrong_family() {
 
 #[test]
 fn endpoint_address_of_the_wrong_family() {
-    let slice = "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: e, namespace: bad, labels: {kubernetes.io/service-name: s}}\naddressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [\"fd00::1\"]}]\n";
-    assert_skipped(
-        slice,
-        "EndpointSlice bad/e",
-        "endpoints[0].addresses[0] fd00::1 is not an IPv4 address",
+    let (notes, rules) = render_with(&service_with_endpoints("IPv4", "fd00::1"));
+    assert_eq!(
+        notes,
+        vec![
+            "skipped part of EndpointSlice bad/e: endpoints[1].addresses[0] \"fd00::1\" is not an IPv4 address, but the slice's addressType is IPv4; that endpoint is left out"
+        ]
+    );
+    assert!(
+        rules.contains("--to-destination 10.244.0.20:8080"),
+        "{rules}"
     );
 }
 
@@ -295,5 +300,175 @@ proptest! {
             prop_assert!(shape_ok, "unexpected line {:?}", line);
             prop_assert!(line.matches('"').count() % 2 == 0, "unbalanced quotes in {:?}", line);
         }
+    }
+}
+
+/// A slice of Service `bad/s` (cluster IP 10.0.0.3, port 80) with one good endpoint
+/// (10.244.0.20) after `bad`, and the Service itself.
+fn service_with_endpoints(address_type: &str, bad: &str) -> String {
+    format!(
+        "{}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: e, namespace: bad, labels: {{kubernetes.io/service-name: s}}}}\naddressType: {address_type}\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [\"10.244.0.10\"]}}, {{addresses: [{bad:?}]}}, {{addresses: [\"10.244.0.20\"]}}]\n",
+        service("s", "  clusterIP: 10.0.0.3\n  ports: [{port: 80}]"),
+    )
+}
+
+/// api-validation.md §4.5 and kproxy's own policy: an endpoint address the API server refuses
+/// (or that would DNAT to the node itself, the metadata server, a multicast group, ...) is left
+/// out, with its field path and class; the slice's other endpoints stay.
+#[test]
+fn endpoint_addresses_in_refused_classes_are_dropped_alone() {
+    for (address, class) in [
+        ("127.0.0.1", "a loopback address"),
+        ("169.254.169.254", "a link-local address"),
+        ("0.0.0.0", "the unspecified address"),
+        ("224.0.0.5", "a multicast address"),
+        ("239.1.1.1", "a multicast address"),
+        ("255.255.255.255", "the broadcast address"),
+        ("::ffff:10.244.0.30", "an IPv4-mapped IPv6 address"),
+    ] {
+        let (notes, rules) = render_with(&service_with_endpoints("IPv4", address));
+        assert_eq!(notes.len(), 1, "{address}: {notes:?}");
+        let expected = format!(
+            "skipped part of EndpointSlice bad/e: endpoints[1].addresses[0] {address:?} is {class}"
+        );
+        assert!(
+            notes[0].starts_with(&expected),
+            "{address}: {:?} should start with {expected:?}",
+            notes[0]
+        );
+        assert!(
+            rules.contains("--to-destination 10.244.0.10:8080")
+                && rules.contains("--to-destination 10.244.0.20:8080"),
+            "{address}: the slice's good endpoints must stay:\n{rules}"
+        );
+        assert!(
+            !rules.contains(&format!("{address}:8080")) && !rules.contains("10.244.0.30"),
+            "{address} must not be programmed:\n{rules}"
+        );
+    }
+}
+
+#[test]
+fn an_unparsable_endpoint_address_drops_only_its_endpoint() {
+    let (notes, rules) = render_with(&service_with_endpoints("IPv4", "10.244.0.300"));
+    assert_eq!(
+        notes,
+        vec![
+            "skipped part of EndpointSlice bad/e: endpoints[1].addresses[0] \"10.244.0.300\" is not an IP address; that endpoint is left out"
+        ]
+    );
+    assert!(
+        rules.contains("--to-destination 10.244.0.20:8080"),
+        "{rules}"
+    );
+}
+
+/// The API server never allocates these (its allocator hands out addresses of the service
+/// CIDR); a Service holding one is skipped whole, with the field, the value and the class.
+#[test]
+fn cluster_ips_in_refused_classes_skip_the_service() {
+    for (address, class) in [
+        ("127.0.0.53", "a loopback address"),
+        ("0.0.0.0", "the unspecified address"),
+        ("255.255.255.255", "the broadcast address"),
+        ("169.254.0.1", "a link-local address"),
+        ("224.0.0.1", "a multicast address"),
+        ("::ffff:10.0.0.3", "an IPv4-mapped IPv6 address"),
+    ] {
+        assert_skipped(
+            &service(
+                "s",
+                &format!("  clusterIP: {address:?}\n  ports: [{{port: 80}}]"),
+            ),
+            "Service bad/s",
+            &format!("spec.clusterIP {address:?} is {class}"),
+        );
+    }
+    assert_skipped(
+        &service(
+            "s",
+            "  clusterIP: 10.0.0.3\n  clusterIPs: [10.0.0.3, \"::1\"]\n  ipFamilyPolicy: PreferDualStack\n  ports: [{port: 80}]",
+        ),
+        "Service bad/s",
+        "spec.clusterIPs[1] \"::1\" is a loopback address",
+    );
+}
+
+/// The API server refuses a Service with an externalIP of the endpoint-IP classes (§5.7); other
+/// classes are kproxy's own policy, so only that address is left out.
+#[test]
+fn external_ips_refused_by_the_api_server_skip_the_service() {
+    for (address, class) in [
+        ("127.0.0.1", "a loopback address"),
+        ("0.0.0.0", "the unspecified address"),
+        ("169.254.169.254", "a link-local address"),
+        ("224.0.0.5", "a multicast address"),
+    ] {
+        assert_skipped(
+            &service(
+                "s",
+                &format!("  clusterIP: 10.0.0.3\n  externalIPs: [192.0.2.1, {address:?}]\n  ports: [{{port: 80}}]"),
+            ),
+            "Service bad/s",
+            &format!("spec.externalIPs[1] {address:?} is {class}"),
+        );
+    }
+}
+
+#[test]
+fn external_and_load_balancer_ips_of_kproxys_own_classes_are_dropped_alone() {
+    let bad = service(
+        "s",
+        "  type: LoadBalancer\n  clusterIP: 10.0.0.3\n  externalIPs: [192.0.2.1, 255.255.255.255, 239.1.1.1]\n  ports: [{port: 80, nodePort: 30080}]\nstatus: {loadBalancer: {ingress: [{ip: 127.0.0.1}, {ip: 198.51.100.7}, {ip: \"::ffff:198.51.100.8\"}]}}",
+    );
+    let (notes, rules) = render_with(&bad);
+    let expected = [
+        "skipped part of Service bad/s: spec.externalIPs[1] \"255.255.255.255\" is the broadcast address",
+        "skipped part of Service bad/s: spec.externalIPs[2] \"239.1.1.1\" is a multicast address",
+        "skipped part of Service bad/s: status.loadBalancer.ingress[0].ip \"127.0.0.1\" is a loopback address",
+        "skipped part of Service bad/s: status.loadBalancer.ingress[2].ip \"::ffff:198.51.100.8\" is an IPv4-mapped IPv6 address",
+    ];
+    assert_eq!(notes.len(), expected.len(), "{notes:?}");
+    for (note, expected) in notes.iter().zip(expected) {
+        assert!(
+            note.starts_with(expected),
+            "{note:?} should start with {expected:?}"
+        );
+    }
+    assert!(rules.contains("-d 192.0.2.1 --dport 80"), "{rules}");
+    assert!(rules.contains("-d 198.51.100.7 --dport 80"), "{rules}");
+    for gone in [
+        "255.255.255.255",
+        "239.1.1.1",
+        "127.0.0.1/32",
+        "198.51.100.8",
+    ] {
+        assert!(
+            !rules.contains(gone),
+            "{gone} must not be programmed:\n{rules}"
+        );
+    }
+}
+
+/// With `--service-cidr`, a cluster IP outside it (or its network or IPv4 broadcast address,
+/// which the allocator never hands out, §7.1) is refused.
+#[test]
+fn cluster_ips_outside_the_service_cidr_skip_the_service() {
+    let mut config = NodeConfig::new("node-1");
+    config.service_cidrs = vec!["10.96.0.0/16".parse().unwrap()];
+    for (ip, reason) in [
+        ("10.0.0.3", "spec.clusterIP \"10.0.0.3\" is outside the service CIDR 10.96.0.0/16 (--service-cidr); the API server allocates cluster IPs only from it"),
+        ("10.96.0.0", "spec.clusterIP \"10.96.0.0\" is the network address of the service CIDR 10.96.0.0/16, which is never allocated"),
+        ("10.96.255.255", "spec.clusterIP \"10.96.255.255\" is the broadcast address of the service CIDR 10.96.0.0/16, which is never allocated"),
+    ] {
+        let mut manifests = Manifests::default();
+        let text = format!("{GOOD}{}", service("s", &format!("  clusterIP: {ip}\n  ports: [{{port: 80}}]")));
+        manifests.add_text(&text, "test.yaml").expect("parses");
+        let plan = pipeline::plan(&manifests.state, &config);
+        let notes: Vec<String> = plan.notes.iter().map(Note::to_string).collect();
+        assert_eq!(notes, vec![format!("skipped Service bad/s: {reason}")]);
+        let rules = pipeline::iptables_rulesets(&plan, &config)[0].to_restore_text();
+        assert!(rules.contains("-d 10.96.0.1 --dport 80 -j KUBE-SVC-"), "{rules}");
+        assert!(!rules.contains("bad/s"), "{rules}");
     }
 }

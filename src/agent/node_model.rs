@@ -32,7 +32,13 @@ impl NodeModel {
             };
             let mut rebuild = |key: &ServiceKey| match store.service(key) {
                 Some(service) => {
-                    let built = service_ports(service, &store.slices_of(key), config, family);
+                    let built = service_ports(
+                        service,
+                        &store.withheld(key),
+                        &store.slices_of(key),
+                        config,
+                        family,
+                    );
                     if built.is_empty() {
                         ports.remove(key);
                     } else {

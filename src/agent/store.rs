@@ -2,6 +2,10 @@
 //! validated once when it arrives, with the Services whose rules may have changed since the
 //! last sync. Sources (API watches, a directory) write into it; the sync loop takes the
 //! changes out. No I/O, no clock: trigger times are read from the objects.
+//!
+//! Conflicts between Services (a cluster IP, node port or frontend claimed twice) are settled
+//! by the same [`Claims`] registry `validate` uses, incrementally: a change to one Service
+//! marks every Service whose standing it changed, so that the sync rebuilds them too.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::SystemTime;
@@ -10,25 +14,24 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::model::{validate_service, validate_slice, ServiceSpec, SliceSpec, SERVICE_NAME_LABEL};
-use crate::source::{Kind, Note, ObjectRef};
+use crate::model::claims::{Claims, Offer};
+use crate::model::{
+    object_ref, validate_service, validate_slice, ClusterSettings, ServiceSpec, SliceSpec, Verdict,
+    SERVICE_NAME_LABEL,
+};
+use crate::source::{Kind, Note};
 
-/// `namespace/name`; its string order is kube-proxy's canonical service order.
-pub type ServiceKey = String;
+pub use crate::model::ServiceKey;
 
 /// The EndpointSlice annotation with the time its endpoints last changed (spec
 /// kube-proxy-agent.md §7.2).
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
-/// A validated object: its spec, `None` when kproxy does not proxy it (headless, ExternalName,
-/// FQDN, another proxy's), or why it was skipped.
-type Checked<T> = Result<Option<T>, String>;
-
 #[derive(Debug)]
 struct SliceEntry {
     /// The Service it belongs to, when the label says.
     service: Option<ServiceKey>,
-    checked: Checked<SliceSpec>,
+    checked: Verdict<SliceSpec>,
 }
 
 /// What changed since the sync loop last asked.
@@ -51,7 +54,11 @@ pub struct Changes {
 /// Services and EndpointSlices by key (module docs).
 #[derive(Debug, Default)]
 pub struct ClusterStore {
-    services: BTreeMap<ServiceKey, Checked<ServiceSpec>>,
+    services: BTreeMap<ServiceKey, Verdict<ServiceSpec>>,
+    /// Who holds which cluster IP, node port and frontend, over the proxied Services.
+    claims: Claims,
+    /// What validation knows of the cluster (service CIDRs).
+    settings: ClusterSettings,
     slices: HashMap<String, SliceEntry>,
     /// The slices of each Service, by slice key.
     slices_of: HashMap<ServiceKey, BTreeSet<String>>,
@@ -72,6 +79,12 @@ impl ClusterStore {
             started: Some(started),
             ..ClusterStore::default()
         }
+    }
+
+    /// Validates against the cluster's settings (service CIDRs) from now on.
+    pub fn with_settings(mut self, settings: ClusterSettings) -> ClusterStore {
+        self.settings = settings;
+        self
     }
 
     /// Both kinds have been listed completely: the view is whole and may be programmed.
@@ -115,18 +128,46 @@ impl ClusterStore {
     /// Adds or updates a Service. Returns whether anything that matters for rules changed.
     pub fn apply_service(&mut self, service: &Service) -> bool {
         let key = key_of(&service.metadata);
-        let checked = validate_service(service);
-        if self.services.get(&key) == Some(&checked) {
+        let verdict = validate_service(service, &self.settings);
+        if self.services.get(&key) == Some(&verdict) {
             return false;
         }
         self.changes.service_events += 1;
-        if let Err(reason) = &checked {
-            self.notes
-                .push(invalid(Kind::Service, &service.metadata, reason));
-        }
-        self.services.insert(key.clone(), checked);
+        self.notes
+            .extend(verdict.notes(&object_ref(Kind::Service.name(), &service.metadata)));
+        let changed = match verdict.spec() {
+            Some(spec) => self.claims.set(spec),
+            None => self.claims.remove(&key),
+        };
+        self.services.insert(key.clone(), verdict);
         self.changes.services.insert(key);
+        self.mark_standing_changed(changed);
         true
+    }
+
+    /// Marks the Services whose hold on a cluster IP, node port or frontend changed, and
+    /// reports what each of them lost now.
+    fn mark_standing_changed(&mut self, changed: BTreeSet<ServiceKey>) {
+        for key in changed {
+            if let Some(spec) = self.services.get(&key).and_then(Verdict::spec) {
+                let object = spec.object_ref();
+                match self.claims.lost(spec) {
+                    Some(reason) => self.notes.push(Note::Invalid { object, reason }),
+                    None => self
+                        .notes
+                        .extend(
+                            self.claims
+                                .withheld_reasons(spec)
+                                .into_iter()
+                                .map(|reason| Note::PartlyInvalid {
+                                    object: object.clone(),
+                                    reason,
+                                }),
+                        ),
+                }
+            }
+            self.changes.services.insert(key);
+        }
     }
 
     /// Removes a Service. Returns whether it was there.
@@ -136,7 +177,9 @@ impl ClusterStore {
             return false;
         }
         self.changes.service_events += 1;
+        let changed = self.claims.remove(&key);
         self.changes.services.insert(key);
+        self.mark_standing_changed(changed);
         true
     }
 
@@ -156,10 +199,8 @@ impl ClusterStore {
             }
         }
         self.changes.endpoint_events += 1;
-        if let Err(reason) = &checked {
-            self.notes
-                .push(invalid(Kind::EndpointSlice, &slice.metadata, reason));
-        }
+        self.notes
+            .extend(checked.notes(&object_ref(Kind::EndpointSlice.name(), &slice.metadata)));
         if let Some(service) = &service {
             if let Some(time) = trigger_time(&slice.metadata).filter(|t| Some(*t) > self.started) {
                 self.changes
@@ -252,16 +293,25 @@ impl ClusterStore {
         }
     }
 
-    /// The proxied Service with this key, if it is valid.
+    /// The proxied Service with this key, if it is valid and holds its cluster IPs and node
+    /// ports.
     pub fn service(&self, key: &str) -> Option<&ServiceSpec> {
-        self.services.get(key)?.as_ref().ok()?.as_ref()
+        self.services
+            .get(key)?
+            .spec()
+            .filter(|_| self.claims.is_live(key))
     }
 
-    /// Every proxied, valid Service in key order.
+    /// Every proxied, valid Service in key order (as [`ClusterStore::service`]).
     pub fn services(&self) -> impl Iterator<Item = (&ServiceKey, &ServiceSpec)> {
-        self.services
-            .iter()
-            .filter_map(|(key, checked)| Some((key, checked.as_ref().ok()?.as_ref()?)))
+        self.services.iter().filter_map(|(key, verdict)| {
+            Some((key, verdict.spec().filter(|_| self.claims.is_live(key))?))
+        })
+    }
+
+    /// The frontends of a proxied Service that another Service holds: left out of its rules.
+    pub fn withheld(&self, key: &str) -> BTreeSet<Offer> {
+        self.claims.withheld(key)
     }
 
     /// The valid slices of a Service.
@@ -270,16 +320,24 @@ impl ClusterStore {
             .get(key)
             .into_iter()
             .flatten()
-            .filter_map(|slice| self.slices.get(slice)?.checked.as_ref().ok()?.as_ref())
+            .filter_map(|slice| self.slices.get(slice)?.checked.spec())
             .filter(|slice| service_key(slice) == key)
             .collect()
     }
 
-    /// Objects currently skipped as invalid, by kind.
+    /// Objects currently skipped as invalid (or in conflict with an older Service), by kind.
     pub fn invalid_counts(&self) -> (usize, usize) {
         (
-            self.services.values().filter(|c| c.is_err()).count(),
-            self.slices.values().filter(|e| e.checked.is_err()).count(),
+            self.services
+                .iter()
+                .filter(|(key, v)| {
+                    v.is_skipped() || (v.spec().is_some() && !self.claims.is_live(key))
+                })
+                .count(),
+            self.slices
+                .values()
+                .filter(|e| e.checked.is_skipped())
+                .count(),
         )
     }
 }
@@ -298,17 +356,6 @@ fn key_of(meta: &ObjectMeta) -> String {
         namespace_of(meta),
         meta.name.as_deref().unwrap_or_default()
     )
-}
-
-fn invalid(kind: Kind, meta: &ObjectMeta, reason: &str) -> Note {
-    Note::Invalid {
-        object: ObjectRef {
-            kind: kind.name().to_string(),
-            namespace: namespace_of(meta).to_string(),
-            name: meta.name.clone().unwrap_or_else(|| "<unnamed>".into()),
-        },
-        reason: reason.to_string(),
-    }
 }
 
 /// The slice's trigger-time annotation, when it parses as RFC 3339 (§7.2).
