@@ -395,6 +395,97 @@ mod tests {
         .expect("a valid EndpointSlice")
     }
 
+    /// A Service with a creation timestamp (seconds after 2020-01-01) and external IPs.
+    fn aged(name: &str, ip: &str, created: u32, external: &[&str]) -> Service {
+        let created = k8s_openapi::jiff::Timestamp::from_second(1_577_836_800 + i64::from(created))
+            .expect("a valid time");
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns", "creationTimestamp": created.to_string()},
+            "spec": {"clusterIP": ip, "externalIPs": external,
+                     "ports": [{"name": "p", "port": 80, "protocol": "TCP"}]}
+        }))
+        .expect("a valid Service")
+    }
+
+    fn keys(names: &[&str]) -> BTreeSet<ServiceKey> {
+        names.iter().map(|n| format!("ns/{n}")).collect()
+    }
+
+    /// §7.1: the agent settles a shared cluster IP as `validate` does, and when the holder goes
+    /// the other Service becomes live and is among the changed Services.
+    #[test]
+    fn a_shared_cluster_ip_passes_to_the_next_service_when_its_holder_goes() {
+        let mut store = ClusterStore::new(SystemTime::UNIX_EPOCH);
+        store.apply_service(&aged("a", "10.0.0.5", 1, &[]));
+        store.take_changes();
+        assert!(store.apply_service(&aged("b", "10.0.0.5", 2, &[])));
+        let (changes, notes) = store.take_changes();
+        assert_eq!(
+            changes.services,
+            keys(&["b"]),
+            "a's standing did not change"
+        );
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].to_string().starts_with(
+                "skipped Service ns/b: spec.clusterIP 10.0.0.5 is already used by Service ns/a (older)"
+            ),
+            "{notes:?}"
+        );
+        assert!(store.service("ns/a").is_some());
+        assert!(store.service("ns/b").is_none());
+        assert_eq!(store.services().count(), 1);
+        assert_eq!(store.invalid_counts(), (1, 0));
+
+        assert!(store.delete_service("ns", "a"));
+        let (changes, _) = store.take_changes();
+        assert_eq!(changes.services, keys(&["a", "b"]));
+        assert!(store.service("ns/b").is_some(), "b holds the IP now");
+        assert_eq!(store.invalid_counts(), (0, 0));
+    }
+
+    #[test]
+    fn an_older_service_arriving_takes_the_ip_and_a_changed_ip_frees_it() {
+        let mut store = ClusterStore::new(SystemTime::UNIX_EPOCH);
+        store.apply_service(&aged("b", "10.0.0.5", 2, &[]));
+        store.take_changes();
+        store.apply_service(&aged("a", "10.0.0.5", 1, &[]));
+        let (changes, notes) = store.take_changes();
+        assert_eq!(
+            changes.services,
+            keys(&["a", "b"]),
+            "the previous holder changes"
+        );
+        assert!(store.service("ns/b").is_none());
+        assert!(notes
+            .iter()
+            .any(|n| n.to_string().starts_with("skipped Service ns/b: ")));
+        // The holder moves to another IP: b is live again.
+        store.apply_service(&aged("a", "10.0.0.6", 1, &[]));
+        let (changes, _) = store.take_changes();
+        assert_eq!(changes.services, keys(&["a", "b"]));
+        assert!(store.service("ns/a").is_some() && store.service("ns/b").is_some());
+    }
+
+    /// §7.2: a frontend offered twice stays with the older Service; the other keeps the rest.
+    #[test]
+    fn a_shared_external_ip_is_withheld_from_the_newer_service_until_the_older_one_drops_it() {
+        let mut store = ClusterStore::new(SystemTime::UNIX_EPOCH);
+        store.apply_service(&aged("a", "10.0.0.5", 1, &["192.0.2.1"]));
+        store.apply_service(&aged("b", "10.0.0.6", 2, &["192.0.2.1"]));
+        let (_, notes) = store.take_changes();
+        assert!(store.service("ns/b").is_some(), "b keeps its cluster IP");
+        assert!(store.withheld("ns/a").is_empty());
+        assert_eq!(store.withheld("ns/b").len(), 1);
+        assert!(notes.iter().any(|n| n.to_string().starts_with(
+            "skipped part of Service ns/b: spec.externalIPs 192.0.2.1 port 80/tcp is already offered by Service ns/a (older)"
+        )), "{notes:?}");
+        store.apply_service(&aged("a", "10.0.0.5", 1, &[]));
+        let (changes, _) = store.take_changes();
+        assert_eq!(changes.services, keys(&["a", "b"]));
+        assert!(store.withheld("ns/b").is_empty());
+    }
+
     #[test]
     fn only_real_changes_mark_a_service() {
         let mut store = ClusterStore::new(SystemTime::UNIX_EPOCH);
