@@ -119,10 +119,11 @@ pub struct Common {
     /// Pod network (the first per family tells pod traffic from other traffic). Repeatable.
     #[arg(long = "cluster-cidr", value_name = "CIDR")]
     cluster_cidrs: Vec<String>,
-    /// A ServiceCIDR of the cluster; nftables drops traffic to its unallocated addresses.
-    /// Repeatable.
-    #[arg(long = "service-cidr", value_name = "CIDR")]
-    service_cidrs: Vec<String>,
+    /// The cluster's service CIDRs, comma-separated, at most one per family (as
+    /// kube-apiserver's --service-cluster-ip-range): cluster IPs outside them are refused, and
+    /// nftables drops traffic to their unallocated addresses.
+    #[arg(long = "service-cidr", value_name = "CIDR[,CIDR]", value_parser = parse_service_cidrs)]
+    service_cidrs: Option<ServiceCidrs>,
     /// Masquerade all traffic to cluster IPs.
     #[arg(long)]
     masquerade_all: bool,
@@ -274,9 +275,9 @@ impl Common {
             .collect::<Result<_>>()?;
         config.service_cidrs = self
             .service_cidrs
-            .iter()
-            .map(|text| parse_cidr_arg(text, "--service-cidr"))
-            .collect::<Result<_>>()?;
+            .as_ref()
+            .map(|cidrs| cidrs.0.clone())
+            .unwrap_or_default();
         config.masquerade_all = self.masquerade_all || settings.masquerade_all.unwrap_or(false);
         let file_nodeports = file
             .and_then(|f| f.node_port_addresses.clone())
@@ -343,6 +344,30 @@ fn parse_cidr_arg(text: &str, flag: &str) -> Result<IpNet> {
         Some(net) => Ok(net),
         None => bail!("{flag}: {text:?} is not a CIDR (like 10.244.0.0/16)"),
     }
+}
+
+/// `--service-cidr`'s value.
+#[derive(Clone, Debug)]
+struct ServiceCidrs(Vec<IpNet>);
+
+/// Comma-separated CIDRs, at most one per family; clap reports the error (status 2).
+fn parse_service_cidrs(text: &str) -> std::result::Result<ServiceCidrs, String> {
+    let mut cidrs: Vec<IpNet> = Vec::new();
+    for part in text.split(',') {
+        let net = parse_cidr_sloppy(part.trim())
+            .ok_or_else(|| format!("{part:?} is not a CIDR (like 10.96.0.0/12)"))?;
+        let family = crate::family::IpFamily::of_net(&net);
+        if cidrs
+            .iter()
+            .any(|c| crate::family::IpFamily::of_net(c) == family)
+        {
+            return Err(format!(
+                "more than one {family} CIDR; give at most one per family"
+            ));
+        }
+        cidrs.push(net);
+    }
+    Ok(ServiceCidrs(cidrs))
 }
 
 /// `HOST:PORT` or a bare IP (the default port is added); empty disables the server.
