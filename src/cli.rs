@@ -528,7 +528,8 @@ fn run(cli: Cli) -> Result<()> {
             services,
             endpoints,
         } => {
-            let state = crate::synthetic::cluster(services, endpoints);
+            let state = crate::synthetic::cluster(services, endpoints)
+                .context("cannot generate that cluster")?;
             let mut out = std::io::stdout().lock();
             crate::synthetic::write_manifests(&state, &mut out)
                 .and_then(|()| out.flush())

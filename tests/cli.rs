@@ -180,3 +180,19 @@ fn service_cidr_flag() {
     );
     assert!(text(&out.stdout).contains("ns/in"));
 }
+
+/// A count the generator's address ranges cannot hold is refused with a message, not a panic
+/// or wrapped-around addresses.
+#[test]
+fn generate_refuses_what_does_not_fit() {
+    let out = kproxy(&["generate", "--services", "18446744073709551615"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(
+            "18446744073709551615 Services need more cluster IPs than 10.96.0.0/12 holds"
+        ),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(out.stdout.is_empty());
+}

@@ -165,7 +165,7 @@ mod tests {
     /// The agent's model must equal the one `render` builds from the same objects.
     #[test]
     fn incremental_models_equal_a_full_build() {
-        let state = crate::synthetic::cluster(40, 3);
+        let state = crate::synthetic::cluster(40, 3).expect("fits");
         let config = NodeConfig::new("node-a");
         let mut store = ClusterStore::new(SystemTime::UNIX_EPOCH);
         store.replace_services(&state.services);
