@@ -472,3 +472,112 @@ fn cluster_ips_outside_the_service_cidr_skip_the_service() {
         assert!(!rules.contains("bad/s"), "{rules}");
     }
 }
+
+/// One Service of a small pool whose values collide often (cluster IPs, node ports, external
+/// and load-balancer IPs), with arbitrary text and numbers mixed in.
+fn pooled_service() -> impl Strategy<Value = serde_json::Value> {
+    let ip = prop_oneof![
+        Just("10.96.0.1".to_string()),
+        Just("10.96.0.2".to_string()),
+        Just("192.0.2.1".to_string()),
+        Just("127.0.0.1".to_string()),
+        Just("::ffff:10.96.0.1".to_string()),
+        Just("fd00::1".to_string()),
+        "\\PC{0,12}",
+    ];
+    let port = prop_oneof![Just(80), Just(53), Just(30000), any::<i32>()];
+    let node_port = prop_oneof![Just(0), Just(30000), Just(30001), any::<i32>()];
+    (
+        (
+            prop_oneof![Just("a"), Just("b")],
+            prop::option::of(0u8..3),
+            prop_oneof![Just("ClusterIP"), Just("NodePort"), Just("LoadBalancer"), Just("x")],
+            ip.clone(),
+            prop::collection::vec(ip.clone(), 0..3),
+            prop::collection::vec(ip, 0..3),
+        ),
+        (
+            prop::collection::vec((port, node_port.clone(), prop_oneof![Just("TCP"), Just("UDP"), Just("tcp")]), 0..3),
+            node_port,
+            prop_oneof![Just("Local"), Just("Cluster")],
+        ),
+    )
+        .prop_map(|((namespace, created, kind, cluster_ip, external, ingress), (ports, hcnp, policy))| {
+            let ports: Vec<serde_json::Value> = ports
+                .iter()
+                .enumerate()
+                .map(|(i, (port, node_port, protocol))| {
+                    serde_json::json!({"name": format!("p{i}"), "port": port, "nodePort": node_port, "protocol": protocol})
+                })
+                .collect();
+            let mut metadata = serde_json::json!({"namespace": namespace});
+            if let Some(year) = created {
+                metadata["creationTimestamp"] = format!("202{year}-01-01T00:00:00Z").into();
+            }
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Service", "metadata": metadata,
+                "spec": {"type": kind, "clusterIP": cluster_ip, "externalIPs": external, "ports": ports,
+                         "healthCheckNodePort": hcnp, "externalTrafficPolicy": policy},
+                "status": {"loadBalancer": {"ingress": ingress.iter().map(|ip| serde_json::json!({"ip": ip})).collect::<Vec<_>>()}}
+            })
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Whatever typed objects come in, validation does not panic, and the outcome (which
+    /// Service holds a contested address or port, which frontends are programmed) does not
+    /// depend on the order the objects come in; nftables never gets a frontend twice.
+    #[test]
+    fn conflicting_services_settle_the_same_in_any_order(
+        services in prop::collection::vec(pooled_service(), 1..8),
+    ) {
+        let config = NodeConfig::new("node-1");
+        let plan_of = |order: &[serde_json::Value]| {
+            let mut state = kproxy::source::ClusterState::default();
+            for (i, value) in order.iter().enumerate() {
+                let mut value = value.clone();
+                // Unique names, fixed by position in the original list.
+                value["metadata"]["name"] = value["metadata"]["name"].as_str().map_or(format!("s{i}"), str::to_string).into();
+                if let Ok(service) = serde_json::from_value(value) {
+                    state.services.push(service);
+                }
+            }
+            pipeline::plan(&state, &config)
+        };
+        let named: Vec<serde_json::Value> = services
+            .iter()
+            .enumerate()
+            .map(|(i, v)| { let mut v = v.clone(); v["metadata"]["name"] = format!("s{i}").into(); v })
+            .collect();
+        let forward = plan_of(&named);
+        let reversed: Vec<serde_json::Value> = named.iter().rev().cloned().collect();
+        let backward = plan_of(&reversed);
+        prop_assert_eq!(format!("{:?}", forward.models), format!("{:?}", backward.models));
+        // Each frontend leads to one service port, each node port to one Service.
+        let mut frontends = std::collections::BTreeSet::new();
+        let mut node_ports = std::collections::BTreeMap::new();
+        for port in &forward.models[0].ports {
+            let addresses = std::iter::once(port.cluster_ip)
+                .chain(port.external_ips.iter().copied())
+                .chain(port.load_balancer_ips.iter().copied());
+            for ip in addresses {
+                prop_assert!(
+                    frontends.insert((ip, port.name.protocol, port.port)),
+                    "{} {:?} {} is programmed twice", ip, port.name.protocol, port.port
+                );
+            }
+            for number in port.node_port.iter().chain(&port.health_check_node_port) {
+                let owner = node_ports.entry(*number).or_insert_with(|| port.name.service());
+                prop_assert_eq!(owner.clone(), port.name.service(), "node port {} shared", number);
+            }
+        }
+        let script = pipeline::nftables_rulesets(&forward, &config)[0].to_nft_script();
+        let mut keys = std::collections::BTreeSet::new();
+        for line in script.lines().filter(|l| l.starts_with("add element ip kube-proxy service-")) {
+            let key = line.split(" : ").next().unwrap_or(line).to_string();
+            prop_assert!(keys.insert(key.clone()), "duplicate map key {}", key);
+        }
+    }
+}
