@@ -581,3 +581,126 @@ proptest! {
         }
     }
 }
+
+/// The API server's single-object rules for Services that were not checked before
+/// (api-validation.md §5.3, §5.4, §5.8, §7.1 item 5): each skips the Service with its reason.
+#[test]
+fn service_rules_of_the_api_server() {
+    for (spec, reason) in [
+        ("  clusterIP: 10.0.0.3\n  ports: []", "spec.ports is empty"),
+        ("  clusterIP: 10.0.0.3\n  ports: [{port: 80, nodePort: 30080}]", "spec.ports[0].nodePort is set on a Service of type ClusterIP"),
+        (
+            "  type: NodePort\n  clusterIP: 10.0.0.3\n  ports: [{name: a, port: 80, nodePort: 30080}, {name: b, port: 81, nodePort: 30080}]",
+            "spec.ports[1].nodePort 30080/tcp is used by more than one port",
+        ),
+        (
+            "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 30080\n  clusterIP: 10.0.0.3\n  ports: [{port: 80, nodePort: 30080}]",
+            "spec.healthCheckNodePort 30080 is also spec.ports[0].nodePort",
+        ),
+        ("  clusterIPs: [10.0.0.3]\n  ports: [{port: 80}]", "spec.clusterIPs is set but spec.clusterIP is empty"),
+        ("  clusterIP: None\n  clusterIPs: [None, 10.0.0.3]\n  ports: [{port: 80}]", "\"None\" must be the only entry"),
+        ("  type: NodePort\n  clusterIP: None\n  ports: [{port: 80}]", "headless) is only allowed for type ClusterIP"),
+        (
+            "  clusterIP: 10.0.0.3\n  clusterIPs: [10.0.0.3, \"fd00::3\", 10.0.0.4]\n  ports: [{port: 80}]",
+            "spec.clusterIPs has 3 entries",
+        ),
+        ("  clusterIP: 10.0.0.3\n  ipFamilies: [IPv5]\n  ports: [{port: 80}]", "spec.ipFamilies[0] \"IPv5\" is unknown"),
+        ("  clusterIP: 10.0.0.3\n  ipFamilies: [IPv4, IPv4]\n  ports: [{port: 80}]", "spec.ipFamilies[1] IPv4 is listed twice"),
+        ("  clusterIP: 10.0.0.3\n  ipFamilyPolicy: DualStack\n  ports: [{port: 80}]", "spec.ipFamilyPolicy \"DualStack\" is unknown"),
+        (
+            "  clusterIP: 10.0.0.3\n  clusterIPs: [10.0.0.3, \"fd00::3\"]\n  ipFamilyPolicy: SingleStack\n  ports: [{port: 80}]",
+            "spec.ipFamilyPolicy is SingleStack but spec.clusterIPs has two entries",
+        ),
+        (
+            "  clusterIP: 10.0.0.3\n  loadBalancerSourceRanges: [10.0.0.0/8]\n  ports: [{port: 80}]",
+            "spec.loadBalancerSourceRanges is set, but only LoadBalancer Services may have it",
+        ),
+        (
+            "  clusterIP: 10.0.0.3\n  allocateLoadBalancerNodePorts: true\n  ports: [{port: 80}]",
+            "spec.allocateLoadBalancerNodePorts is set on a Service of type ClusterIP",
+        ),
+    ] {
+        assert_skipped(&service("s", spec), "Service bad/s", reason);
+    }
+    // Load-balancer status on a Service of another type is left out alone.
+    let (notes, rules) = render_with(&service(
+        "s",
+        "  type: NodePort\n  clusterIP: 10.0.0.3\n  ports: [{port: 80}]\nstatus: {loadBalancer: {ingress: [{ip: 192.0.2.7}]}}",
+    ));
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(notes[0].starts_with("skipped part of Service bad/s: status.loadBalancer.ingress[0].ip \"192.0.2.7\" is set on a Service of type NodePort"), "{notes:?}");
+    assert!(
+        rules.contains("bad/s") && !rules.contains("192.0.2.7"),
+        "{rules}"
+    );
+}
+
+/// §6.3–§6.5 for EndpointSlices: a malformed slice is skipped whole, a malformed endpoint or
+/// port number is left out alone.
+#[test]
+fn endpoint_slice_rules_of_the_api_server() {
+    let slice = |ports: &str, endpoints: &str| {
+        format!(
+            "{}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: e, namespace: bad, labels: {{kubernetes.io/service-name: s}}}}\naddressType: IPv4\nports: {ports}\nendpoints: {endpoints}\n",
+            service("s", "  clusterIP: 10.0.0.3\n  ports: [{name: p, port: 80}, {name: q, port: 53, protocol: UDP}]"),
+        )
+    };
+    let good = "{addresses: [10.244.0.20]}";
+    let ports = "[{name: p, port: 8080}, {name: q, port: 5353, protocol: UDP}]";
+    let whole = |text: &str| render_with(text).0;
+    let notes = whole(&slice(
+        "[{name: p, port: 8080}, {name: p, port: 5353, protocol: UDP}]",
+        &format!("[{good}]"),
+    ));
+    assert_eq!(notes, vec!["skipped EndpointSlice bad/e: ports[1].name \"p\" is used by more than one port (whatever the protocol)"]);
+    let many: Vec<&str> = std::iter::repeat_n(good, 1001).collect();
+    let notes = whole(&slice(ports, &format!("[{}]", many.join(","))));
+    assert_eq!(notes, vec!["skipped EndpointSlice bad/e: endpoints has 1001 entries; the API server allows at most 1000"]);
+
+    for (endpoint, reason) in [
+        ("{addresses: []}", "endpoints[0].addresses has 0 entries"),
+        (
+            "{addresses: [10.244.0.10, 10.244.0.300]}",
+            "endpoints[0].addresses[1] \"10.244.0.300\" is not an IP address",
+        ),
+        (
+            "{addresses: [10.244.0.10], hostname: Web_1}",
+            "endpoints[0].hostname \"Web_1\" is not a valid DNS-1123 label",
+        ),
+        (
+            "{addresses: [10.244.0.10], nodeName: \"node 1\"}",
+            "endpoints[0].nodeName \"node 1\" is not a valid node name",
+        ),
+        (
+            "{addresses: [10.244.0.10], hints: {forZones: [{name: a}, {name: a}]}}",
+            "endpoints[0].hints.forZones[1].name \"a\" is listed twice",
+        ),
+        (
+            "{addresses: [10.244.0.10], hints: {forNodes: [{name: \"-n\"}]}}",
+            "endpoints[0].hints.forNodes[0].name \"-n\" is not a valid node name",
+        ),
+    ] {
+        let (notes, rules) = render_with(&slice(ports, &format!("[{endpoint}, {good}]")));
+        assert_eq!(notes.len(), 1, "{endpoint}: {notes:?}");
+        assert!(
+            notes[0].starts_with(&format!("skipped part of EndpointSlice bad/e: {reason}"))
+                && notes[0].ends_with("; that endpoint is left out"),
+            "{endpoint}: {notes:?}"
+        );
+        assert!(
+            rules.contains("--to-destination 10.244.0.20:8080"),
+            "{rules}"
+        );
+        assert!(!rules.contains("10.244.0.10:"), "{rules}");
+    }
+    // A port number out of range is not checked by the API server; it is left out (§7.3).
+    let (notes, rules) = render_with(&slice(
+        "[{name: p, port: 8080}, {name: q, port: 70000, protocol: UDP}]",
+        &format!("[{good}]"),
+    ));
+    assert_eq!(notes, vec!["skipped part of EndpointSlice bad/e: ports[1].port 70000 is outside 1..65535; that port is left out"]);
+    assert!(
+        rules.contains("--to-destination 10.244.0.20:8080"),
+        "{rules}"
+    );
+}
