@@ -145,9 +145,10 @@ mod tests {
             let (changes, _) = store.take_changes();
             model.update(&store, Some(&changes.services), &config);
 
-            let mut state = crate::source::ClusterState::default();
-            state.services = services.values().cloned().collect();
-            state.endpoint_slices = slices.clone();
+            let state = crate::source::ClusterState {
+                services: services.values().cloned().collect(),
+                endpoint_slices: slices.clone(),
+            };
             let full = crate::pipeline::plan(&state, &config);
             conflicts_seen += full.notes.len();
             assert_eq!(
