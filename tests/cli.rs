@@ -185,7 +185,27 @@ fn service_cidr_flag() {
 /// or wrapped-around addresses.
 #[test]
 fn generate_refuses_what_does_not_fit() {
-    let out = kproxy(&["generate", "--services", "18446744073709551615"], None);
+    // A kproxy that wraps around would run until memory is gone: stop it after a minute.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kproxy"))
+        .args(["generate", "--services", "18446744073709551615"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kproxy runs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child
+        .try_wait()
+        .expect("kproxy can be waited for")
+        .is_none()
+    {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("kproxy generate did not refuse the count within a minute");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("kproxy finishes");
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains(
