@@ -67,7 +67,10 @@ fn main() {
     let endpoints = args.get(1).copied().unwrap_or(10);
     let runs = args.get(2).copied().unwrap_or(10).max(1);
 
-    let state = kproxy::synthetic::cluster(services, endpoints);
+    let state = kproxy::synthetic::cluster(services, endpoints).unwrap_or_else(|err| {
+        eprintln!("{err}");
+        std::process::exit(2)
+    });
     let mut config = NodeConfig::new("node-1");
     config.node_ips = vec!["192.168.0.2".parse().unwrap()];
     config.cluster_cidrs = vec!["10.128.0.0/9".parse().unwrap()];

@@ -206,7 +206,10 @@ fn main() {
         "cluster: {services} services x {endpoints} endpoints; binary {}",
         kproxy.display()
     );
-    let cluster = kproxy::synthetic::cluster(services, endpoints);
+    let cluster = kproxy::synthetic::cluster(services, endpoints).unwrap_or_else(|err| {
+        eprintln!("{err}");
+        std::process::exit(2)
+    });
     for mode in modes {
         let netns = Netns::new(format!("kp-agent-bench-{}-{mode}", std::process::id()));
         let api = netns.enter(|| FakeApiServer::start().expect("fake API server"));

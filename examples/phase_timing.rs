@@ -14,7 +14,10 @@ fn main() {
         .collect();
     let services = args.first().copied().unwrap_or(10_000);
     let endpoints = args.get(1).copied().unwrap_or(10);
-    let state = kproxy::synthetic::cluster(services, endpoints);
+    let state = kproxy::synthetic::cluster(services, endpoints).unwrap_or_else(|err| {
+        eprintln!("{err}");
+        std::process::exit(2)
+    });
     let mut config = kproxy::config::NodeConfig::new("node-1");
     config.cluster_cidrs = vec!["10.128.0.0/9".parse().expect("constant CIDR")];
     for _ in 0..3 {

@@ -201,7 +201,10 @@ fn main() {
     println!("| services | sync | runs | kproxy sync (median) | nft -f alone (median) | kproxy vs nft | kproxy's own time | of which before nft | objects |");
     println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     for n in sizes {
-        let mut state = kproxy::synthetic::cluster(n, 10);
+        let mut state = kproxy::synthetic::cluster(n, 10).unwrap_or_else(|err| {
+            eprintln!("{err}");
+            std::process::exit(2)
+        });
         let start = Instant::now();
         let full = rulesets(&state);
         let translate = start.elapsed();

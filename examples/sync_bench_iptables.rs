@@ -247,7 +247,10 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &services in &sizes {
-        let mut state = kproxy::synthetic::cluster(services, 10);
+        let mut state = kproxy::synthetic::cluster(services, 10).unwrap_or_else(|err| {
+            eprintln!("{err}");
+            std::process::exit(2)
+        });
         let desired = rulesets(&state, &config);
 
         // Full first sync into a fresh namespace.

@@ -46,7 +46,10 @@ fn main() {
     let mut config = kproxy::config::NodeConfig::new("node-1");
     config.cluster_cidrs = vec!["10.128.0.0/9".parse().expect("constant CIDR")];
     config.node_ips = vec!["10.0.0.1".parse().expect("constant IP")];
-    let state = kproxy::synthetic::cluster(services, endpoints);
+    let state = kproxy::synthetic::cluster(services, endpoints).unwrap_or_else(|err| {
+        eprintln!("{err}");
+        std::process::exit(2)
+    });
     let model = kproxy::pipeline::plan(&state, &config).models;
     let mut backends: Vec<(&str, Box<dyn Backend>)> = vec![
         ("iptables", Box::new(IptablesBackend::new(Accepting))),

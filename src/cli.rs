@@ -132,10 +132,11 @@ pub struct Common {
     /// or comma-separated.
     #[arg(long = "cluster-cidr", value_name = "CIDR", value_delimiter = ',', value_parser = cidr_flag)]
     cluster_cidrs: Vec<IpNet>,
-    /// A ServiceCIDR of the cluster; nftables drops traffic to its unallocated addresses.
-    /// Repeatable, or comma-separated.
-    #[arg(long = "service-cidr", value_name = "CIDR", value_delimiter = ',', value_parser = cidr_flag)]
-    service_cidrs: Vec<IpNet>,
+    /// The cluster's service CIDRs, comma-separated, at most one per family (as
+    /// kube-apiserver's --service-cluster-ip-range): cluster IPs outside them are refused, and
+    /// nftables drops traffic to their unallocated addresses.
+    #[arg(long = "service-cidr", value_name = "CIDR[,CIDR]", value_parser = parse_service_cidrs)]
+    service_cidrs: Option<ServiceCidrs>,
     /// Masquerade all traffic to cluster IPs.
     #[arg(long)]
     masquerade_all: bool,
@@ -286,7 +287,11 @@ impl Common {
         } else {
             self.cluster_cidrs.clone()
         };
-        config.service_cidrs = self.service_cidrs.clone();
+        config.service_cidrs = self
+            .service_cidrs
+            .as_ref()
+            .map(|cidrs| cidrs.0.clone())
+            .unwrap_or_default();
         config.masquerade_all = self.masquerade_all || settings.masquerade_all.unwrap_or(false);
         config.nodeport_addresses = match &self.nodeport_addresses {
             Some(addresses) => Some(addresses.clone()),
@@ -398,6 +403,30 @@ fn check_node_ip_families(node_ips: &[IpAddr], families: FamilyMode) -> Result<(
         }
     }
     Ok(())
+}
+
+/// `--service-cidr`'s value.
+#[derive(Clone, Debug)]
+struct ServiceCidrs(Vec<IpNet>);
+
+/// Comma-separated CIDRs, at most one per family; clap reports the error (status 2).
+fn parse_service_cidrs(text: &str) -> std::result::Result<ServiceCidrs, String> {
+    let mut cidrs: Vec<IpNet> = Vec::new();
+    for part in text.split(',') {
+        let net = parse_cidr_sloppy(part.trim())
+            .ok_or_else(|| format!("{part:?} is not a CIDR (like 10.96.0.0/12)"))?;
+        let family = crate::family::IpFamily::of_net(&net);
+        if cidrs
+            .iter()
+            .any(|c| crate::family::IpFamily::of_net(c) == family)
+        {
+            return Err(format!(
+                "more than one {family} CIDR; give at most one per family"
+            ));
+        }
+        cidrs.push(net);
+    }
+    Ok(ServiceCidrs(cidrs))
 }
 
 /// `HOST:PORT` or a bare IP (the default port is added); empty disables the server.
@@ -563,7 +592,8 @@ fn run(cli: Cli) -> Result<()> {
             services,
             endpoints,
         } => {
-            let state = crate::synthetic::cluster(services, endpoints);
+            let state = crate::synthetic::cluster(services, endpoints)
+                .context("cannot generate that cluster")?;
             let mut out = std::io::stdout().lock();
             crate::synthetic::write_manifests(&state, &mut out)
                 .and_then(|()| out.flush())

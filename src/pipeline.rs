@@ -2,7 +2,7 @@
 
 use crate::config::NodeConfig;
 use crate::iptables;
-use crate::model::{validate, ProxyModel};
+use crate::model::{validate_with, ClusterSettings, ProxyModel};
 use crate::nftables;
 use crate::source::{ClusterState, Note};
 
@@ -17,7 +17,7 @@ pub struct Plan {
 
 /// Validates the objects and builds the per-family models.
 pub fn plan(state: &ClusterState, config: &NodeConfig) -> Plan {
-    let (cluster, notes) = validate(state);
+    let (cluster, notes) = validate_with(state, &ClusterSettings::of(config));
     let models = config
         .family_mode
         .families()

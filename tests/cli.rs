@@ -139,3 +139,80 @@ fn generate_produces_readable_manifests() {
     assert_eq!(rules.matches(" cluster IP\" -m").count(), 21, "{rules}");
     assert_eq!(rules.matches("-j DNAT").count(), 21 * 3);
 }
+
+/// `--service-cidr`: comma-separated, at most one CIDR per family; a bad value is a bad flag
+/// (clap reports it, status 2). Cluster IPs outside it are refused.
+#[test]
+fn service_cidr_flag() {
+    let input = "apiVersion: v1\nkind: Service\nmetadata: {name: out, namespace: ns}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: in, namespace: ns}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n";
+    for bad in [
+        "bogus",
+        "10.96.0.0/16,10.97.0.0/16",
+        "10.96.0.0/16,",
+        "fd00::/112,fd01::/112",
+    ] {
+        let out = kproxy(
+            &["render", "--hostname", "n1", "--service-cidr", bad, "-"],
+            Some(input),
+        );
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("--service-cidr"),
+            "{bad}: {}",
+            text(&out.stderr)
+        );
+    }
+    let out = kproxy(
+        &[
+            "render",
+            "--hostname",
+            "n1",
+            "--service-cidr",
+            "10.96.0.0/16,fd00:10:96::/112",
+            "-",
+        ],
+        Some(input),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stderr),
+        "kproxy: skipped Service ns/out: spec.clusterIP \"10.0.0.1\" is outside the service CIDR 10.96.0.0/16 (--service-cidr); the API server allocates cluster IPs only from it\n"
+    );
+    assert!(text(&out.stdout).contains("ns/in"));
+}
+
+/// A count the generator's address ranges cannot hold is refused with a message, not a panic
+/// or wrapped-around addresses.
+#[test]
+fn generate_refuses_what_does_not_fit() {
+    // A kproxy that wraps around would run until memory is gone: stop it after a minute.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kproxy"))
+        .args(["generate", "--services", "18446744073709551615"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kproxy runs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child
+        .try_wait()
+        .expect("kproxy can be waited for")
+        .is_none()
+    {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("kproxy generate did not refuse the count within a minute");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("kproxy finishes");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(
+            "18446744073709551615 Services need more cluster IPs than 10.96.0.0/12 holds"
+        ),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(out.stdout.is_empty());
+}

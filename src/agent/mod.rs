@@ -168,7 +168,10 @@ async fn run_agent(mut config: AgentConfig) -> Result<()> {
         config.node.node_ips
     );
 
-    let store = Arc::new(Mutex::new(ClusterStore::new(SystemTime::now())));
+    let store = Arc::new(Mutex::new(
+        ClusterStore::new(SystemTime::now())
+            .with_settings(crate::model::ClusterSettings::of(&config.node)),
+    ));
     tokio::spawn(feed_store(
         events_rx,
         store.clone(),

@@ -2,6 +2,10 @@
 //! validated once when it arrives, with the Services whose rules may have changed since the
 //! last sync. Sources (API watches, a directory) write into it; the sync loop takes the
 //! changes out. No I/O, no clock: trigger times are read from the objects.
+//!
+//! Conflicts between Services (a cluster IP, node port or frontend claimed twice) are settled
+//! by the same [`Claims`] registry `validate` uses, incrementally: a change to one Service
+//! marks every Service whose standing it changed, so that the sync rebuilds them too.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::SystemTime;
@@ -10,25 +14,24 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::model::{validate_service, validate_slice, ServiceSpec, SliceSpec, SERVICE_NAME_LABEL};
-use crate::source::{Kind, Note, ObjectRef};
+use crate::model::claims::{Claims, Offer};
+use crate::model::{
+    object_ref, validate_service, validate_slice, ClusterSettings, ServiceSpec, SliceSpec, Verdict,
+    SERVICE_NAME_LABEL,
+};
+use crate::source::{Kind, Note};
 
-/// `namespace/name`; its string order is kube-proxy's canonical service order.
-pub type ServiceKey = String;
+pub use crate::model::ServiceKey;
 
 /// The EndpointSlice annotation with the time its endpoints last changed (spec
 /// kube-proxy-agent.md §7.2).
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
-/// A validated object: its spec, `None` when kproxy does not proxy it (headless, ExternalName,
-/// FQDN, another proxy's), or why it was skipped.
-type Checked<T> = Result<Option<T>, String>;
-
 #[derive(Debug)]
 struct SliceEntry {
     /// The Service it belongs to, when the label says.
     service: Option<ServiceKey>,
-    checked: Checked<SliceSpec>,
+    checked: Verdict<SliceSpec>,
 }
 
 /// What changed since the sync loop last asked.
@@ -51,7 +54,11 @@ pub struct Changes {
 /// Services and EndpointSlices by key (module docs).
 #[derive(Debug, Default)]
 pub struct ClusterStore {
-    services: BTreeMap<ServiceKey, Checked<ServiceSpec>>,
+    services: BTreeMap<ServiceKey, Verdict<ServiceSpec>>,
+    /// Who holds which cluster IP, node port and frontend, over the proxied Services.
+    claims: Claims,
+    /// What validation knows of the cluster (service CIDRs).
+    settings: ClusterSettings,
     slices: HashMap<String, SliceEntry>,
     /// The slices of each Service, by slice key.
     slices_of: HashMap<ServiceKey, BTreeSet<String>>,
@@ -72,6 +79,12 @@ impl ClusterStore {
             started: Some(started),
             ..ClusterStore::default()
         }
+    }
+
+    /// Validates against the cluster's settings (service CIDRs) from now on.
+    pub fn with_settings(mut self, settings: ClusterSettings) -> ClusterStore {
+        self.settings = settings;
+        self
     }
 
     /// Both kinds have been listed completely: the view is whole and may be programmed.
@@ -115,18 +128,46 @@ impl ClusterStore {
     /// Adds or updates a Service. Returns whether anything that matters for rules changed.
     pub fn apply_service(&mut self, service: &Service) -> bool {
         let key = key_of(&service.metadata);
-        let checked = validate_service(service);
-        if self.services.get(&key) == Some(&checked) {
+        let verdict = validate_service(service, &self.settings);
+        if self.services.get(&key) == Some(&verdict) {
             return false;
         }
         self.changes.service_events += 1;
-        if let Err(reason) = &checked {
-            self.notes
-                .push(invalid(Kind::Service, &service.metadata, reason));
-        }
-        self.services.insert(key.clone(), checked);
+        self.notes
+            .extend(verdict.notes(&object_ref(Kind::Service.name(), &service.metadata)));
+        let changed = match verdict.spec() {
+            Some(spec) => self.claims.set(spec),
+            None => self.claims.remove(&key),
+        };
+        self.services.insert(key.clone(), verdict);
         self.changes.services.insert(key);
+        self.mark_standing_changed(changed);
         true
+    }
+
+    /// Marks the Services whose hold on a cluster IP, node port or frontend changed, and
+    /// reports what each of them lost now.
+    fn mark_standing_changed(&mut self, changed: BTreeSet<ServiceKey>) {
+        for key in changed {
+            if let Some(spec) = self.services.get(&key).and_then(Verdict::spec) {
+                let object = spec.object_ref();
+                match self.claims.lost(spec) {
+                    Some(reason) => self.notes.push(Note::Invalid { object, reason }),
+                    None => self
+                        .notes
+                        .extend(
+                            self.claims
+                                .withheld_reasons(spec)
+                                .into_iter()
+                                .map(|reason| Note::PartlyInvalid {
+                                    object: object.clone(),
+                                    reason,
+                                }),
+                        ),
+                }
+            }
+            self.changes.services.insert(key);
+        }
     }
 
     /// Removes a Service. Returns whether it was there.
@@ -136,7 +177,9 @@ impl ClusterStore {
             return false;
         }
         self.changes.service_events += 1;
+        let changed = self.claims.remove(&key);
         self.changes.services.insert(key);
+        self.mark_standing_changed(changed);
         true
     }
 
@@ -156,10 +199,8 @@ impl ClusterStore {
             }
         }
         self.changes.endpoint_events += 1;
-        if let Err(reason) = &checked {
-            self.notes
-                .push(invalid(Kind::EndpointSlice, &slice.metadata, reason));
-        }
+        self.notes
+            .extend(checked.notes(&object_ref(Kind::EndpointSlice.name(), &slice.metadata)));
         if let Some(service) = &service {
             if let Some(time) = trigger_time(&slice.metadata).filter(|t| Some(*t) > self.started) {
                 self.changes
@@ -252,16 +293,25 @@ impl ClusterStore {
         }
     }
 
-    /// The proxied Service with this key, if it is valid.
+    /// The proxied Service with this key, if it is valid and holds its cluster IPs and node
+    /// ports.
     pub fn service(&self, key: &str) -> Option<&ServiceSpec> {
-        self.services.get(key)?.as_ref().ok()?.as_ref()
+        self.services
+            .get(key)?
+            .spec()
+            .filter(|_| self.claims.is_live(key))
     }
 
-    /// Every proxied, valid Service in key order.
+    /// Every proxied, valid Service in key order (as [`ClusterStore::service`]).
     pub fn services(&self) -> impl Iterator<Item = (&ServiceKey, &ServiceSpec)> {
-        self.services
-            .iter()
-            .filter_map(|(key, checked)| Some((key, checked.as_ref().ok()?.as_ref()?)))
+        self.services.iter().filter_map(|(key, verdict)| {
+            Some((key, verdict.spec().filter(|_| self.claims.is_live(key))?))
+        })
+    }
+
+    /// The frontends of a proxied Service that another Service holds: left out of its rules.
+    pub fn withheld(&self, key: &str) -> BTreeSet<Offer> {
+        self.claims.withheld(key)
     }
 
     /// The valid slices of a Service.
@@ -270,16 +320,24 @@ impl ClusterStore {
             .get(key)
             .into_iter()
             .flatten()
-            .filter_map(|slice| self.slices.get(slice)?.checked.as_ref().ok()?.as_ref())
+            .filter_map(|slice| self.slices.get(slice)?.checked.spec())
             .filter(|slice| service_key(slice) == key)
             .collect()
     }
 
-    /// Objects currently skipped as invalid, by kind.
+    /// Objects currently skipped as invalid (or in conflict with an older Service), by kind.
     pub fn invalid_counts(&self) -> (usize, usize) {
         (
-            self.services.values().filter(|c| c.is_err()).count(),
-            self.slices.values().filter(|e| e.checked.is_err()).count(),
+            self.services
+                .iter()
+                .filter(|(key, v)| {
+                    v.is_skipped() || (v.spec().is_some() && !self.claims.is_live(key))
+                })
+                .count(),
+            self.slices
+                .values()
+                .filter(|e| e.checked.is_skipped())
+                .count(),
         )
     }
 }
@@ -298,17 +356,6 @@ fn key_of(meta: &ObjectMeta) -> String {
         namespace_of(meta),
         meta.name.as_deref().unwrap_or_default()
     )
-}
-
-fn invalid(kind: Kind, meta: &ObjectMeta, reason: &str) -> Note {
-    Note::Invalid {
-        object: ObjectRef {
-            kind: kind.name().to_string(),
-            namespace: namespace_of(meta).to_string(),
-            name: meta.name.clone().unwrap_or_else(|| "<unnamed>".into()),
-        },
-        reason: reason.to_string(),
-    }
 }
 
 /// The slice's trigger-time annotation, when it parses as RFC 3339 (§7.2).
@@ -346,6 +393,97 @@ mod tests {
             "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}]
         }))
         .expect("a valid EndpointSlice")
+    }
+
+    /// A Service with a creation timestamp (seconds after 2020-01-01) and external IPs.
+    fn aged(name: &str, ip: &str, created: u32, external: &[&str]) -> Service {
+        let created = k8s_openapi::jiff::Timestamp::from_second(1_577_836_800 + i64::from(created))
+            .expect("a valid time");
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns", "creationTimestamp": created.to_string()},
+            "spec": {"clusterIP": ip, "externalIPs": external,
+                     "ports": [{"name": "p", "port": 80, "protocol": "TCP"}]}
+        }))
+        .expect("a valid Service")
+    }
+
+    fn keys(names: &[&str]) -> BTreeSet<ServiceKey> {
+        names.iter().map(|n| format!("ns/{n}")).collect()
+    }
+
+    /// §7.1: the agent settles a shared cluster IP as `validate` does, and when the holder goes
+    /// the other Service becomes live and is among the changed Services.
+    #[test]
+    fn a_shared_cluster_ip_passes_to_the_next_service_when_its_holder_goes() {
+        let mut store = ClusterStore::new(SystemTime::UNIX_EPOCH);
+        store.apply_service(&aged("a", "10.0.0.5", 1, &[]));
+        store.take_changes();
+        assert!(store.apply_service(&aged("b", "10.0.0.5", 2, &[])));
+        let (changes, notes) = store.take_changes();
+        assert_eq!(
+            changes.services,
+            keys(&["b"]),
+            "a's standing did not change"
+        );
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].to_string().starts_with(
+                "skipped Service ns/b: spec.clusterIP 10.0.0.5 is already used by Service ns/a (older)"
+            ),
+            "{notes:?}"
+        );
+        assert!(store.service("ns/a").is_some());
+        assert!(store.service("ns/b").is_none());
+        assert_eq!(store.services().count(), 1);
+        assert_eq!(store.invalid_counts(), (1, 0));
+
+        assert!(store.delete_service("ns", "a"));
+        let (changes, _) = store.take_changes();
+        assert_eq!(changes.services, keys(&["a", "b"]));
+        assert!(store.service("ns/b").is_some(), "b holds the IP now");
+        assert_eq!(store.invalid_counts(), (0, 0));
+    }
+
+    #[test]
+    fn an_older_service_arriving_takes_the_ip_and_a_changed_ip_frees_it() {
+        let mut store = ClusterStore::new(SystemTime::UNIX_EPOCH);
+        store.apply_service(&aged("b", "10.0.0.5", 2, &[]));
+        store.take_changes();
+        store.apply_service(&aged("a", "10.0.0.5", 1, &[]));
+        let (changes, notes) = store.take_changes();
+        assert_eq!(
+            changes.services,
+            keys(&["a", "b"]),
+            "the previous holder changes"
+        );
+        assert!(store.service("ns/b").is_none());
+        assert!(notes
+            .iter()
+            .any(|n| n.to_string().starts_with("skipped Service ns/b: ")));
+        // The holder moves to another IP: b is live again.
+        store.apply_service(&aged("a", "10.0.0.6", 1, &[]));
+        let (changes, _) = store.take_changes();
+        assert_eq!(changes.services, keys(&["a", "b"]));
+        assert!(store.service("ns/a").is_some() && store.service("ns/b").is_some());
+    }
+
+    /// §7.2: a frontend offered twice stays with the older Service; the other keeps the rest.
+    #[test]
+    fn a_shared_external_ip_is_withheld_from_the_newer_service_until_the_older_one_drops_it() {
+        let mut store = ClusterStore::new(SystemTime::UNIX_EPOCH);
+        store.apply_service(&aged("a", "10.0.0.5", 1, &["192.0.2.1"]));
+        store.apply_service(&aged("b", "10.0.0.6", 2, &["192.0.2.1"]));
+        let (_, notes) = store.take_changes();
+        assert!(store.service("ns/b").is_some(), "b keeps its cluster IP");
+        assert!(store.withheld("ns/a").is_empty());
+        assert_eq!(store.withheld("ns/b").len(), 1);
+        assert!(notes.iter().any(|n| n.to_string().starts_with(
+            "skipped part of Service ns/b: spec.externalIPs 192.0.2.1 port 80/tcp is already offered by Service ns/a (older)"
+        )), "{notes:?}");
+        store.apply_service(&aged("a", "10.0.0.5", 1, &[]));
+        let (changes, _) = store.take_changes();
+        assert_eq!(changes.services, keys(&["a", "b"]));
+        assert!(store.withheld("ns/b").is_empty());
     }
 
     #[test]

@@ -442,7 +442,7 @@ mod tests {
 
     #[test]
     fn a_refused_sync_is_counted_and_leaves_the_changes_for_the_next() {
-        let cluster = crate::synthetic::cluster(3, 2);
+        let cluster = crate::synthetic::cluster(3, 2).expect("fits");
         let store = Arc::new(Mutex::new(ClusterStore::new(SystemTime::UNIX_EPOCH)));
         {
             let mut store = store.lock().unwrap();

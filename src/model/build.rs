@@ -1,10 +1,11 @@
 //! Builds the per-family [`ProxyModel`] from validated objects: picks each Service's addresses
 //! of the family, merges its EndpointSlices per port, and selects endpoints (§2.1–§2.5).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use super::claims::{Frontend, Offer, Via};
 use super::endpoints::select;
 use super::validate::{ServiceSpec, SliceSpec, ValidCluster};
 use super::{Endpoint, EndpointSelection, Protocol, ServicePort, ServicePortName};
@@ -35,13 +36,19 @@ impl ProxyModel {
         // kube-proxy's canonical dump order sorts by the "namespace/name" string.
         services.sort_by_cached_key(|s| format!("{}/{}", s.namespace, s.name));
 
+        let none = BTreeSet::new();
         let mut ports = Vec::new();
         for service in services {
             let slices = slices_by_service
                 .get(&(service.namespace.as_str(), service.name.as_str()))
                 .map(Vec::as_slice)
                 .unwrap_or_default();
-            ports.extend(service_ports(service, slices, config, family));
+            let withheld = if cluster.withheld.is_empty() {
+                &none
+            } else {
+                cluster.withheld.get(&service.key()).unwrap_or(&none)
+            };
+            ports.extend(service_ports(service, withheld, slices, config, family));
         }
         ProxyModel { family, ports }
     }
@@ -55,8 +62,10 @@ impl ProxyModel {
 /// The service ports of one Service in one family, in `spec.ports` order, with their endpoints
 /// merged from the Service's slices of that family. Empty when the Service has no cluster IP of
 /// the family. The unit the agent rebuilds when a Service or one of its slices changes.
+/// `withheld`: frontends another Service holds (`claims`), left out.
 pub fn service_ports(
     service: &ServiceSpec,
+    withheld: &BTreeSet<Offer>,
     slices: &[&SliceSpec],
     config: &NodeConfig,
     family: IpFamily,
@@ -90,8 +99,20 @@ pub fn service_ports(
                 cluster_ip,
                 port: port.port,
                 node_port: port.node_port,
-                external_ips: of_family(&service.external_ips, family),
-                load_balancer_ips: of_family(&service.load_balancer_ips, family),
+                external_ips: offered(
+                    &service.external_ips,
+                    Via::ExternalIp,
+                    port,
+                    family,
+                    withheld,
+                ),
+                load_balancer_ips: offered(
+                    &service.load_balancer_ips,
+                    Via::LoadBalancerIp,
+                    port,
+                    family,
+                    withheld,
+                ),
                 source_ranges: service
                     .source_ranges
                     .iter()
@@ -112,9 +133,27 @@ pub fn service_ports(
         .collect()
 }
 
-fn of_family(ips: &[std::net::IpAddr], family: IpFamily) -> Vec<std::net::IpAddr> {
+/// The addresses of the family through which this port is offered, less the withheld ones.
+fn offered(
+    ips: &[std::net::IpAddr],
+    via: Via,
+    port: &super::PortSpec,
+    family: IpFamily,
+    withheld: &BTreeSet<Offer>,
+) -> Vec<std::net::IpAddr> {
     ips.iter()
         .filter(|ip| IpFamily::of(ip) == family)
+        .filter(|&&ip| {
+            withheld.is_empty()
+                || !withheld.contains(&Offer {
+                    via,
+                    frontend: Frontend {
+                        ip,
+                        protocol: port.protocol,
+                        port: port.port,
+                    },
+                })
+        })
         .copied()
         .collect()
 }

@@ -5,6 +5,7 @@
 //! Spec: `shared/spec/kube-proxy-rules.md` §2.
 
 mod build;
+pub mod claims;
 mod endpoints;
 mod validate;
 
@@ -16,8 +17,9 @@ use ipnet::IpNet;
 pub use build::{service_ports, ProxyModel};
 pub use endpoints::EndpointSelection;
 pub use validate::{
-    validate, validate_service, validate_slice, PortSpec, ServiceSpec, SliceEndpoint, SlicePort,
-    SliceSpec, ValidCluster, SERVICE_NAME_LABEL,
+    object_ref, validate, validate_service, validate_slice, validate_with, ClusterSettings,
+    PortSpec, ServiceKey, ServiceSpec, SliceEndpoint, SlicePort, SliceSpec, ValidCluster, Verdict,
+    SERVICE_NAME_LABEL,
 };
 
 /// A transport protocol of a service port.

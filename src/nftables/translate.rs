@@ -1060,7 +1060,7 @@ mod tests {
         let mut config = NodeConfig::new("node-1");
         config.cluster_cidrs = vec!["10.128.0.0/9".parse().unwrap()];
         config.node_ips = vec!["10.0.0.1".parse().unwrap()];
-        let state = crate::synthetic::cluster(60, 3);
+        let state = crate::synthetic::cluster(60, 3).expect("fits");
         let model = crate::pipeline::plan(&state, &config).models.remove(0);
         let mut cache = PortCache::default();
         let cached = translate_cached(&model, &config, &mut cache);

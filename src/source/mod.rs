@@ -94,6 +94,9 @@ pub enum Note {
     IgnoredKind { origin: String, kind: String },
     /// An object that was read but is invalid; it is skipped, everything else goes on.
     Invalid { object: ObjectRef, reason: String },
+    /// A part of an object (one endpoint, one address, one frontend) was left out; the rest
+    /// of the object is used.
+    PartlyInvalid { object: ObjectRef, reason: String },
 }
 
 impl fmt::Display for Note {
@@ -103,6 +106,9 @@ impl fmt::Display for Note {
                 write!(f, "note: {origin}: ignoring object of kind {kind}")
             }
             Note::Invalid { object, reason } => write!(f, "skipped {object}: {reason}"),
+            Note::PartlyInvalid { object, reason } => {
+                write!(f, "skipped part of {object}: {reason}")
+            }
         }
     }
 }

@@ -1486,7 +1486,7 @@ mod large_tests {
     /// exactly their objects, in a fixed order, and the table ends up as wanted.
     #[test]
     fn large_partial_sync_is_exact() {
-        let mut state = crate::synthetic::cluster(1500, 3);
+        let mut state = crate::synthetic::cluster(1500, 3).expect("fits");
         let first = rulesets(&state);
         assert!(first[0].elements.len() >= PARALLEL_ELEMENTS);
         let mut s = Syncer::new(FakeKernel::new(), SyncOptions::default());

@@ -247,7 +247,7 @@ fn config() -> NodeConfig {
 /// Four Services with two endpoints each: `svc-0` has ClientIP affinity, a NodePort and a
 /// second (UDP) port; `svc-1`..`svc-3` are plain ClusterIP Services.
 fn cluster() -> ClusterState {
-    crate::synthetic::cluster(4, 2)
+    crate::synthetic::cluster(4, 2).expect("fits")
 }
 
 fn rulesets(state: &ClusterState) -> Vec<Ruleset> {
