@@ -10,6 +10,7 @@
 //!   fuzzer explores validation and conflict resolution instead of the YAML grammar.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 use arbitrary::{Arbitrary, Unstructured};
 use k8s_openapi::api::core::v1::{
@@ -23,6 +24,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use crate::backend::Mode;
 use crate::config::{NodeConfig, NodePortAddresses};
 use crate::family::FamilyMode;
+use crate::model::ProxyModel;
 use crate::pipeline;
 use crate::source::{ClusterState, Manifests};
 
@@ -61,9 +63,75 @@ fn check_renders(state: &ClusterState) {
         config.zone = Some("zone-a".into());
         config.nodeport_addresses = Some(NodePortAddresses::Primary);
         let plan = pipeline::plan(state, &config);
+        for model in &plan.models {
+            check_model(model);
+        }
         for mode in [Mode::Iptables, Mode::Nftables] {
             let text = mode.render(&plan.models, &config);
             check_lines(mode, &text);
+        }
+    }
+}
+
+/// What validation and conflict resolution promise about a model: no address of a class the
+/// API server's allocators never hand out (api-validation.md §4.5, §7.1), every frontend
+/// (address, protocol, port) programmed once, and every node port (health-check node ports
+/// included) held by one Service.
+pub fn check_model(model: &ProxyModel) {
+    let mut frontends = BTreeMap::new();
+    let mut node_ports: BTreeMap<u16, String> = BTreeMap::new();
+    for port in &model.ports {
+        let service = port.name.service();
+        let addresses = std::iter::once(port.cluster_ip)
+            .chain(port.external_ips.iter().copied())
+            .chain(port.load_balancer_ips.iter().copied());
+        for ip in addresses
+            .clone()
+            .chain(port.endpoints.iter().map(|e| e.ip()))
+        {
+            assert!(
+                is_assignable(ip),
+                "{}: address {ip} of a refused class is programmed",
+                port.name
+            );
+        }
+        for ip in addresses {
+            let key = (ip, port.name.protocol, port.port);
+            if let Some(other) = frontends.insert(key, port.name.clone()) {
+                assert_eq!(
+                    other, port.name,
+                    "frontend {ip} {:?} {} is programmed for two service ports",
+                    port.name.protocol, port.port
+                );
+            }
+        }
+        for number in port.node_port.iter().chain(&port.health_check_node_port) {
+            let holder = node_ports.entry(*number).or_insert_with(|| service.clone());
+            assert_eq!(
+                *holder, service,
+                "node port {number} is held by two Services"
+            );
+        }
+    }
+}
+
+/// Not loopback, unspecified, link-local, multicast, broadcast or IPv4-mapped IPv6 —
+/// written here independently of validation, as the oracle it is checked against.
+fn is_assignable(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            !(v4.is_loopback()
+                || v4.is_unspecified()
+                || v4.is_link_local()
+                || v4.is_multicast()
+                || v4.is_broadcast())
+        }
+        IpAddr::V6(v6) => {
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (v6.segments()[0] & 0xffc0) == 0xfe80
+                || v6.to_ipv4_mapped().is_some())
         }
     }
 }
