@@ -15,6 +15,7 @@
 //! previous rules. The error names the payload line the tool refused; the next sync is full.
 
 mod applier;
+mod cleanup;
 #[cfg(test)]
 mod tests;
 
@@ -26,6 +27,7 @@ pub use applier::{
     detect_backend, Applier, Backend, BackendChoice, Exit, SpawnError, SystemApplier, Tool,
     RESTORE_FLAGS, WAIT_FLAGS,
 };
+pub use cleanup::{cleanup_applier, cleanup_with};
 
 use super::{SyncError, SyncReport, Timed};
 use crate::family::IpFamily;
@@ -897,107 +899,4 @@ fn spawn_error(err: SpawnError) -> SyncError {
         tool: err.program,
         source: err.source,
     }
-}
-
-/// Removes every chain and jump rule kproxy owns, in both families, and nothing else: from
-/// every backend that is installed (a node may have rules in both).
-pub fn cleanup() -> Result<(), SyncError> {
-    cleanup_with(BackendChoice::Auto)
-}
-
-/// [`cleanup`] of one backend, or (`Auto`) of each of nft and legacy that is installed.
-pub fn cleanup_with(choice: BackendChoice) -> Result<(), SyncError> {
-    let backends: &[Backend] = match choice {
-        BackendChoice::Auto => &[Backend::Nft, Backend::Legacy],
-        BackendChoice::Nft => &[Backend::Nft],
-        BackendChoice::Legacy => &[Backend::Legacy],
-    };
-    let mut cleaned = false;
-    for &backend in backends {
-        match cleanup_applier(&mut SystemApplier::for_backend(backend, &[])) {
-            Ok(()) => cleaned = true,
-            Err(SyncError::Spawn { source, .. })
-                if choice == BackendChoice::Auto
-                    && source.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => return Err(err),
-        }
-    }
-    if cleaned {
-        return Ok(());
-    }
-    cleanup_applier(&mut SystemApplier::for_backend(Backend::System, &[]))
-}
-
-/// [`cleanup`] through one applier, both families: deletes the §4.2 jump rules, then in one
-/// restore empties and deletes every kproxy chain of filter, nat and mangle (§4.12). Tables
-/// are found with a plain `iptables-save`, which creates none.
-pub fn cleanup_applier(applier: &mut impl Applier) -> Result<(), SyncError> {
-    for family in [IpFamily::V4, IpFamily::V6] {
-        cleanup_family(applier, family)?;
-    }
-    Ok(())
-}
-
-fn cleanup_family(applier: &mut impl Applier, family: IpFamily) -> Result<(), SyncError> {
-    let exit = applier.save(family, None).map_err(spawn_error)?;
-    if !exit.success() {
-        return Err(SyncError::Read {
-            tool: applier.program(family, Tool::Save),
-            family,
-            message: tool_message(&exit),
-        });
-    }
-    let tables = parse_save(&exit.stdout, false);
-    let owned = |table: &KernelTable, name: &ChainName| match table.table.as_str() {
-        "filter" | "nat" => is_owned_chain(name),
-        "mangle" => &**name == KUBE_PROXY_CANARY,
-        _ => false,
-    };
-    // Jump rules first: a chain still jumped to cannot be deleted.
-    for jump in JUMPS {
-        let present = tables
-            .iter()
-            .any(|t| t.table == jump.table && t.has_chain(jump.chain) && t.has_chain(jump.target));
-        if !present {
-            continue;
-        }
-        // Remove duplicates too; bounded in case `-D` reports success without effect.
-        for _ in 0..16 {
-            let check = applier
-                .iptables(family, &jump.args("-C"))
-                .map_err(spawn_error)?;
-            if !check.success() {
-                break;
-            }
-            let delete = applier
-                .iptables(family, &jump.args("-D"))
-                .map_err(spawn_error)?;
-            if !delete.success() {
-                return Err(iptables_refused(applier, family, jump.describe(), &delete));
-            }
-        }
-    }
-    let patches: Vec<TablePatch> = ["filter", "nat", "mangle"]
-        .into_iter()
-        .filter_map(|name| tables.iter().find(|t| t.table == name))
-        .map(|table| TablePatch {
-            table: match table.table.as_str() {
-                "filter" => "filter",
-                "nat" => "nat",
-                _ => "mangle",
-            },
-            delete: table
-                .chains
-                .iter()
-                .filter(|name| owned(table, name))
-                .copied()
-                .collect(),
-            ..TablePatch::default()
-        })
-        .collect();
-    let payload = restore_payload(&patches);
-    if payload.lines == 0 {
-        return Ok(());
-    }
-    apply(applier, family, &payload, &[], |_| None)
 }

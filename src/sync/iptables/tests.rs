@@ -127,6 +127,21 @@ impl FakeKernel {
                     Some((_, rules)) => rules.push(line.to_string()),
                     None => return Err((n, format!("Chain '{chain}' does not exist"))),
                 }
+            } else if let Some(rest) = line.strip_prefix("-D ") {
+                let chain = rest.split(' ').next().unwrap_or_default();
+                let rule = format!("-A {rest}");
+                let Some((_, rules)) = table.iter_mut().find(|(c, _)| c == chain) else {
+                    return Err((n, format!("Chain '{chain}' does not exist")));
+                };
+                match rules.iter().position(|r| *r == rule) {
+                    Some(i) => drop(rules.remove(i)),
+                    None => {
+                        return Err((
+                            n,
+                            "Bad rule (does a matching rule exist in that chain?)".into(),
+                        ))
+                    }
+                }
             } else if let Some(chain) = line.strip_prefix("-X ") {
                 let jumped = table.iter().flat_map(|(_, rules)| rules).any(|r| {
                     r.ends_with(&format!("-j {chain}")) || r.contains(&format!("-j {chain} "))
@@ -747,8 +762,39 @@ fn cleanup_removes_only_what_kproxy_owns() {
     }
     // Nothing to do the second time.
     let restores = kernel.payloads.len();
-    cleanup_applier(kernel).expect("cleanup again");
+    assert!(cleanup_applier(kernel).expect("cleanup again").is_empty());
     assert_eq!(kernel.payloads.len(), restores);
+}
+
+#[test]
+fn cleanup_held_by_a_user_rule_removes_nothing_and_names_it() {
+    let mut syncer = IptablesSyncer::new(FakeKernel::default());
+    syncer.sync(rulesets(&cluster())).expect("full");
+    let kernel = syncer.applier_mut();
+    kernel.run_command(
+        IpFamily::V4,
+        &["-t", "filter", "-I", "FORWARD", "-j", "KUBE-FORWARD"],
+    );
+    let before = kernel.tables.clone();
+    let err = cleanup_applier(kernel).expect_err("held");
+    let text = err.to_string();
+    assert!(
+        text.contains("iptables -t filter -A FORWARD -j KUBE-FORWARD"),
+        "{text}"
+    );
+    assert!(text.contains("nothing was removed"), "{text}");
+    assert_eq!(kernel.tables, before, "cleanup changed something");
+    // Once the user rule is gone, everything goes.
+    kernel.run_command(
+        IpFamily::V4,
+        &["-t", "filter", "-D", "FORWARD", "-j", "KUBE-FORWARD"],
+    );
+    let removed = cleanup_applier(kernel).expect("cleanup");
+    assert_eq!(removed.len(), 1, "{removed:?}");
+    assert!(
+        removed[0].starts_with("iptables IPv4: filter "),
+        "{removed:?}"
+    );
 }
 
 #[test]
