@@ -102,7 +102,7 @@ fn lock_netns(seconds: f64) -> Result<NetnsLock> {
     let timeout = Duration::from_secs_f64(seconds);
     Ok(NetnsLock::acquire(timeout, |holder| {
         eprintln!(
-            "kproxy: waiting up to {timeout:?} for another kproxy ({holder}) to finish changing this network namespace's rules"
+            "kproxy: waiting up to {:.1}s for this network namespace's writer lock, held by {holder}", timeout.as_secs_f64()
         )
     })?)
 }

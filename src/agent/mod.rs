@@ -189,7 +189,7 @@ async fn run_agent(mut config: AgentConfig) -> Result<()> {
     let (backend, _lock) = tokio::task::spawn_blocking(move || {
         let lock = NetnsLock::acquire(lock_timeout, |holder| {
             tracing::warn!(
-                "waiting up to {lock_timeout:?} for another kproxy ({holder}) to release this network namespace's writer lock"
+                "waiting up to {:.1}s for this network namespace's writer lock, held by {holder} (an instance still ending?)", lock_timeout.as_secs_f64()
             )
         })?;
         remove_other_modes_rules(mode);

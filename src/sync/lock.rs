@@ -80,9 +80,9 @@ impl std::fmt::Display for Holder {
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error(
-        "another kproxy ({holder}) is changing this network namespace's rules and still held the \
-         lock after {waited:?}; wait for it to finish, stop it (a `kproxy run` holds the lock \
-         while it runs), or pass a longer --lock-timeout"
+        "this network namespace's writer lock is held by {holder}, another kproxy changing its \
+         rules, and was still held after {:.1}s; wait for it to finish, stop it (a `kproxy run` \
+         holds the lock while it runs), or pass a longer --lock-timeout", waited.as_secs_f64()
     )]
     Held { holder: Holder, waited: Duration },
     #[error("cannot take the network namespace lock (abstract socket @{name}): {source}")]
