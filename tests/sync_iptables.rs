@@ -975,3 +975,69 @@ fn legacy_backend_syncs_is_detected_and_cleans_up() {
         "legacy rules left behind"
     );
 }
+
+/// The rules of the built-in chains (`-A INPUT …`) of a save that jump to kproxy's chains.
+fn builtin_jumps(lines: &[String]) -> Vec<(String, String)> {
+    let mut table = String::new();
+    let mut out = Vec::new();
+    for line in lines {
+        if let Some(name) = line.strip_prefix('*') {
+            table = name.to_string();
+        }
+        let builtin = ["INPUT", "FORWARD", "OUTPUT", "PREROUTING", "POSTROUTING"]
+            .iter()
+            .any(|c| line.starts_with(&format!("-A {c} ")));
+        if builtin && line.contains(" -j KUBE-") {
+            out.push((table.clone(), line.clone()));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_full_sync_leaves_one_copy_of_each_jump_rule_and_spares_other_rules() {
+    if !kernel_tests_possible(&TOOLS) {
+        return;
+    }
+    for (backend, iptables, save_tool) in [
+        ("nft", "iptables-nft", "iptables-nft-save"),
+        ("legacy", "iptables-legacy", "iptables-legacy-save"),
+    ] {
+        let topology = Topology::new(1);
+        let services = vec![Svc::new("web", "10.96.0.10", &[1]).node_port(30080)];
+        let flags = ["--iptables-backend", backend];
+        sync(&topology, &services, &flags);
+        // A user's rule at the top of INPUT, after kproxy's jumps were put in.
+        run(
+            &topology,
+            &[iptables, "-I", "INPUT", "-s", "192.0.2.8", "-j", "ACCEPT"],
+        );
+        let expected = save(&topology, save_tool, None);
+        let jumps = builtin_jumps(&expected);
+        assert_eq!(jumps.len(), 14, "{backend}: {jumps:#?}");
+        // Two more copies of every jump rule at the top of its chain, as two writers at once
+        // used to leave them.
+        for _ in 0..2 {
+            for (table, line) in &jumps {
+                let insert = format!("{iptables} -t {table} {}", line.replacen("-A ", "-I ", 1));
+                run(&topology, &["sh", "-c", &insert]);
+            }
+        }
+        assert_eq!(
+            builtin_jumps(&save(&topology, save_tool, None)).len(),
+            42,
+            "{backend}"
+        );
+        sync(&topology, &services, &flags);
+        assert_same(
+            &expected,
+            &save(&topology, save_tool, None),
+            &format!("{backend}: the full sync did not leave exactly one copy of each jump"),
+        );
+        assert_eq!(
+            topology.connect("tcp", 2, "10.96.0.10", 80, 1),
+            vec!["backend-1"],
+            "{backend}"
+        );
+    }
+}

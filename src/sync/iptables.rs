@@ -16,6 +16,7 @@
 
 mod applier;
 mod cleanup;
+mod duplicates;
 #[cfg(test)]
 mod tests;
 
@@ -389,6 +390,7 @@ fn full_sync(applier: &mut impl Applier, desired: &Ruleset) -> Result<RestorePay
     // rewrites its whole table (after the restore, 28 commands on a 10,000-Service nat table
     // took 67 s). An empty chain jumped to meanwhile lets packets pass through unchanged.
     ensure_jumps(applier, desired, &kernel)?;
+    duplicates::remove_duplicate_jumps(applier, family, &kernel)?;
     ensure_chain(applier, family, "mangle", KUBE_PROXY_CANARY)?;
     apply(applier, family, &payload, &patches, |table| {
         kernel
@@ -645,7 +647,8 @@ fn ensure_jumps(
             continue;
         }
         let kernel = kernel.iter().find(|k| k.table == jump.table);
-        if kernel.is_some_and(|k| k.jumps.contains(&jump.save_line())) {
+        // Present (extra copies are removed by `duplicates::remove_duplicate_jumps`).
+        if kernel.is_some_and(|k| k.jumps.get(&jump.save_line()).is_some_and(|n| *n > 0)) {
             continue;
         }
         // A jump needs its target: create it empty (the restore fills it). Where the save
@@ -717,8 +720,12 @@ struct KernelTable {
     /// The saved rule lines of kproxy's chains (empty chains included), if kept.
     rules: FxHashMap<ChainName, Vec<String>>,
     rules_kept: bool,
-    /// Rules of other chains that jump to one of kproxy's chains, as saved.
-    jumps: FxHashSet<String>,
+    /// Rules of other chains that jump to one of kproxy's chains, as saved, with the number
+    /// of copies of each. Read over netlink, a count is of the rules of the built-in chain
+    /// jumping to the target, whatever their matches: only a count of 1 is certain.
+    jumps: FxHashMap<String, usize>,
+    /// The counts in `jumps` are of the exact rule (from a save), not over netlink.
+    jumps_exact: bool,
 }
 
 impl KernelTable {
@@ -736,6 +743,7 @@ fn parse_save(text: &str, keep_rules: bool) -> Vec<KernelTable> {
             tables.push(KernelTable {
                 table: name.trim().to_string(),
                 rules_kept: keep_rules,
+                jumps_exact: true,
                 ..KernelTable::default()
             });
             continue;
@@ -759,7 +767,7 @@ fn parse_save(text: &str, keep_rules: bool) -> Vec<KernelTable> {
                 }
                 Some(chain) if is_owned_chain(&chain) => {}
                 _ if rule.contains(" -j KUBE-") => {
-                    table.jumps.insert(line.to_string());
+                    *table.jumps.entry(line.to_string()).or_default() += 1;
                 }
                 _ => {}
             }
@@ -822,10 +830,11 @@ fn chains_in_nf_tables(
         .filter_map(|name| ChainName::new(name))
         .collect();
     chains.sort();
-    let mut jumps = FxHashSet::default();
+    let mut jumps = FxHashMap::default();
     for jump in JUMPS.iter().filter(|j| j.table == table) {
-        if socket.jumps_to(family, table, jump.chain, jump.target)? {
-            jumps.insert(jump.save_line());
+        let count = socket.jumps_to_count(family, table, jump.chain, jump.target)?;
+        if count > 0 {
+            jumps.insert(jump.save_line(), count);
         }
     }
     Ok(KernelTable {
@@ -834,6 +843,7 @@ fn chains_in_nf_tables(
         rules: FxHashMap::default(),
         rules_kept: false,
         jumps,
+        jumps_exact: false,
     })
 }
 
