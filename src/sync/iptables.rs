@@ -17,6 +17,7 @@
 mod applier;
 mod cleanup;
 mod duplicates;
+mod staging;
 #[cfg(test)]
 mod tests;
 
@@ -29,6 +30,7 @@ pub use applier::{
     RESTORE_FLAGS, WAIT_FLAGS,
 };
 pub use cleanup::{cleanup_applier, cleanup_with};
+pub use staging::commit_sections;
 
 use super::{SyncError, SyncReport, Timed};
 use crate::family::IpFamily;
@@ -39,6 +41,7 @@ use crate::iptables::{
     KUBE_SERVICES,
 };
 use crate::sync::netlink::NetfilterSocket;
+use staging::{ChainLines, Order};
 
 /// kube-proxy's full-sync period (§6): at least one full sync an hour.
 pub const DEFAULT_FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
@@ -384,6 +387,16 @@ fn full_sync(applier: &mut impl Applier, desired: &Ruleset) -> Result<RestorePay
             }
         })
         .collect();
+    let old_filter: Vec<ChainLines> = kernel[0]
+        .rules
+        .iter()
+        .map(|(name, lines)| ChainLines {
+            name: *name,
+            lines: lines.clone(),
+        })
+        .collect();
+    let order = staging::order(&old_filter, &staging::rendered(&desired.filter));
+    let patches = arrange(patches, &order);
     let payload = restore_payload(&patches);
     // Jump rules and the mangle canary first, as kube-proxy does: on a fresh node the tables
     // are still empty then, which matters for legacy iptables, where every single command
@@ -414,6 +427,11 @@ fn partial_sync(
         .zip(previous.tables())
         .map(|(table, before)| partial_patch(table, before))
         .collect();
+    let order = staging::order(
+        &staging::rendered(&previous.filter),
+        &staging::rendered(&desired.filter),
+    );
+    let patches = arrange(patches, &order);
     let payload = restore_payload(&patches);
     apply(applier, desired.family, &payload, &patches, |table| {
         previous
@@ -423,6 +441,35 @@ fn partial_sync(
             .map(Before::Applied)
     })?;
     Ok(payload)
+}
+
+/// The commits of a sync in the order of `order`, from its filter and nat patches (in that
+/// order): see src/sync/iptables/staging.rs for why.
+fn arrange<'a>(patches: Vec<TablePatch<'a>>, order: &'a Order) -> Vec<TablePatch<'a>> {
+    let mut patches = patches.into_iter();
+    let (Some(filter), Some(nat)) = (patches.next(), patches.next()) else {
+        return patches.collect();
+    };
+    match order {
+        Order::FilterFirst => vec![filter, nat],
+        Order::NatFirst => vec![nat, filter],
+        Order::Staged(middle) => vec![
+            TablePatch {
+                table: filter.table,
+                write: middle
+                    .iter()
+                    .map(|chain| ChainContent::Saved {
+                        name: chain.name,
+                        lines: &chain.lines,
+                    })
+                    .collect(),
+                flush: Vec::new(),
+                delete: Vec::new(),
+            },
+            nat,
+            filter,
+        ],
+    }
 }
 
 fn partial_patch<'a>(table: &'a Table, before: &Table) -> TablePatch<'a> {
@@ -562,25 +609,45 @@ fn apply<'a>(
     let line = failed_line(&exit.stderr);
     let mut message = tool_message(&exit);
     if let Some(line) = line {
-        let committed = payload
+        // The commits before the refused line took effect: undo them, the last first, so that
+        // the kernel goes back through the states the sync went through (each of them safe,
+        // src/sync/iptables/staging.rs). One that cannot be undone stops it there.
+        let committed: Vec<&TablePatch> = payload
             .commits
             .iter()
-            .filter(|(_, commit)| *commit < line)
-            .map(|(table, _)| *table);
-        for table in committed {
-            let Some(patch) = patches.iter().find(|p| p.table == table) else {
-                continue;
-            };
-            let note = match before(table) {
+            .zip(patches.iter().filter(|p| !p.is_empty()))
+            .filter(|((_, commit), _)| *commit < line)
+            .map(|(_, patch)| patch)
+            .collect();
+        for patch in committed.into_iter().rev() {
+            let table = patch.table;
+            let undone = match before(table) {
                 Some(before) => match roll_back(applier, family, patch, &before) {
-                    Ok(()) => format!("; table {table} had been committed and was put back"),
+                    Ok(()) => {
+                        message.push_str(&format!(
+                            "; table {table} had been committed and was put back"
+                        ));
+                        true
+                    }
                     Err(err) => {
-                        format!("; table {table} had been committed, putting it back failed: {err}")
+                        message.push_str(&format!(
+                            "; table {table} had been committed, putting it back failed: {err}"
+                        ));
+                        false
                     }
                 },
-                None => format!("; table {table} had been committed and cannot be put back"),
+                None => {
+                    message.push_str(&format!(
+                        "; table {table} had been committed and cannot be put back (the tables \
+                         committed before it stay: an intermediate state that drops nothing \
+                         the old or the new rules carry); the next sync completes it"
+                    ));
+                    false
+                }
             };
-            message.push_str(&note);
+            if !undone {
+                break;
+            }
         }
     }
     Err(SyncError::Refused {
