@@ -94,10 +94,9 @@ fn iptables_state(ns: &Netns) -> Vec<String> {
             must(ns, &[tool])
                 .lines()
                 .filter(|l| {
-                    !l.starts_with('#')
-                        && !l.starts_with('*')
-                        && *l != "COMMIT"
-                        && !(l.starts_with(':') && l.contains(" ACCEPT"))
+                    let noise = l.starts_with('#') || l.starts_with('*') || *l == "COMMIT";
+                    let builtin_chain = l.starts_with(':') && l.contains(" ACCEPT");
+                    !noise && !builtin_chain
                 })
                 .map(|l| match l.find(" [") {
                     Some(i) if l.starts_with(':') => l[..i].to_string(),

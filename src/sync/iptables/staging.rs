@@ -29,9 +29,10 @@
 //! and no local endpoints, or with source ranges, is removed: its old DROP now catches the
 //! pods' and the allowed sources' traffic no nat DNATs), or lacks an ACCEPT the new nat needs
 //! (the new masquerade bit). Transitions that only add rejects (a Service loses its endpoints,
-//! gains source ranges) are safe filter-first *and* nat-first; those that only remove them (a
-//! Service gains endpoints, loses source ranges, is removed) as well — the harm comes from
-//! one table dropping, or failing to accept, what the *other* table's version prepared.
+//! gains source ranges) drop nothing in either order, and so do those that only remove them
+//! (a Service gains endpoints, loses source ranges, is removed), as long as the rest of the
+//! table does not change the other way — the harm comes from one table dropping, or failing
+//! to accept, what the *other* table's version prepared.
 //!
 //! # The order chosen
 //!
@@ -48,8 +49,10 @@
 //!   half state blocks a subset of what the old state blocks, the second a subset of what the
 //!   new state blocks, and both accept what either accepts.
 //!
-//! Every half state then drops or rejects only packets the state before it (first half) or
-//! after it (second half) drops or rejects too. The price: between the commits, traffic that
+//! Every half state then drops or rejects only packets that the full state with the same nat
+//! table (the old one before nat is committed, the new one after) drops or rejects too, and in
+//! the staged order only by a rule the old and the new filter both have: traffic that only the
+//! old or only the new rules reject is never rejected half-way. The price: between the commits, traffic that
 //! both states reject may briefly go unrejected (it is not DNATed, so it goes where routing
 //! sends it, never to a Service's endpoints). A sync whose filter changes only one way costs no
 //! extra commit; IPv4 and IPv6 are separate restores with the same reasoning.
