@@ -19,6 +19,7 @@ use crate::family::{parse_cidr_sloppy, FamilyMode, IpFamily};
 use crate::pipeline;
 use crate::source::kube::ApiServer;
 use crate::source::{Manifests, Note};
+use crate::sync::lock::NetnsLock;
 
 #[derive(Parser)]
 #[command(
@@ -60,6 +61,8 @@ pub enum Command {
         allow_empty: bool,
         #[command(flatten)]
         common: Common,
+        #[command(flatten)]
+        lock: LockArg,
         /// Manifest files or directories; `-` reads stdin.
         #[arg(required = true, value_name = "FILE|DIR|-")]
         inputs: Vec<PathBuf>,
@@ -68,9 +71,11 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Remove every rule kproxy owns (both families), and nothing else.
     Cleanup {
-        /// Rule backend.
-        #[arg(long, value_enum, default_value = "iptables")]
-        mode: ModeArg,
+        /// Rule backend to clean [default: both].
+        #[arg(long, value_enum)]
+        mode: Option<ModeArg>,
+        #[command(flatten)]
+        lock: LockArg,
         /// iptables: which iptables to clean; `auto` cleans both nft and legacy.
         #[arg(long, value_enum, default_value = "auto")]
         iptables_backend: IptablesBackendArg,
@@ -84,6 +89,34 @@ pub enum Command {
         #[arg(long, default_value_t = 10)]
         endpoints: usize,
     },
+}
+
+/// How long a writer waits for another kproxy writing this network namespace's rules.
+#[derive(Args, Clone, Copy)]
+pub struct LockArg {
+    /// Seconds to wait for another kproxy that is changing this network namespace's rules.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5.0, value_parser = lock_timeout)]
+    lock_timeout: f64,
+}
+
+fn lock_timeout(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && (0.0..=86_400.0).contains(&seconds) => Ok(seconds),
+        _ => Err(format!(
+            "{text:?} is not a number of seconds from 0 to 86400"
+        )),
+    }
+}
+
+/// Takes this network namespace's writer lock (src/sync/lock.rs), saying on stderr when it
+/// has to wait.
+fn lock_netns(seconds: f64) -> Result<NetnsLock> {
+    let timeout = Duration::from_secs_f64(seconds);
+    Ok(NetnsLock::acquire(timeout, |holder| {
+        eprintln!(
+            "kproxy: waiting up to {:.1}s for this network namespace's writer lock, held by {holder}", timeout.as_secs_f64()
+        )
+    })?)
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -203,9 +236,14 @@ pub struct RunArgs {
     /// A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1); flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Remove every rule kproxy owns in this mode and exit, as `kproxy cleanup`.
+    /// Remove every rule kproxy owns (in both modes, as kube-proxy does) and exit, as
+    /// `kproxy cleanup`.
     #[arg(long)]
     pub cleanup: bool,
+    /// Seconds to wait for another kproxy that holds this network namespace's writer lock
+    /// (an old instance ending during a rolling update) before giving up.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0, value_parser = lock_timeout)]
+    pub lock_timeout: f64,
     /// How local traffic is recognised: the --cluster-cidr ranges, or the Node's podCIDRs
     /// [default: ClusterCIDR].
     #[arg(long, value_enum)]
@@ -545,6 +583,7 @@ impl RunArgs {
             backend: self.common.backend_options(false),
             node_wait: self.node_wait,
             config_file,
+            lock_timeout: Duration::from_secs_f64(self.lock_timeout),
         })
     }
 }
@@ -573,21 +612,25 @@ fn run(cli: Cli) -> Result<()> {
             once: _,
             allow_empty,
             common,
+            lock,
             inputs,
-        } => sync_once(&common, &inputs, allow_empty),
+        } => {
+            let _lock = lock_netns(lock.lock_timeout)?;
+            sync_once(&common, &inputs, allow_empty)
+        }
         Command::Run(args) => run_agent(&args),
         Command::Cleanup {
             mode,
+            lock,
             iptables_backend,
-        } => backend::system(
-            mode.mode(),
+        } => cleanup(
+            mode.map(ModeArg::mode),
             BackendOptions {
                 iptables: iptables_backend.choice(),
                 one_shot: true,
             },
-        )
-        .cleanup()
-        .context("cleanup failed"),
+            lock.lock_timeout,
+        ),
         Command::Generate {
             services,
             endpoints,
@@ -617,11 +660,23 @@ fn run_agent(args: &RunArgs) -> Result<()> {
         .try_init();
     let config = args.agent_config()?;
     if args.cleanup {
-        return backend::system(config.mode, config.backend)
-            .cleanup()
-            .context("cleanup failed");
+        // kube-proxy's --cleanup removes the rules of every mode (agent spec §8).
+        return cleanup(None, config.backend, args.lock_timeout);
     }
     crate::agent::run(config)
+}
+
+/// `kproxy cleanup` and `kproxy run --cleanup`: under the lock, removes what kproxy owns in
+/// `mode`, or in both modes, and says what it removed.
+fn cleanup(mode: Option<Mode>, options: BackendOptions, lock_seconds: f64) -> Result<()> {
+    let _lock = lock_netns(lock_seconds)?;
+    let modes = match mode {
+        Some(mode) => vec![mode],
+        None => vec![Mode::Iptables, Mode::Nftables],
+    };
+    let cleaned = backend::cleanup(&modes, options).context("cleanup failed")?;
+    eprintln!("kproxy: {cleaned}");
+    Ok(())
 }
 
 /// The plan for a set of inputs, and how many Services they held and how many of those were

@@ -494,8 +494,8 @@ fn later_syncs_keep_affinity_and_move_only_the_removed_endpoints_clients() {
     }
 }
 
-/// Delegates to the real tools; when armed, adds a line the kernel refuses to the `nat`
-/// section of the next restore (after `filter` was committed).
+/// Delegates to the real tools; when armed, adds a line the kernel refuses to the last section
+/// of the next restore of both tables (after the earlier ones were committed).
 struct Saboteur {
     inner: SystemApplier,
     armed: bool,
@@ -513,7 +513,7 @@ impl Applier for Saboteur {
             return self.inner.restore(family, payload);
         }
         self.armed = false;
-        // Replace the last line before nat's COMMIT, so that line numbers stay those of the
+        // Replace the last line before the last COMMIT, so that line numbers stay those of the
         // syncer's payload.
         let commit = payload.rfind("COMMIT\n").expect("a COMMIT");
         let last = payload[..commit - 1].rfind('\n').expect("a line before") + 1;
@@ -558,7 +558,9 @@ fn a_refused_transaction_leaves_the_old_rules_working() {
     );
     let kernel_before = save(&topology, "iptables-nft-save", None);
 
-    // A partial sync refused in nat, after filter was committed.
+    // A partial sync whose last commit is refused. `api` only gains a REJECT, so nat is
+    // committed first and filter last (src/sync/iptables/staging.rs): filter is refused after
+    // nat was committed.
     syncer.applier_mut().armed = true;
     let err = syncer
         .sync(rulesets(&after))
@@ -570,10 +572,10 @@ fn a_refused_transaction_leaves_the_old_rules_working() {
     // nft names the COMMIT of the table, legacy the line itself; the tool's message names
     // the chain either way.
     let object = object.as_deref().unwrap_or_default();
-    assert!(object.contains("table nat"), "{text}");
+    assert!(object.contains("table filter"), "{text}");
     assert!(text.contains("KUBE-SVC-NOSUCHCHAIN"), "{text}");
     assert!(
-        text.contains("table filter had been committed and was put back"),
+        text.contains("table nat had been committed and was put back"),
         "{text}"
     );
     // Nothing of it stayed: the kernel holds exactly what it held, and traffic flows by the
@@ -601,7 +603,8 @@ fn a_refused_transaction_leaves_the_old_rules_working() {
         vec!["backend-2"]
     );
 
-    // Refused during a full sync (previous state read back from the kernel) as well.
+    // Refused during a full sync (previous state read back from the kernel) as well: `api`
+    // loses its REJECT, so filter goes first, nat is refused, filter is put back.
     let kernel_before = save(&topology, "iptables-nft-save", None);
     syncer.request_full_sync();
     syncer.applier_mut().armed = true;
@@ -973,5 +976,262 @@ fn legacy_backend_syncs_is_detected_and_cleans_up() {
             .iter()
             .any(|l| l.contains("KUBE-")),
         "legacy rules left behind"
+    );
+}
+
+/// The rules of the built-in chains (`-A INPUT …`) of a save that jump to kproxy's chains.
+fn builtin_jumps(lines: &[String]) -> Vec<(String, String)> {
+    let mut table = String::new();
+    let mut out = Vec::new();
+    for line in lines {
+        if let Some(name) = line.strip_prefix('*') {
+            table = name.to_string();
+        }
+        let builtin = ["INPUT", "FORWARD", "OUTPUT", "PREROUTING", "POSTROUTING"]
+            .iter()
+            .any(|c| line.starts_with(&format!("-A {c} ")));
+        if builtin && line.contains(" -j KUBE-") {
+            out.push((table.clone(), line.clone()));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_full_sync_leaves_one_copy_of_each_jump_rule_and_spares_other_rules() {
+    if !kernel_tests_possible(&TOOLS) {
+        return;
+    }
+    for (backend, iptables, save_tool) in [
+        ("nft", "iptables-nft", "iptables-nft-save"),
+        ("legacy", "iptables-legacy", "iptables-legacy-save"),
+    ] {
+        let topology = Topology::new(1);
+        let services = vec![Svc::new("web", "10.96.0.10", &[1]).node_port(30080)];
+        let flags = ["--iptables-backend", backend];
+        sync(&topology, &services, &flags);
+        // A user's rule at the top of INPUT, after kproxy's jumps were put in.
+        run(
+            &topology,
+            &[iptables, "-I", "INPUT", "-s", "192.0.2.8", "-j", "ACCEPT"],
+        );
+        let expected = save(&topology, save_tool, None);
+        let jumps = builtin_jumps(&expected);
+        assert_eq!(jumps.len(), 14, "{backend}: {jumps:#?}");
+        // Two more copies of every jump rule at the top of its chain, as two writers at once
+        // used to leave them.
+        for _ in 0..2 {
+            for (table, line) in &jumps {
+                let insert = format!("{iptables} -t {table} {}", line.replacen("-A ", "-I ", 1));
+                run(&topology, &["sh", "-c", &insert]);
+            }
+        }
+        assert_eq!(
+            builtin_jumps(&save(&topology, save_tool, None)).len(),
+            42,
+            "{backend}"
+        );
+        sync(&topology, &services, &flags);
+        assert_same(
+            &expected,
+            &save(&topology, save_tool, None),
+            &format!("{backend}: the full sync did not leave exactly one copy of each jump"),
+        );
+        assert_eq!(
+            topology.connect("tcp", 2, "10.96.0.10", 80, 1),
+            vec!["backend-1"],
+            "{backend}"
+        );
+    }
+}
+
+/// Passes everything through to the real tools, except the next restore of both tables: of
+/// that only the first `keep` commits are applied, and the tool "dies" after them, as under a
+/// `kill -9` between two commits.
+struct Interrupter {
+    inner: SystemApplier,
+    keep: Option<usize>,
+    /// The number of commits of the interrupted restore.
+    commits: usize,
+}
+
+impl Applier for Interrupter {
+    fn program(&self, family: IpFamily, tool: Tool) -> String {
+        self.inner.program(family, tool)
+    }
+
+    fn restore(&mut self, family: IpFamily, payload: &str) -> Result<Exit, SpawnError> {
+        let sections = kproxy::sync::iptables::commit_sections(payload);
+        let both = payload.contains("*nat\n") && payload.contains("*filter\n");
+        let Some(keep) = self.keep.filter(|_| both) else {
+            return self.inner.restore(family, payload);
+        };
+        self.keep = None;
+        self.commits = sections.len();
+        let applied: String = sections.iter().take(keep).copied().collect();
+        let exit = self.inner.restore(family, &applied)?;
+        assert!(exit.success(), "the first {keep} commits: {}", exit.stderr);
+        Ok(Exit {
+            code: None,
+            ..Exit::default()
+        })
+    }
+
+    fn save(&mut self, family: IpFamily, table: Option<&str>) -> Result<Exit, SpawnError> {
+        self.inner.save(family, table)
+    }
+
+    fn iptables(&mut self, family: IpFamily, args: &[&str]) -> Result<Exit, SpawnError> {
+        self.inner.iptables(family, args)
+    }
+
+    fn nf_tables_socket(
+        &mut self,
+    ) -> Option<std::io::Result<kproxy::sync::netlink::NetfilterSocket>> {
+        self.inner.nf_tables_socket()
+    }
+}
+
+/// [`rulesets`] with another masquerade bit.
+fn rulesets_with_bit(services: &[Svc], bit: u8) -> Vec<Ruleset> {
+    let mut manifests = kproxy::source::Manifests::default();
+    manifests
+        .add_text(&manifest(services), "test")
+        .expect("manifest parses");
+    let mut config = NodeConfig::new("node-1");
+    config.node_ips = vec![NODE_IP.parse().expect("ip")];
+    config.cluster_cidrs = vec![CLUSTER_CIDR.parse().expect("cidr")];
+    config.masquerade_mark = kproxy::config::MasqueradeMark::from_bit(bit);
+    let plan = kproxy::pipeline::plan(&manifests.state, &config);
+    kproxy::pipeline::iptables_rulesets(&plan, &config)
+}
+
+#[test]
+fn a_sync_interrupted_between_commits_drops_nothing_either_rules_carry() {
+    if !kernel_tests_possible(&TOOLS) {
+        return;
+    }
+    // Before and after, with the masquerade bit moving from 14 to 15 (filter's KUBE-FORWARD
+    // accepts what nat marks: under a FORWARD policy of DROP, as on many nodes, a mismatch
+    // drops the traffic).
+    let old = || {
+        vec![
+            Svc::new("keep", "10.96.0.10", &[1]),
+            Svc::new("gain", "10.96.0.11", &[]),
+            Svc::new("lose", "10.96.0.12", &[2]),
+            Svc::new("gone", "10.96.0.13", &[1]),
+        ]
+    };
+    let new = || {
+        vec![
+            Svc::new("keep", "10.96.0.10", &[1]),
+            Svc::new("gain", "10.96.0.11", &[2]),
+            Svc::new("lose", "10.96.0.12", &[]),
+            Svc::new("fresh", "10.96.0.14", &[1]),
+        ]
+    };
+    // Each Service's backend under the old and under the new rules (None: not carried).
+    let carried: [(&str, &str, Option<&str>, Option<&str>); 5] = [
+        ("keep", "10.96.0.10", Some("backend-1"), Some("backend-1")),
+        ("gain", "10.96.0.11", None, Some("backend-2")),
+        ("lose", "10.96.0.12", Some("backend-2"), None),
+        ("gone", "10.96.0.13", Some("backend-1"), None),
+        ("fresh", "10.96.0.14", None, Some("backend-1")),
+    ];
+    let topology = Topology::new(2);
+    topology.add_node_default_route();
+    run(&topology, &["iptables", "-P", "FORWARD", "DROP"]);
+
+    // The clean result, to compare the repaired one with.
+    IptablesSyncer::new(node_applier(&topology, BackendChoice::Nft))
+        .sync(rulesets_with_bit(&new(), 15))
+        .expect("clean sync");
+    let clean = save(&topology, "iptables-nft-save", None);
+    run_kproxy_cleanup(&topology);
+
+    let mut half_states = 0;
+    for keep in 1.. {
+        IptablesSyncer::new(node_applier(&topology, BackendChoice::Nft))
+            .sync(rulesets_with_bit(&old(), 14))
+            .expect("old rules");
+        for (name, ip, before, _) in carried {
+            let answer = topology.connect("tcp", 2, ip, 80, 1);
+            match before {
+                Some(backend) => assert_eq!(answer, vec![backend], "old rules, {name}"),
+                None => assert!(
+                    answer[0].starts_with("ERR:"),
+                    "old rules, {name}: {answer:?}"
+                ),
+            }
+        }
+        // The new rules, interrupted after `keep` commits (a fresh process: a full sync).
+        let mut syncer = IptablesSyncer::new(Interrupter {
+            inner: node_applier(&topology, BackendChoice::Nft),
+            keep: Some(keep),
+            commits: 0,
+        });
+        syncer
+            .sync(rulesets_with_bit(&new(), 15))
+            .expect_err("interrupted");
+        let commits = syncer.applier().commits;
+        assert!(
+            commits > keep,
+            "{keep} of {commits} commits is no half state"
+        );
+        half_states += 1;
+        for (name, ip, before, after) in carried {
+            let answer = topology.connect("tcp", 3, ip, 80, 1);
+            let answer = answer.first().cloned().unwrap_or_default();
+            assert_ne!(
+                answer, "ERR:ConnectionRefusedError",
+                "after {keep} commit(s): {name} is rejected, though the old or the new rules carry it"
+            );
+            if before.is_some() && before == after {
+                assert_eq!(
+                    Some(answer.as_str()),
+                    before,
+                    "after {keep} commit(s): {name}, carried by the old and the new rules, is not"
+                );
+            } else if answer.starts_with("backend-") {
+                assert!(
+                    [before, after].contains(&Some(answer.as_str())),
+                    "after {keep} commit(s): {name} reached {answer}"
+                );
+            }
+        }
+        // The next sync repairs it: the result is that of a clean sync.
+        IptablesSyncer::new(node_applier(&topology, BackendChoice::Nft))
+            .sync(rulesets_with_bit(&new(), 15))
+            .expect("repair");
+        assert_nft_save_is(
+            &topology,
+            &clean,
+            &format!("after {keep} commit(s), the next sync did not repair"),
+        );
+        for (name, ip, _, after) in carried {
+            let answer = topology.connect("tcp", 2, ip, 80, 1);
+            match after {
+                Some(backend) => assert_eq!(answer, vec![backend], "repaired, {name}"),
+                None => assert!(
+                    answer[0].starts_with("ERR:"),
+                    "repaired, {name}: {answer:?}"
+                ),
+            }
+        }
+        run_kproxy_cleanup(&topology);
+        if keep + 1 == commits {
+            break;
+        }
+    }
+    // This change removes a REJECT, adds one and moves an ACCEPT: three commits.
+    assert_eq!(half_states, 2);
+}
+
+fn run_kproxy_cleanup(topology: &Topology) {
+    let out = topology.kproxy(&["cleanup", "--mode", "iptables"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -41,6 +41,7 @@ use crate::config::NodeConfig;
 use crate::source::dir::{watch_dir, ManifestDir};
 use crate::source::kube::{watch_cluster, watch_node, ApiServer};
 use crate::source::{Kind, Object, SourceEvent};
+use crate::sync::lock::NetnsLock;
 use node::{adopt_node, follow_node, wait_for_node};
 use runner::SyncSchedule;
 use service_health::ServiceHealthServers;
@@ -84,6 +85,9 @@ pub struct AgentConfig {
     pub node_wait: Duration,
     /// The `--config` file and its content at start: the agent exits when it changes (§1.1).
     pub config_file: Option<(PathBuf, String)>,
+    /// How long start-up waits for another kproxy holding this network namespace's writer
+    /// lock (an old instance ending during a rolling update).
+    pub lock_timeout: Duration,
 }
 
 /// Runs the agent until SIGTERM/SIGINT (`Ok`) or a fatal error.
@@ -182,12 +186,20 @@ async fn run_agent(mut config: AgentConfig) -> Result<()> {
     // The sync loop: the kernel tools block, so it has a thread of its own.
     let mode = config.mode;
     let options = config.backend;
-    let backend = tokio::task::spawn_blocking(move || {
+    let lock_timeout = config.lock_timeout;
+    // The writer lock is held from before the first change to the kernel until the agent
+    // ends (src/sync/lock.rs).
+    let (backend, _lock) = tokio::task::spawn_blocking(move || {
+        let lock = NetnsLock::acquire(lock_timeout, |holder| {
+            tracing::warn!(
+                "waiting up to {:.1}s for this network namespace's writer lock, held by {holder} (an instance still ending?)", lock_timeout.as_secs_f64()
+            )
+        })?;
         remove_other_modes_rules(mode);
-        backend::system(mode, options)
+        Ok::<_, anyhow::Error>((backend::system(mode, options), lock))
     })
     .await
-    .context("cannot set up the backend")?;
+    .context("cannot set up the backend")??;
     let schedule = SyncSchedule::new(
         Instant::now(),
         config.min_sync_period,
@@ -345,7 +357,11 @@ fn remove_other_modes_rules(mode: Mode) {
         Mode::Nftables => Mode::Iptables,
     };
     let mut backend = backend::system(other, BackendOptions::default());
-    if let Err(err) = backend.cleanup() {
-        tracing::debug!("removing leftover {} rules: {err}", other.name());
+    match backend.cleanup() {
+        Ok(cleaned) if !cleaned.removed.is_empty() => {
+            tracing::info!("leftover {} rules: {cleaned}", other.name())
+        }
+        Ok(_) => {}
+        Err(err) => tracing::debug!("removing leftover {} rules: {err}", other.name()),
     }
 }

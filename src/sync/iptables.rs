@@ -15,6 +15,9 @@
 //! previous rules. The error names the payload line the tool refused; the next sync is full.
 
 mod applier;
+mod cleanup;
+mod duplicates;
+mod staging;
 #[cfg(test)]
 mod tests;
 
@@ -26,6 +29,8 @@ pub use applier::{
     detect_backend, Applier, Backend, BackendChoice, Exit, SpawnError, SystemApplier, Tool,
     RESTORE_FLAGS, WAIT_FLAGS,
 };
+pub use cleanup::{cleanup_applier, cleanup_with};
+pub use staging::commit_sections;
 
 use super::{SyncError, SyncReport, Timed};
 use crate::family::IpFamily;
@@ -36,6 +41,7 @@ use crate::iptables::{
     KUBE_SERVICES,
 };
 use crate::sync::netlink::NetfilterSocket;
+use staging::{ChainLines, Order};
 
 /// kube-proxy's full-sync period (§6): at least one full sync an hour.
 pub const DEFAULT_FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
@@ -381,12 +387,23 @@ fn full_sync(applier: &mut impl Applier, desired: &Ruleset) -> Result<RestorePay
             }
         })
         .collect();
+    let old_filter: Vec<ChainLines> = kernel[0]
+        .rules
+        .iter()
+        .map(|(name, lines)| ChainLines {
+            name: *name,
+            lines: lines.clone(),
+        })
+        .collect();
+    let order = staging::order(&old_filter, &staging::rendered(&desired.filter));
+    let patches = arrange(patches, &order);
     let payload = restore_payload(&patches);
     // Jump rules and the mangle canary first, as kube-proxy does: on a fresh node the tables
     // are still empty then, which matters for legacy iptables, where every single command
     // rewrites its whole table (after the restore, 28 commands on a 10,000-Service nat table
     // took 67 s). An empty chain jumped to meanwhile lets packets pass through unchanged.
     ensure_jumps(applier, desired, &kernel)?;
+    duplicates::remove_duplicate_jumps(applier, family, &kernel)?;
     ensure_chain(applier, family, "mangle", KUBE_PROXY_CANARY)?;
     apply(applier, family, &payload, &patches, |table| {
         kernel
@@ -410,6 +427,11 @@ fn partial_sync(
         .zip(previous.tables())
         .map(|(table, before)| partial_patch(table, before))
         .collect();
+    let order = staging::order(
+        &staging::rendered(&previous.filter),
+        &staging::rendered(&desired.filter),
+    );
+    let patches = arrange(patches, &order);
     let payload = restore_payload(&patches);
     apply(applier, desired.family, &payload, &patches, |table| {
         previous
@@ -419,6 +441,35 @@ fn partial_sync(
             .map(Before::Applied)
     })?;
     Ok(payload)
+}
+
+/// The commits of a sync in the order of `order`, from its filter and nat patches (in that
+/// order): see src/sync/iptables/staging.rs for why.
+fn arrange<'a>(patches: Vec<TablePatch<'a>>, order: &'a Order) -> Vec<TablePatch<'a>> {
+    let mut patches = patches.into_iter();
+    let (Some(filter), Some(nat)) = (patches.next(), patches.next()) else {
+        return patches.collect();
+    };
+    match order {
+        Order::FilterFirst => vec![filter, nat],
+        Order::NatFirst => vec![nat, filter],
+        Order::Staged(middle) => vec![
+            TablePatch {
+                table: filter.table,
+                write: middle
+                    .iter()
+                    .map(|chain| ChainContent::Saved {
+                        name: chain.name,
+                        lines: &chain.lines,
+                    })
+                    .collect(),
+                flush: Vec::new(),
+                delete: Vec::new(),
+            },
+            nat,
+            filter,
+        ],
+    }
 }
 
 fn partial_patch<'a>(table: &'a Table, before: &Table) -> TablePatch<'a> {
@@ -558,25 +609,45 @@ fn apply<'a>(
     let line = failed_line(&exit.stderr);
     let mut message = tool_message(&exit);
     if let Some(line) = line {
-        let committed = payload
+        // The commits before the refused line took effect: undo them, the last first, so that
+        // the kernel goes back through the states the sync went through (each of them safe,
+        // src/sync/iptables/staging.rs). One that cannot be undone stops it there.
+        let committed: Vec<&TablePatch> = payload
             .commits
             .iter()
-            .filter(|(_, commit)| *commit < line)
-            .map(|(table, _)| *table);
-        for table in committed {
-            let Some(patch) = patches.iter().find(|p| p.table == table) else {
-                continue;
-            };
-            let note = match before(table) {
+            .zip(patches.iter().filter(|p| !p.is_empty()))
+            .filter(|((_, commit), _)| *commit < line)
+            .map(|(_, patch)| patch)
+            .collect();
+        for patch in committed.into_iter().rev() {
+            let table = patch.table;
+            let undone = match before(table) {
                 Some(before) => match roll_back(applier, family, patch, &before) {
-                    Ok(()) => format!("; table {table} had been committed and was put back"),
+                    Ok(()) => {
+                        message.push_str(&format!(
+                            "; table {table} had been committed and was put back"
+                        ));
+                        true
+                    }
                     Err(err) => {
-                        format!("; table {table} had been committed, putting it back failed: {err}")
+                        message.push_str(&format!(
+                            "; table {table} had been committed, putting it back failed: {err}"
+                        ));
+                        false
                     }
                 },
-                None => format!("; table {table} had been committed and cannot be put back"),
+                None => {
+                    message.push_str(&format!(
+                        "; table {table} had been committed and cannot be put back (the tables \
+                         committed before it stay: an intermediate state that drops nothing \
+                         the old or the new rules carry); the next sync completes it"
+                    ));
+                    false
+                }
             };
-            message.push_str(&note);
+            if !undone {
+                break;
+            }
         }
     }
     Err(SyncError::Refused {
@@ -643,7 +714,8 @@ fn ensure_jumps(
             continue;
         }
         let kernel = kernel.iter().find(|k| k.table == jump.table);
-        if kernel.is_some_and(|k| k.jumps.contains(&jump.save_line())) {
+        // Present (extra copies are removed by `duplicates::remove_duplicate_jumps`).
+        if kernel.is_some_and(|k| k.jumps.get(&jump.save_line()).is_some_and(|n| *n > 0)) {
             continue;
         }
         // A jump needs its target: create it empty (the restore fills it). Where the save
@@ -715,8 +787,12 @@ struct KernelTable {
     /// The saved rule lines of kproxy's chains (empty chains included), if kept.
     rules: FxHashMap<ChainName, Vec<String>>,
     rules_kept: bool,
-    /// Rules of other chains that jump to one of kproxy's chains, as saved.
-    jumps: FxHashSet<String>,
+    /// Rules of other chains that jump to one of kproxy's chains, as saved, with the number
+    /// of copies of each. Read over netlink, a count is of the rules of the built-in chain
+    /// jumping to the target, whatever their matches: only a count of 1 is certain.
+    jumps: FxHashMap<String, usize>,
+    /// The counts in `jumps` are of the exact rule (from a save), not over netlink.
+    jumps_exact: bool,
 }
 
 impl KernelTable {
@@ -734,6 +810,7 @@ fn parse_save(text: &str, keep_rules: bool) -> Vec<KernelTable> {
             tables.push(KernelTable {
                 table: name.trim().to_string(),
                 rules_kept: keep_rules,
+                jumps_exact: true,
                 ..KernelTable::default()
             });
             continue;
@@ -757,7 +834,7 @@ fn parse_save(text: &str, keep_rules: bool) -> Vec<KernelTable> {
                 }
                 Some(chain) if is_owned_chain(&chain) => {}
                 _ if rule.contains(" -j KUBE-") => {
-                    table.jumps.insert(line.to_string());
+                    *table.jumps.entry(line.to_string()).or_default() += 1;
                 }
                 _ => {}
             }
@@ -820,10 +897,11 @@ fn chains_in_nf_tables(
         .filter_map(|name| ChainName::new(name))
         .collect();
     chains.sort();
-    let mut jumps = FxHashSet::default();
+    let mut jumps = FxHashMap::default();
     for jump in JUMPS.iter().filter(|j| j.table == table) {
-        if socket.jumps_to(family, table, jump.chain, jump.target)? {
-            jumps.insert(jump.save_line());
+        let count = socket.jumps_to_count(family, table, jump.chain, jump.target)?;
+        if count > 0 {
+            jumps.insert(jump.save_line(), count);
         }
     }
     Ok(KernelTable {
@@ -832,6 +910,7 @@ fn chains_in_nf_tables(
         rules: FxHashMap::default(),
         rules_kept: false,
         jumps,
+        jumps_exact: false,
     })
 }
 
@@ -897,107 +976,4 @@ fn spawn_error(err: SpawnError) -> SyncError {
         tool: err.program,
         source: err.source,
     }
-}
-
-/// Removes every chain and jump rule kproxy owns, in both families, and nothing else: from
-/// every backend that is installed (a node may have rules in both).
-pub fn cleanup() -> Result<(), SyncError> {
-    cleanup_with(BackendChoice::Auto)
-}
-
-/// [`cleanup`] of one backend, or (`Auto`) of each of nft and legacy that is installed.
-pub fn cleanup_with(choice: BackendChoice) -> Result<(), SyncError> {
-    let backends: &[Backend] = match choice {
-        BackendChoice::Auto => &[Backend::Nft, Backend::Legacy],
-        BackendChoice::Nft => &[Backend::Nft],
-        BackendChoice::Legacy => &[Backend::Legacy],
-    };
-    let mut cleaned = false;
-    for &backend in backends {
-        match cleanup_applier(&mut SystemApplier::for_backend(backend, &[])) {
-            Ok(()) => cleaned = true,
-            Err(SyncError::Spawn { source, .. })
-                if choice == BackendChoice::Auto
-                    && source.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => return Err(err),
-        }
-    }
-    if cleaned {
-        return Ok(());
-    }
-    cleanup_applier(&mut SystemApplier::for_backend(Backend::System, &[]))
-}
-
-/// [`cleanup`] through one applier, both families: deletes the §4.2 jump rules, then in one
-/// restore empties and deletes every kproxy chain of filter, nat and mangle (§4.12). Tables
-/// are found with a plain `iptables-save`, which creates none.
-pub fn cleanup_applier(applier: &mut impl Applier) -> Result<(), SyncError> {
-    for family in [IpFamily::V4, IpFamily::V6] {
-        cleanup_family(applier, family)?;
-    }
-    Ok(())
-}
-
-fn cleanup_family(applier: &mut impl Applier, family: IpFamily) -> Result<(), SyncError> {
-    let exit = applier.save(family, None).map_err(spawn_error)?;
-    if !exit.success() {
-        return Err(SyncError::Read {
-            tool: applier.program(family, Tool::Save),
-            family,
-            message: tool_message(&exit),
-        });
-    }
-    let tables = parse_save(&exit.stdout, false);
-    let owned = |table: &KernelTable, name: &ChainName| match table.table.as_str() {
-        "filter" | "nat" => is_owned_chain(name),
-        "mangle" => &**name == KUBE_PROXY_CANARY,
-        _ => false,
-    };
-    // Jump rules first: a chain still jumped to cannot be deleted.
-    for jump in JUMPS {
-        let present = tables
-            .iter()
-            .any(|t| t.table == jump.table && t.has_chain(jump.chain) && t.has_chain(jump.target));
-        if !present {
-            continue;
-        }
-        // Remove duplicates too; bounded in case `-D` reports success without effect.
-        for _ in 0..16 {
-            let check = applier
-                .iptables(family, &jump.args("-C"))
-                .map_err(spawn_error)?;
-            if !check.success() {
-                break;
-            }
-            let delete = applier
-                .iptables(family, &jump.args("-D"))
-                .map_err(spawn_error)?;
-            if !delete.success() {
-                return Err(iptables_refused(applier, family, jump.describe(), &delete));
-            }
-        }
-    }
-    let patches: Vec<TablePatch> = ["filter", "nat", "mangle"]
-        .into_iter()
-        .filter_map(|name| tables.iter().find(|t| t.table == name))
-        .map(|table| TablePatch {
-            table: match table.table.as_str() {
-                "filter" => "filter",
-                "nat" => "nat",
-                _ => "mangle",
-            },
-            delete: table
-                .chains
-                .iter()
-                .filter(|name| owned(table, name))
-                .copied()
-                .collect(),
-            ..TablePatch::default()
-        })
-        .collect();
-    let payload = restore_payload(&patches);
-    if payload.lines == 0 {
-        return Ok(());
-    }
-    apply(applier, family, &payload, &[], |_| None)
 }

@@ -7,6 +7,7 @@
 
 pub mod conntrack;
 pub mod iptables;
+pub mod lock;
 pub mod netlink;
 pub mod nftables;
 
@@ -106,6 +107,12 @@ pub enum SyncError {
         family: IpFamily,
         message: String,
     },
+    /// Cleanup found rules that are not kproxy's jumping to its chains, and removed nothing.
+    #[error("cannot remove kproxy's rules, nothing was removed: {} not kproxy's but jump{} to its chains ({}); delete {} (or point {} elsewhere), then run the cleanup again", held_count(.rules), if .rules.len() == 1 { "s" } else { "" }, .rules.join(", "), if .rules.len() == 1 { "that rule" } else { "those rules" }, if .rules.len() == 1 { "it" } else { "them" })]
+    Held {
+        /// Each rule as a command naming its table: `iptables-nft -t filter -A FORWARD …`.
+        rules: Vec<String>,
+    },
     #[error("cannot {action} the {family} UDP conntrack entries over netlink: {source} (root, or CAP_NET_ADMIN, is needed)")]
     Conntrack {
         action: &'static str,
@@ -113,6 +120,13 @@ pub enum SyncError {
         #[source]
         source: std::io::Error,
     },
+}
+
+fn held_count(rules: &[String]) -> String {
+    match rules.len() {
+        1 => "1 rule is".to_string(),
+        n => format!("{n} rules are"),
+    }
 }
 
 fn refused_object(object: &Option<String>) -> String {

@@ -209,6 +209,22 @@ impl NetfilterSocket {
         Ok(found)
     }
 
+    /// How many rules of `table`'s `chain` jump (or go) to `target`; 0 when the table or
+    /// chain does not exist.
+    pub fn jumps_to_count(
+        &mut self,
+        family: IpFamily,
+        table: &str,
+        chain: &str,
+        target: &str,
+    ) -> io::Result<usize> {
+        let mut count = 0;
+        self.rules(family, table, chain, |rule| {
+            count += usize::from(rule_jumps_to(rule, target));
+        })?;
+        Ok(count)
+    }
+
     /// Hands each rule of one chain to `each`: a dump the kernel filters by table and chain.
     /// A missing table or chain has no rules.
     fn rules(

@@ -312,18 +312,36 @@ pub fn sync_once(rulesets: &[Ruleset]) -> Result<Vec<SyncReport>, SyncError> {
 }
 
 /// Removes every object kproxy owns (the `kube-proxy` tables) and nothing else.
-pub fn cleanup(families: &[IpFamily]) -> Result<(), SyncError> {
+pub fn cleanup(families: &[IpFamily]) -> Result<Vec<String>, SyncError> {
     cleanup_with(&mut NftApplier::new(), families)
 }
 
-/// [`cleanup`] through any applier: `delete table` of each family's table that exists (§5.12).
-pub fn cleanup_with(applier: &mut impl Applier, families: &[IpFamily]) -> Result<(), SyncError> {
+/// [`cleanup`] through any applier: `delete table` of each family's table that exists (§5.12),
+/// all in one transaction. Returns the tables removed (`table ip kube-proxy`).
+pub fn cleanup_with(
+    applier: &mut impl Applier,
+    families: &[IpFamily],
+) -> Result<Vec<String>, SyncError> {
+    let mut present = Vec::new();
     for &family in families {
         if applier.table_exists(family)? {
-            applier.apply(family, &[Command::Delete(&ObjectId::Table)])?;
+            present.push(family);
         }
     }
-    Ok(())
+    if present.is_empty() {
+        return Ok(Vec::new());
+    }
+    applier.delete_tables(&present)?;
+    Ok(present
+        .iter()
+        .map(|&family| {
+            format!(
+                "table {} {}",
+                applier::family_word(family),
+                crate::nftables::TABLE_NAME
+            )
+        })
+        .collect())
 }
 
 /// The objects of a ruleset by identity.

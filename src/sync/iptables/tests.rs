@@ -127,6 +127,21 @@ impl FakeKernel {
                     Some((_, rules)) => rules.push(line.to_string()),
                     None => return Err((n, format!("Chain '{chain}' does not exist"))),
                 }
+            } else if let Some(rest) = line.strip_prefix("-D ") {
+                let chain = rest.split(' ').next().unwrap_or_default();
+                let rule = format!("-A {rest}");
+                let Some((_, rules)) = table.iter_mut().find(|(c, _)| c == chain) else {
+                    return Err((n, format!("Chain '{chain}' does not exist")));
+                };
+                match rules.iter().position(|r| *r == rule) {
+                    Some(i) => drop(rules.remove(i)),
+                    None => {
+                        return Err((
+                            n,
+                            "Bad rule (does a matching rule exist in that chain?)".into(),
+                        ))
+                    }
+                }
             } else if let Some(chain) = line.strip_prefix("-X ") {
                 let jumped = table.iter().flat_map(|(_, rules)| rules).any(|r| {
                     r.ends_with(&format!("-j {chain}")) || r.contains(&format!("-j {chain} "))
@@ -281,13 +296,14 @@ fn deleted(payload: &str, table: &str) -> Vec<String> {
         .collect()
 }
 
+/// The last section of `table` in a payload: what the table holds once the sync is through
+/// (an intermediate filter section may come before it, staging.rs).
 fn section<'a>(payload: &'a str, table: &str) -> Vec<&'a str> {
-    payload
-        .lines()
-        .skip_while(|l| *l != format!("*{table}"))
-        .skip(1)
-        .take_while(|l| *l != "COMMIT")
-        .collect()
+    commit_sections(payload)
+        .into_iter()
+        .rfind(|s| s.starts_with(&format!("*{table}\n")))
+        .map(|s| s.lines().skip(1).take_while(|l| *l != "COMMIT").collect())
+        .unwrap_or_default()
 }
 
 fn chain_names(table: &Table) -> Vec<String> {
@@ -538,42 +554,96 @@ fn refused_restore_names_the_line_and_makes_the_next_sync_full() {
 
 #[test]
 fn rollback_puts_the_committed_table_back() {
-    let mut state = cluster();
+    let mut without = cluster();
+    slice_mut(&mut without, "svc-3").endpoints.clear();
+    // Chains and their rules; the order chains were created in does not matter.
+    let table = |syncer: &IptablesSyncer<FakeKernel>, name: &str| {
+        let mut chains = syncer
+            .applier()
+            .tables
+            .get(&(IpFamily::V4, name.to_string()))
+            .cloned()
+            .unwrap_or_default();
+        chains.sort();
+        chains
+    };
+
+    // svc-3 gains endpoints: filter loses a REJECT, nat gains chains. Filter goes first
+    // (staging.rs); nat is refused, so filter is put back.
     let mut syncer = IptablesSyncer::new(FakeKernel::default());
-    syncer.sync(rulesets(&state)).expect("first sync");
-    let filter_before: Vec<Option<Vec<String>>> = ["KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES"]
-        .iter()
-        .map(|c| syncer.applier().rules(IpFamily::V4, "filter", c))
-        .collect();
-    // svc-3 loses its endpoints: filter gets a REJECT rule, nat loses chains; nat is refused.
-    slice_mut(&mut state, "svc-3").endpoints.clear();
-    syncer.applier_mut().refuse = Some("-X KUBE-SEP-".into());
-    syncer.sync(rulesets(&state)).expect_err("refused");
-    let filter_after: Vec<Option<Vec<String>>> = ["KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES"]
-        .iter()
-        .map(|c| syncer.applier().rules(IpFamily::V4, "filter", c))
-        .collect();
-    assert_eq!(filter_after, filter_before);
-    // The rollback was its own restore of filter only.
+    syncer.sync(rulesets(&without)).expect("first sync");
+    let filter_before = table(&syncer, "filter");
+    syncer.applier_mut().refuse = Some("-A KUBE-SEP-".into());
+    let err = syncer.sync(rulesets(&cluster())).expect_err("refused");
+    assert!(
+        err.to_string()
+            .contains("table filter had been committed and was put back"),
+        "{err}"
+    );
+    assert_eq!(table(&syncer, "filter"), filter_before);
     let rollback = syncer.applier().payloads.last().expect("rollback");
     assert!(rollback.starts_with("*filter\n"), "{rollback}");
     assert!(!rollback.contains("*nat"));
 
-    // Also when the previous state came from the kernel (a full sync).
+    // svc-3 loses its endpoints: filter gains a REJECT, nat loses chains. nat goes first; the
+    // filter commit is refused, so nat is put back.
     let mut syncer = IptablesSyncer::new(FakeKernel::default());
     syncer.sync(rulesets(&cluster())).expect("first sync");
-    let saved = syncer
-        .applier()
-        .rules(IpFamily::V4, "filter", "KUBE-SERVICES");
-    syncer.request_full_sync();
-    syncer.applier_mut().refuse = Some("-X KUBE-SEP-".into());
-    syncer.sync(rulesets(&state)).expect_err("refused");
-    assert_eq!(
-        syncer
-            .applier()
-            .rules(IpFamily::V4, "filter", "KUBE-SERVICES"),
-        saved
+    let (filter_before, nat_before) = (table(&syncer, "filter"), table(&syncer, "nat"));
+    syncer.applier_mut().refuse = Some("has no endpoints".into());
+    let err = syncer.sync(rulesets(&without)).expect_err("refused");
+    assert!(
+        err.to_string()
+            .contains("table nat had been committed and was put back"),
+        "{err}"
     );
+    assert_eq!(table(&syncer, "filter"), filter_before);
+    assert_eq!(table(&syncer, "nat"), nat_before);
+    let rollback = syncer.applier().payloads.last().expect("rollback");
+    assert!(rollback.starts_with("*nat\n"), "{rollback}");
+    assert!(!rollback.contains("*filter"));
+
+    // After a full sync (earlier state read from the kernel) nat cannot be put back: the
+    // kernel keeps the new nat with the old filter, which for this change is the safe half
+    // state, and says so.
+    let mut syncer = IptablesSyncer::new(FakeKernel::default());
+    syncer.sync(rulesets(&cluster())).expect("first sync");
+    let filter_before = table(&syncer, "filter");
+    syncer.request_full_sync();
+    syncer.applier_mut().refuse = Some("has no endpoints".into());
+    let err = syncer.sync(rulesets(&without)).expect_err("refused");
+    assert!(
+        err.to_string()
+            .contains("table nat had been committed and cannot be put back"),
+        "{err}"
+    );
+    assert_eq!(table(&syncer, "filter"), filter_before);
+    // The next sync is full and completes it.
+    assert!(syncer.sync(rulesets(&without)).expect("retry")[0].full);
+}
+
+#[test]
+fn a_first_sync_stages_filter_around_nat() {
+    // On an empty node filter gains rejects and accepts: an intermediate filter with the
+    // accepts only, then nat, then the whole filter.
+    let mut without = cluster();
+    slice_mut(&mut without, "svc-3").endpoints.clear();
+    let mut syncer = IptablesSyncer::new(FakeKernel::default());
+    syncer.sync(rulesets(&without)).expect("first sync");
+    let payload = &syncer.applier().payloads[0];
+    let sections = commit_sections(payload);
+    let tables: Vec<&str> = sections
+        .iter()
+        .map(|s| s.lines().next().unwrap_or_default())
+        .collect();
+    assert_eq!(tables, vec!["*filter", "*nat", "*filter"]);
+    assert!(sections[0].contains("-j ACCEPT"), "{}", sections[0]);
+    assert!(
+        !sections[0].contains("-j REJECT") && !sections[0].contains("-j DROP"),
+        "{}",
+        sections[0]
+    );
+    assert!(sections[2].contains("-j REJECT"), "{}", sections[2]);
 }
 
 #[test]
@@ -747,8 +817,39 @@ fn cleanup_removes_only_what_kproxy_owns() {
     }
     // Nothing to do the second time.
     let restores = kernel.payloads.len();
-    cleanup_applier(kernel).expect("cleanup again");
+    assert!(cleanup_applier(kernel).expect("cleanup again").is_empty());
     assert_eq!(kernel.payloads.len(), restores);
+}
+
+#[test]
+fn cleanup_held_by_a_user_rule_removes_nothing_and_names_it() {
+    let mut syncer = IptablesSyncer::new(FakeKernel::default());
+    syncer.sync(rulesets(&cluster())).expect("full");
+    let kernel = syncer.applier_mut();
+    kernel.run_command(
+        IpFamily::V4,
+        &["-t", "filter", "-I", "FORWARD", "-j", "KUBE-FORWARD"],
+    );
+    let before = kernel.tables.clone();
+    let err = cleanup_applier(kernel).expect_err("held");
+    let text = err.to_string();
+    assert!(
+        text.contains("iptables -t filter -A FORWARD -j KUBE-FORWARD"),
+        "{text}"
+    );
+    assert!(text.contains("nothing was removed"), "{text}");
+    assert_eq!(kernel.tables, before, "cleanup changed something");
+    // Once the user rule is gone, everything goes.
+    kernel.run_command(
+        IpFamily::V4,
+        &["-t", "filter", "-D", "FORWARD", "-j", "KUBE-FORWARD"],
+    );
+    let removed = cleanup_applier(kernel).expect("cleanup");
+    assert_eq!(removed.len(), 1, "{removed:?}");
+    assert!(
+        removed[0].starts_with("iptables IPv4: filter "),
+        "{removed:?}"
+    );
 }
 
 #[test]

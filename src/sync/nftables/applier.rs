@@ -6,7 +6,7 @@ use std::process::Command as Process;
 
 use super::kernel::{self, KernelTable};
 use crate::family::IpFamily;
-use crate::nftables::{write_command, Command, TABLE_NAME};
+use crate::nftables::{write_command, Command, ObjectId, TABLE_NAME};
 use crate::sync::netlink::NetfilterSocket;
 use crate::sync::{run_tool, SyncError};
 
@@ -25,6 +25,15 @@ pub trait Applier {
 
     /// Whether `family`'s table exists.
     fn table_exists(&mut self, family: IpFamily) -> Result<bool, SyncError>;
+
+    /// Deletes the table of every family in `families` (each must exist). The real tool does
+    /// it in one transaction; this default, one family after the other, serves the fakes.
+    fn delete_tables(&mut self, families: &[IpFamily]) -> Result<(), SyncError> {
+        for &family in families {
+            self.apply(family, &[Command::Delete(&ObjectId::Table)])?;
+        }
+        Ok(())
+    }
 }
 
 impl<A: Applier + ?Sized> Applier for &mut A {
@@ -39,6 +48,9 @@ impl<A: Applier + ?Sized> Applier for &mut A {
     }
     fn table_exists(&mut self, family: IpFamily) -> Result<bool, SyncError> {
         (**self).table_exists(family)
+    }
+    fn delete_tables(&mut self, families: &[IpFamily]) -> Result<(), SyncError> {
+        (**self).delete_tables(families)
     }
 }
 
@@ -183,7 +195,7 @@ impl NftApplier {
     }
 }
 
-fn family_word(family: IpFamily) -> &'static str {
+pub(crate) fn family_word(family: IpFamily) -> &'static str {
     match family {
         IpFamily::V4 => "ip",
         IpFamily::V6 => "ip6",
@@ -191,6 +203,21 @@ fn family_word(family: IpFamily) -> &'static str {
 }
 
 impl Applier for NftApplier {
+    /// One `nft -f` script deleting every table: both go, or neither.
+    fn delete_tables(&mut self, families: &[IpFamily]) -> Result<(), SyncError> {
+        let mut text = String::new();
+        for &family in families {
+            text.push_str(&render_transaction(
+                family,
+                &[Command::Delete(&ObjectId::Table)],
+            )?);
+        }
+        match families.first() {
+            Some(&family) => self.apply_text(family, &text),
+            None => Ok(()),
+        }
+    }
+
     fn apply(&mut self, family: IpFamily, commands: &[Command<'_>]) -> Result<usize, SyncError> {
         let text = render_transaction(family, commands)?;
         self.apply_text(family, &text)?;
