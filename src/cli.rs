@@ -284,9 +284,13 @@ impl Common {
     }
 
     /// The node settings for a command that runs on this node: the flags, with a `primary`
-    /// NodePort address the flags leave open taken from this network namespace.
-    fn node_config_here(&self) -> Result<NodeConfig> {
+    /// NodePort address the flags leave open taken from this network namespace when the
+    /// input has NodePorts at all.
+    fn node_config_here(&self, manifests: &Manifests) -> Result<NodeConfig> {
         let mut config = self.node_config_with(None)?;
+        if !has_node_ports(manifests) {
+            return Ok(config);
+        }
         let mode_default = (self.mode() == Mode::Nftables).then_some(NodePortAddresses::Primary);
         for (family, ip) in
             crate::host::resolve_primary_node_ips(&mut config, mode_default.as_ref())
@@ -687,10 +691,26 @@ struct InputPlan {
     services_skipped: usize,
 }
 
+/// Whether any Service read asks for a node port (valid or not: validation comes later).
+fn has_node_ports(manifests: &Manifests) -> bool {
+    manifests.state.services.iter().any(|service| {
+        service.spec.as_ref().is_some_and(|spec| {
+            matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"))
+                || spec
+                    .ports
+                    .iter()
+                    .flatten()
+                    .any(|port| port.node_port.is_some())
+        })
+    })
+}
+
 /// Reads the inputs and builds the plan, reporting skipped objects on stderr.
-fn read_plan(config: &NodeConfig, inputs: &[PathBuf]) -> Result<InputPlan> {
+fn read_plan(common: &Common, inputs: &[PathBuf]) -> Result<(NodeConfig, InputPlan)> {
+    common.node_config_with(None)?; // bad flags first, before reading anything
     let manifests = Manifests::read_paths(inputs)?;
-    let plan = pipeline::plan(&manifests.state, config);
+    let config = common.node_config_here(&manifests)?;
+    let plan = pipeline::plan(&manifests.state, &config);
     let mut services_skipped = 0;
     for note in manifests.notes.iter().chain(&plan.notes) {
         if matches!(note, Note::Invalid { object, .. } if object.kind == "Service") {
@@ -698,16 +718,16 @@ fn read_plan(config: &NodeConfig, inputs: &[PathBuf]) -> Result<InputPlan> {
         }
         eprintln!("kproxy: {note}");
     }
-    Ok(InputPlan {
+    let input = InputPlan {
         plan,
         services_read: manifests.state.services.len(),
         services_skipped,
-    })
+    };
+    Ok((config, input))
 }
 
 fn sync_once(common: &Common, inputs: &[PathBuf], allow_empty: bool) -> Result<()> {
-    let config = common.node_config_here()?;
-    let input = read_plan(&config, inputs)?;
+    let (config, input) = read_plan(common, inputs)?;
     if !allow_empty && input.services_skipped >= input.services_read {
         let what = if input.services_read == 0 {
             "the input holds no Service".to_string()
@@ -753,8 +773,8 @@ fn sync_once(common: &Common, inputs: &[PathBuf], allow_empty: bool) -> Result<(
 }
 
 fn render(common: &Common, inputs: &[PathBuf]) -> Result<()> {
-    let config = common.node_config_here()?;
-    let plan = read_plan(&config, inputs)?.plan;
+    let (config, input) = read_plan(common, inputs)?;
+    let plan = input.plan;
     let text = common.mode().render(&plan.models, &config);
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())

@@ -68,6 +68,8 @@ fn sync(ns: &Netns, mode: &str) {
             mode,
             "--hostname",
             "node-1",
+            "--node-ip",
+            "192.0.2.10",
             path,
         ],
     );

@@ -269,7 +269,15 @@ fn kproxy_run_holds_the_lock_for_its_lifetime_and_a_kill_9_releases_it() {
     let dir_arg = dir.path().to_str().expect("utf-8 path").to_string();
     let mut agent = Command::new("ip")
         .args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_kproxy")])
-        .args(["run", "--mode", "nftables", "--hostname", "node-1"])
+        .args([
+            "run",
+            "--mode",
+            "nftables",
+            "--hostname",
+            "node-1",
+            "--node-ip",
+            "192.0.2.10",
+        ])
         .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
         .args(["--from-dir", &dir_arg])
         .stdin(Stdio::null())
