@@ -13,8 +13,8 @@ pub const MAX_LIST_DEPTH: usize = 8;
 pub const EXPANSION_PER_INPUT_BYTE: usize = 4;
 
 /// The least expansion any input may have, so that a small file may use aliases freely
-/// (about 100 MB of YAML values at most).
-pub const MIN_EXPANSION: usize = 1 << 20;
+/// (some 25 MB of YAML values at most).
+pub const MIN_EXPANSION: usize = 1 << 18;
 
 /// The expansion budget of an input of `input_bytes` bytes.
 pub fn expansion_limit(input_bytes: usize) -> usize {

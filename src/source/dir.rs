@@ -224,4 +224,46 @@ mod tests {
         dir.reread().unwrap();
         assert!(dir.objects().0.is_empty(), "a removed file's objects go");
     }
+
+    #[test]
+    fn skipped_entries_are_reported_once_and_a_fifo_does_not_block() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("a.yaml"), SERVICE).unwrap();
+        std::os::unix::fs::symlink("gone.yaml", tmp.path().join("b.yaml")).unwrap();
+        let fifo = std::ffi::CString::new(
+            tmp.path()
+                .join("c.yaml")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let mut dir = ManifestDir::new(tmp.path());
+        let reports = dir.reread().unwrap();
+        let expected = [
+            format!(
+                "note: {}: not read: a dangling symbolic link (its target does not exist)",
+                tmp.path().join("b.yaml").display()
+            ),
+            format!(
+                "note: {}: not read: a FIFO, not a regular file",
+                tmp.path().join("c.yaml").display()
+            ),
+        ];
+        assert_eq!(reports, expected);
+        assert_eq!(dir.objects().0.len(), 1);
+        assert!(dir.reread().unwrap().is_empty(), "reported once");
+        std::fs::remove_file(tmp.path().join("c.yaml")).unwrap();
+        std::fs::create_dir(tmp.path().join("c.yaml")).unwrap();
+        let reports = dir.reread().unwrap();
+        assert_eq!(
+            reports,
+            [format!(
+                "note: {}: not read: a directory (subdirectories are not read)",
+                tmp.path().join("c.yaml").display()
+            )],
+            "a changed entry is reported again"
+        );
+    }
 }

@@ -5,6 +5,8 @@
 
 use std::fmt;
 
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
@@ -38,11 +40,11 @@ pub(super) fn read(text: &str, origin: &str, out: &mut Manifests) -> Result<Outc
             }
         };
         first = false;
-        let source = Object {
+        let object = Object {
             text,
             json: &text[start..documents.byte_offset()],
         };
-        add_object(envelope, source, origin, 0, out)?;
+        add_decoded(classify(envelope, object), origin, 0, out)?;
     }
 }
 
@@ -60,41 +62,69 @@ impl Object<'_> {
 }
 
 /// Adds one document or List item; `lists` is the number of Lists around it.
-fn add_object(
-    envelope: Envelope<'_>,
-    object: Object<'_>,
+fn add_decoded<'a>(
+    decoded: Decoded<'a>,
     origin: &str,
     lists: usize,
     out: &mut Manifests,
 ) -> Result<(), SourceError> {
-    if envelope.null {
-        return Ok(());
-    }
-    let text = |field: &Option<String>| field.as_deref().unwrap_or("").to_string();
-    match kind_of(&text(&envelope.api_version), &text(&envelope.kind)) {
-        ManifestKind::List => {
+    match decoded {
+        Decoded::Service(service) => out.add_service(service.map(|s| *s)),
+        Decoded::EndpointSlice(slice) => out.add_endpoint_slice(slice.map(|s| *s)),
+        Decoded::Other(kind) => out.ignore_kind(origin, kind),
+        Decoded::Null => {}
+        Decoded::List(items, list) => {
             if lists >= MAX_LIST_DEPTH {
                 return Err(SourceError::ListTooDeep {
                     origin: origin.to_string(),
                     limit: MAX_LIST_DEPTH,
-                    line: Some(object.line()),
+                    line: Some(list.line()),
                 });
             }
-            for item in envelope.items.unwrap_or_default() {
-                let item = Object {
-                    text: object.text,
-                    json: item.get(),
-                };
-                let envelope = serde_json::from_str::<Envelope>(item.json)
-                    .map_err(|err| parse_error(origin, object.text, item.json, &err))?;
-                add_object(envelope, item, origin, lists + 1, out)?;
+            // Items are independent: decode them on every core, add them in order.
+            let decoded = crate::parallel::map_chunks(&items, |chunk| {
+                chunk
+                    .iter()
+                    .map(|&item| decode(list.text, item.get(), origin))
+                    .collect::<Vec<_>>()
+            });
+            for item in decoded.into_iter().flatten() {
+                add_decoded(item?, origin, lists + 1, out)?;
             }
         }
-        ManifestKind::Service => out.add_service(typed(&envelope, object.json)),
-        ManifestKind::EndpointSlice => out.add_endpoint_slice(typed(&envelope, object.json)),
-        ManifestKind::Other(kind) => out.ignore_kind(origin, kind),
     }
     Ok(())
+}
+
+/// A document or List item, decoded on its own.
+enum Decoded<'a> {
+    Service(Result<Box<Service>, Note>),
+    EndpointSlice(Result<Box<EndpointSlice>, Note>),
+    Other(String),
+    Null,
+    /// A List: the JSON of its items, and its own.
+    List(Vec<&'a RawValue>, Object<'a>),
+}
+
+/// Decodes one List item from its JSON, a slice of the whole input `text`.
+fn decode<'a>(text: &'a str, json: &'a str, origin: &str) -> Result<Decoded<'a>, SourceError> {
+    let envelope = serde_json::from_str::<Envelope>(json)
+        .map_err(|err| parse_error(origin, text, json, &err))?;
+    Ok(classify(envelope, Object { text, json }))
+}
+
+/// What to do with an object, by its envelope; Services and EndpointSlices are deserialized.
+fn classify<'a>(envelope: Envelope<'a>, object: Object<'a>) -> Decoded<'a> {
+    if envelope.null {
+        return Decoded::Null;
+    }
+    let field = |field: &Option<String>| field.as_deref().unwrap_or("").to_string();
+    match kind_of(&field(&envelope.api_version), &field(&envelope.kind)) {
+        ManifestKind::List => Decoded::List(envelope.items.unwrap_or_default(), object),
+        ManifestKind::Service => Decoded::Service(typed(&envelope, object.json)),
+        ManifestKind::EndpointSlice => Decoded::EndpointSlice(typed(&envelope, object.json)),
+        ManifestKind::Other(kind) => Decoded::Other(kind),
+    }
 }
 
 /// Deserializes one object from its JSON; a field of the wrong type (or an integer too large
