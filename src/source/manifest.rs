@@ -114,6 +114,24 @@ impl Manifests {
         }
     }
 
+    /// Adds what another reading of (part of) an input found, after what this one found.
+    pub(super) fn append(&mut self, other: Manifests) {
+        self.state.services.extend(other.state.services);
+        self.state
+            .endpoint_slices
+            .extend(other.state.endpoint_slices);
+        for note in other.notes {
+            match note {
+                Note::IgnoredKind {
+                    origin,
+                    kind,
+                    count,
+                } => self.ignore_kinds(&origin, kind, count),
+                note => self.notes.push(note),
+            }
+        }
+    }
+
     pub(super) fn add_service(&mut self, service: Result<Service, Note>) {
         match service {
             Ok(service) => self.state.services.push(service),
@@ -130,10 +148,14 @@ impl Manifests {
 
     /// Notes an object of a kind kproxy does not use: one note per (origin, kind), counting.
     pub(super) fn ignore_kind(&mut self, origin: &str, kind: String) {
+        self.ignore_kinds(origin, kind, 1);
+    }
+
+    fn ignore_kinds(&mut self, origin: &str, kind: String, objects: usize) {
         let key = (origin.to_string(), kind);
         if let Some(&at) = self.ignored.get(&key) {
             if let Some(Note::IgnoredKind { count, .. }) = self.notes.get_mut(at) {
-                *count += 1;
+                *count += objects;
                 return;
             }
         }
@@ -141,7 +163,7 @@ impl Manifests {
         self.notes.push(Note::IgnoredKind {
             origin: key.0,
             kind: key.1,
-            count: 1,
+            count: objects,
         });
     }
 }

@@ -3,26 +3,84 @@
 //! huge tree), merge keys (`<<: *base`) are applied, and `kind: List` items are moved out, not
 //! copied, on their way to the typed objects.
 
-use std::cell::Cell;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_yaml::value::{Tag, TaggedValue};
 use serde_yaml::{Mapping, Value};
 
 use super::bounds::{expansion_limit, MAX_LIST_DEPTH};
-use super::manifest::{kind_of, line_of, ManifestKind, Manifests};
+use super::manifest::{kind_of, line_of, strip_location, ManifestKind, Manifests};
 use super::note::{Note, ObjectRef, SourceError};
 
-/// Adds every document of the YAML stream `text`.
+/// Adds every document of the YAML stream `text`. Long streams are split at their document
+/// markers and the parts read on every core (anchors do not cross documents, and a `---` at
+/// the start of a line is a document marker wherever it is, YAML 1.2 §9.1.3).
 pub(super) fn read(text: &str, origin: &str, out: &mut Manifests) -> Result<(), SourceError> {
     check_characters(text, origin)?;
     let budget = Budget {
         limit: expansion_limit(text.len()),
-        used: Cell::new(0),
+        used: AtomicUsize::new(0),
     };
-    for document in serde_yaml::Deserializer::from_str(text) {
-        let mut value = BoundedValue(&budget).deserialize(document).map_err(|err| {
+    let starts = document_starts(text);
+    let parts = crate::parallel::map_chunks(&starts, |chunk| {
+        let (Some(&first), Some(&last)) = (chunk.first(), chunk.last()) else {
+            return Ok(Manifests::default());
+        };
+        let end = starts
+            .iter()
+            .find(|&&start| start > last)
+            .copied()
+            .unwrap_or(text.len());
+        let mut part = Manifests::default();
+        read_part(text, first, end, origin, &budget, &mut part).map(|()| part)
+    });
+    for part in parts {
+        out.append(part?);
+    }
+    Ok(())
+}
+
+/// Where the documents of `text` start: 0, then each line starting with `---` (and a space,
+/// tab or line end). A stream with directives (`%YAML`) is not split.
+fn document_starts(text: &str) -> Vec<usize> {
+    let mut starts = vec![0];
+    if text.starts_with('%') || text.contains("\n%") {
+        return starts;
+    }
+    let bytes = text.as_bytes();
+    let mut at = 0;
+    while let Some(found) = text[at..].find("\n---") {
+        let start = at + found + 1;
+        if matches!(
+            bytes.get(start + 3),
+            None | Some(b' ' | b'\t' | b'\n' | b'\r')
+        ) {
+            starts.push(start);
+        }
+        at = start;
+    }
+    starts
+}
+
+/// Reads the documents in `text[start..end]`; messages name lines of the whole `text`.
+fn read_part(
+    text: &str,
+    start: usize,
+    end: usize,
+    origin: &str,
+    budget: &Budget,
+    out: &mut Manifests,
+) -> Result<(), SourceError> {
+    let first_line = line_of(text, start);
+    let parse_error = |err: &serde_yaml::Error| SourceError::Parse {
+        origin: origin.to_string(),
+        line: err.location().map(|l| first_line + l.line() - 1),
+        message: strip_location(&err.to_string()),
+    };
+    for document in serde_yaml::Deserializer::from_str(&text[start..end]) {
+        let mut value = BoundedValue(budget).deserialize(document).map_err(|err| {
             if budget.exceeded() {
                 SourceError::ExpansionLimit {
                     origin: origin.to_string(),
@@ -30,12 +88,10 @@ pub(super) fn read(text: &str, origin: &str, out: &mut Manifests) -> Result<(), 
                     limit: budget.limit,
                 }
             } else {
-                parse_error(origin, &err)
+                parse_error(&err)
             }
         })?;
-        value
-            .apply_merge()
-            .map_err(|err| parse_error(origin, &err))?;
+        value.apply_merge().map_err(|err| parse_error(&err))?;
         add_value(value, origin, 0, out)?;
     }
     Ok(())
@@ -98,22 +154,6 @@ fn object_ref(value: &Value) -> ObjectRef {
     }
 }
 
-fn parse_error(origin: &str, err: &serde_yaml::Error) -> SourceError {
-    SourceError::Parse {
-        origin: origin.to_string(),
-        line: err.location().map(|l| l.line()),
-        message: strip_location(&err.to_string()),
-    }
-}
-
-/// serde_yaml appends " at line L column C" to messages; the line is reported separately.
-fn strip_location(message: &str) -> String {
-    match message.find(" at line ") {
-        Some(i) => message[..i].to_string(),
-        None => message.to_string(),
-    }
-}
-
 /// Refuses the characters YAML does not allow (YAML 1.1 §5.1, as libyaml checks them), naming
 /// the line: libyaml reports them before parsing, as if on line 1.
 fn check_characters(text: &str, origin: &str) -> Result<(), SourceError> {
@@ -138,13 +178,15 @@ fn check_characters(text: &str, origin: &str) -> Result<(), SourceError> {
 /// What the values of one input may cost, shared by all its documents.
 struct Budget {
     limit: usize,
-    used: Cell<usize>,
+    used: AtomicUsize,
 }
 
 impl Budget {
     fn charge<E: de::Error>(&self, cost: usize) -> Result<(), E> {
-        let used = self.used.get().saturating_add(cost);
-        self.used.set(used);
+        let used = self
+            .used
+            .fetch_add(cost, Ordering::Relaxed)
+            .saturating_add(cost);
         if used > self.limit {
             return Err(E::custom("the expansion limit is exceeded"));
         }
@@ -152,7 +194,7 @@ impl Budget {
     }
 
     fn exceeded(&self) -> bool {
-        self.used.get() > self.limit
+        self.used.load(Ordering::Relaxed) > self.limit
     }
 }
 
@@ -310,5 +352,39 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_long_stream_read_in_parts_keeps_order_counts_and_lines() {
+        let service = |i: usize| {
+            format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: ns}}\nspec: {{clusterIP: 10.0.0.1}}\n")
+        };
+        let mut text: String = (0..3000).map(service).collect();
+        text.push_str("--- # a comment\napiVersion: v1\nkind: ConfigMap\n");
+        text.push_str(&"---\napiVersion: v1\nkind: ConfigMap\n".repeat(2));
+        let m = read_str(&text).unwrap();
+        let names: Vec<String> = m
+            .state
+            .services
+            .iter()
+            .map(|s| s.metadata.name.clone().unwrap_or_default())
+            .collect();
+        let expected: Vec<String> = (0..3000).map(|i| format!("s{i}")).collect();
+        assert_eq!(names, expected);
+        assert_eq!(
+            m.notes,
+            [Note::IgnoredKind {
+                origin: "test.yaml".into(),
+                kind: "v1/ConfigMap".into(),
+                count: 3,
+            }]
+        );
+        // An error in the last part names its line in the whole stream.
+        text.push_str("---\nkind: [\n");
+        let lines = text.lines().count();
+        match read_str(&text) {
+            Err(SourceError::Parse { line, .. }) => assert_eq!(line, Some(lines + 1)),
+            other => panic!("expected a parse error, got {other:?}"),
+        }
     }
 }
