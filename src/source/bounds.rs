@@ -3,7 +3,7 @@
 //! the input's size: a large cluster dump still reads, a small alias bomb is refused early.
 
 /// `kind: List` inside `kind: List`: kubectl never nests them (its Lists hold objects), so a
-/// few levels are generous; each level is reported by its own error beyond this.
+/// few levels are generous; an input nesting them deeper is refused as a whole.
 pub const MAX_LIST_DEPTH: usize = 8;
 
 /// What building the documents of one input may cost, in nodes plus scalar bytes, per byte of

@@ -163,6 +163,28 @@ fn offset_in(text: &str, part: &str) -> usize {
         .min(text.len())
 }
 
+/// The visitor methods of a lenient field for the scalars it does not want: they read as
+/// `$absent` (the typed conversion reports a wrong type, if it matters).
+macro_rules! scalars_read_as {
+    ($absent:expr) => {
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok($absent)
+        }
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($absent)
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($absent)
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($absent)
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($absent)
+        }
+    };
+}
+
 /// What kproxy needs of an object before choosing its type. Fields of unexpected types are
 /// left out (the typed conversion reports them); any JSON value reads as an envelope.
 #[derive(Debug, Default)]
@@ -252,6 +274,7 @@ impl<'de> Deserialize<'de> for Lenient {
         struct LenientVisitor;
         impl<'de> Visitor<'de> for LenientVisitor {
             type Value = Lenient;
+            scalars_read_as!(Lenient(None));
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a string")
             }
@@ -264,21 +287,6 @@ impl<'de> Deserialize<'de> for Lenient {
             }
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Lenient, A::Error> {
                 IgnoredAny.visit_seq(seq)?;
-                Ok(Lenient(None))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Lenient, E> {
-                Ok(Lenient(None))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Lenient, E> {
-                Ok(Lenient(None))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Lenient, E> {
-                Ok(Lenient(None))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Lenient, E> {
-                Ok(Lenient(None))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Lenient, E> {
                 Ok(Lenient(None))
             }
         }
@@ -294,6 +302,7 @@ impl<'de> Deserialize<'de> for Items<'de> {
         struct ItemsVisitor;
         impl<'de> Visitor<'de> for ItemsVisitor {
             type Value = Items<'de>;
+            scalars_read_as!(Items(None));
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("an array of objects")
             }
@@ -306,21 +315,6 @@ impl<'de> Deserialize<'de> for Items<'de> {
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Items<'de>, A::Error> {
                 IgnoredAny.visit_map(map)?;
-                Ok(Items(None))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Items<'de>, E> {
-                Ok(Items(None))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Items<'de>, E> {
-                Ok(Items(None))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Items<'de>, E> {
-                Ok(Items(None))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Items<'de>, E> {
-                Ok(Items(None))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Items<'de>, E> {
                 Ok(Items(None))
             }
             fn visit_str<E: de::Error>(self, _: &str) -> Result<Items<'de>, E> {
@@ -343,6 +337,7 @@ impl<'de> Deserialize<'de> for Names {
         struct NamesVisitor;
         impl<'de> Visitor<'de> for NamesVisitor {
             type Value = Names;
+            scalars_read_as!(Names::default());
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("object metadata")
             }
@@ -361,21 +356,6 @@ impl<'de> Deserialize<'de> for Names {
             }
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Names, A::Error> {
                 IgnoredAny.visit_seq(seq)?;
-                Ok(Names::default())
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Names, E> {
-                Ok(Names::default())
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Names, E> {
-                Ok(Names::default())
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Names, E> {
-                Ok(Names::default())
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Names, E> {
-                Ok(Names::default())
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Names, E> {
                 Ok(Names::default())
             }
             fn visit_str<E: de::Error>(self, _: &str) -> Result<Names, E> {
