@@ -43,6 +43,13 @@ fn manifest_corpus_replays() {
 }
 
 #[test]
+fn hostile_inputs_replay() {
+    let files = inputs("tests/data/hostile");
+    assert!(!files.is_empty(), "tests/data/hostile is checked in");
+    replay(&files, kproxy::fuzzing::manifest);
+}
+
+#[test]
 fn validation_corpus_replays() {
     let files = inputs("fuzz/corpus/validation");
     assert!(files.len() >= 100, "the validation corpus is checked in");

@@ -9,7 +9,8 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc::{self, UnboundedSender};
 
-use super::{is_manifest_file, Kind, Manifests, Object, SourceEvent};
+use super::listing::{list_manifest_dir, read_regular_file, Skipped};
+use super::{Escaped, Kind, Manifests, Object, SourceEvent};
 
 /// How long to wait for more events after one, so that an editor's several writes or a
 /// ConfigMap's symlink swap lead to one re-read.
@@ -17,7 +18,7 @@ const SETTLE: Duration = Duration::from_millis(50);
 
 #[derive(Debug)]
 struct FileContent {
-    text: String,
+    data: Vec<u8>,
     manifests: Manifests,
 }
 
@@ -26,8 +27,10 @@ struct FileContent {
 pub struct ManifestDir {
     path: PathBuf,
     files: BTreeMap<PathBuf, FileContent>,
-    /// The text of files that failed to parse, so that each failure is reported once.
-    failed: BTreeMap<PathBuf, String>,
+    /// The content of files that failed to parse, so that each failure is reported once.
+    failed: BTreeMap<PathBuf, Vec<u8>>,
+    /// The entries skipped at the last reading, so that each is reported once.
+    skipped: Vec<Skipped>,
 }
 
 impl ManifestDir {
@@ -36,44 +39,58 @@ impl ManifestDir {
             path: path.into(),
             files: BTreeMap::new(),
             failed: BTreeMap::new(),
+            skipped: Vec::new(),
         }
     }
 
     /// Re-reads the directory. Files that changed are parsed again; a file that cannot be
     /// read or parsed keeps its previous content. Returns a message for everything worth
-    /// reporting (bad files, ignored kinds, objects that do not match the schema), each once
-    /// per change of the file.
+    /// reporting (bad files, entries that are not read, ignored kinds, objects that do not
+    /// match the schema), each once per change.
     pub fn reread(&mut self) -> Result<Vec<String>, std::io::Error> {
         let mut reports = Vec::new();
-        let mut present: Vec<PathBuf> = std::fs::read_dir(&self.path)?
-            .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && is_manifest_file(p))
-            .collect();
-        present.sort();
+        let listing = list_manifest_dir(&self.path)?;
+        reports.extend(
+            listing
+                .skipped
+                .iter()
+                .filter(|entry| !self.skipped.contains(entry))
+                .map(|entry| entry.note().to_string()),
+        );
+        self.skipped = listing.skipped;
+        let present = listing.files;
         self.files.retain(|path, _| present.contains(path));
         self.failed.retain(|path, _| present.contains(path));
         for path in present {
-            let text = match std::fs::read_to_string(&path) {
-                Ok(text) => text,
+            let origin = path.display().to_string();
+            let data = match read_regular_file(&path) {
+                Ok(Some(data)) => data,
+                Ok(None) => {
+                    reports.push(format!(
+                        "{}: not a regular file any more; keeping its last good content",
+                        Escaped(&origin)
+                    ));
+                    continue;
+                }
                 Err(err) => {
                     reports.push(format!(
                         "cannot read {}: {err}; keeping its last good content",
-                        path.display()
+                        Escaped(&origin)
                     ));
                     continue;
                 }
             };
-            if self.files.get(&path).is_some_and(|f| f.text == text)
-                || self.failed.get(&path) == Some(&text)
+            if self.files.get(&path).is_some_and(|f| f.data == data)
+                || self.failed.get(&path) == Some(&data)
             {
                 continue;
             }
             let mut manifests = Manifests::default();
-            match manifests.add_text(&text, &path.display().to_string()) {
+            match manifests.add_bytes(&data, &origin) {
                 Ok(()) => {
                     reports.extend(manifests.notes.iter().map(ToString::to_string));
                     self.failed.remove(&path);
-                    self.files.insert(path, FileContent { text, manifests });
+                    self.files.insert(path, FileContent { data, manifests });
                 }
                 Err(err) => {
                     let kept = if self.files.contains_key(&path) {
@@ -81,8 +98,8 @@ impl ManifestDir {
                     } else {
                         "ignoring it until it parses"
                     };
-                    reports.push(format!("{err}; {kept}"));
-                    self.failed.insert(path, text);
+                    reports.push(format!("{}; {kept}", err.with_causes()));
+                    self.failed.insert(path, data);
                 }
             }
         }
@@ -206,5 +223,47 @@ mod tests {
         std::fs::remove_file(&file).unwrap();
         dir.reread().unwrap();
         assert!(dir.objects().0.is_empty(), "a removed file's objects go");
+    }
+
+    #[test]
+    fn skipped_entries_are_reported_once_and_a_fifo_does_not_block() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("a.yaml"), SERVICE).unwrap();
+        std::os::unix::fs::symlink("gone.yaml", tmp.path().join("b.yaml")).unwrap();
+        let fifo = std::ffi::CString::new(
+            tmp.path()
+                .join("c.yaml")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let mut dir = ManifestDir::new(tmp.path());
+        let reports = dir.reread().unwrap();
+        let expected = [
+            format!(
+                "note: {}: not read: a dangling symbolic link (its target does not exist)",
+                tmp.path().join("b.yaml").display()
+            ),
+            format!(
+                "note: {}: not read: a FIFO, not a regular file",
+                tmp.path().join("c.yaml").display()
+            ),
+        ];
+        assert_eq!(reports, expected);
+        assert_eq!(dir.objects().0.len(), 1);
+        assert!(dir.reread().unwrap().is_empty(), "reported once");
+        std::fs::remove_file(tmp.path().join("c.yaml")).unwrap();
+        std::fs::create_dir(tmp.path().join("c.yaml")).unwrap();
+        let reports = dir.reread().unwrap();
+        assert_eq!(
+            reports,
+            [format!(
+                "note: {}: not read: a directory (subdirectories are not read)",
+                tmp.path().join("c.yaml").display()
+            )],
+            "a changed entry is reported again"
+        );
     }
 }
