@@ -171,14 +171,40 @@ fn deep_nesting_does_not_overflow_the_stack() {
         "{:?}",
         m.notes
     );
-    // YAML: serde_yaml's recursion limit. (Not 100,000 levels: libyaml's scanner takes time
-    // quadratic in the depth of flow collections, see the report of issue 9.)
+    // YAML: serde_yaml's recursion limit, for a document with few flow collections.
     let yaml = format!("a: {}1{}\n", "[".repeat(2_000), "]".repeat(2_000));
     let err = read_bytes(yaml.as_bytes(), "deep.yaml").unwrap_err();
     assert!(
         err.to_string().contains("recursion limit exceeded"),
         "{err}"
     );
+}
+
+/// libyaml's time grows with the square of the flow nesting depth: 1 MB of `[` would take an
+/// hour. Deep documents are refused before the real parse, naming the line, and one deep
+/// document in a stream does not hide behind ordinary ones.
+#[test]
+fn deep_flow_nesting_is_refused_before_parsing() {
+    let service =
+        "apiVersion: v1\nkind: Service\nmetadata: {name: ok}\nspec: {clusterIP: 10.0.0.1}\n";
+    // The deep document starts on line 11, after two of 4 lines and their `---`.
+    for (deep, line) in [
+        (format!("a: {}", "[".repeat(1_000_000)), 11),
+        (format!("a: {}", "[a, ".repeat(250_000)), 11),
+        (format!("a:\n  b: {}", "{c: ".repeat(250_000)), 12),
+    ] {
+        let text = format!("{service}---\n{service}---\n{deep}\n");
+        let err = read_bytes(text.as_bytes(), "deep.yaml").unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains("nested more than 128 levels deep") && message.contains("deep.yaml"),
+            "{message}"
+        );
+        assert!(
+            message.contains(&format!("at line {line}:")),
+            "the line in the whole stream: {message}"
+        );
+    }
 }
 
 /// The names of the Services skipped as not matching the schema; all other notes fail.

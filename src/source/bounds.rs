@@ -22,3 +22,12 @@ pub fn expansion_limit(input_bytes: usize) -> usize {
         .saturating_mul(EXPANSION_PER_INPUT_BYTE)
         .max(MIN_EXPANSION)
 }
+
+/// How deep YAML collections may nest (serde_yaml's own recursion limit: deeper input fails to
+/// deserialize anyway). Checked before parsing, because libyaml's time grows with the square of
+/// the flow nesting depth (`a: [[[[…` of 1 MB would take an hour).
+pub const MAX_YAML_NESTING: usize = 128;
+
+/// Below this many `[` and `{` in one document, its flow nesting cannot cost more than a few
+/// milliseconds, and the depth is not checked ahead of parsing.
+pub const UNCHECKED_FLOW_OPENERS: usize = 4096;

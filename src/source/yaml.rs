@@ -10,20 +10,23 @@ use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_yaml::value::{Tag, TaggedValue};
 use serde_yaml::{Mapping, Value};
 
-use super::bounds::{expansion_limit, MAX_LIST_DEPTH};
+use super::bounds::{expansion_limit, MAX_LIST_DEPTH, MAX_YAML_NESTING, UNCHECKED_FLOW_OPENERS};
 use super::manifest::{kind_of, line_of, strip_location, ManifestKind, Manifests};
 use super::note::{Note, ObjectRef, SourceError};
+
+mod libyaml_events;
 
 /// Adds every document of the YAML stream `text`. Long streams are split at their document
 /// markers and the parts read on every core (anchors do not cross documents, and a `---` at
 /// the start of a line is a document marker wherever it is, YAML 1.2 §9.1.3).
 pub(super) fn read(text: &str, origin: &str, out: &mut Manifests) -> Result<(), SourceError> {
     check_characters(text, origin)?;
+    let starts = document_starts(text);
+    check_nesting(text, &starts, origin)?;
     let budget = Budget {
         limit: expansion_limit(text.len()),
         used: AtomicUsize::new(0),
     };
-    let starts = document_starts(text);
     let parts = crate::parallel::map_chunks(&starts, |chunk| {
         let (Some(&first), Some(&last)) = (chunk.first(), chunk.last()) else {
             return Ok(Manifests::default());
@@ -173,6 +176,34 @@ fn check_characters(text: &str, origin: &str) -> Result<(), SourceError> {
             ),
         }),
     }
+}
+
+/// Refuses collections nested deeper than [`MAX_YAML_NESTING`] before they are parsed for
+/// real: each document with many flow openers is first walked as libyaml events, stopping at
+/// the first too deep. A document with few openers cannot be deep enough to be slow.
+fn check_nesting(text: &str, starts: &[usize], origin: &str) -> Result<(), SourceError> {
+    let ends = starts.iter().skip(1).copied().chain([text.len()]);
+    for (&start, end) in starts.iter().zip(ends) {
+        let document = &text[start..end];
+        let openers = document
+            .bytes()
+            .filter(|b| matches!(b, b'[' | b'{'))
+            .count();
+        if openers <= UNCHECKED_FLOW_OPENERS {
+            continue;
+        }
+        if let Some(line) = libyaml_events::first_line_deeper_than(document, MAX_YAML_NESTING) {
+            return Err(SourceError::Parse {
+                origin: origin.to_string(),
+                line: Some(line_of(text, start) + line - 1),
+                message: format!(
+                    "collections nested more than {MAX_YAML_NESTING} levels deep; kproxy \
+                     refuses such input (no Kubernetes object nests that deep)"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// What the values of one input may cost, shared by all its documents.
