@@ -331,3 +331,44 @@ fn arbitrary_bytes_never_panic() {
         let _ = read_bytes(input, "fuzz");
     }
 }
+
+/// A block-style YAML List (`kubectl get -o yaml`) is read item by item; the objects are the
+/// ones the same List gives as JSON (read by another parser), in the same order — also when an
+/// alias crosses items, which makes the reader fall back to the whole document.
+#[test]
+fn a_yaml_list_read_item_by_item_matches_the_json_list() {
+    let state = kproxy::synthetic::cluster(300, 3).expect("a small cluster");
+    let items: Vec<serde_json::Value> = state
+        .services
+        .iter()
+        .map(serde_json::to_value)
+        .chain(state.endpoint_slices.iter().map(serde_json::to_value))
+        .collect::<Result<_, _>>()
+        .expect("objects serialise");
+    let list = serde_json::json!({"apiVersion": "v1", "items": items, "kind": "List"});
+    let json = serde_json::to_string(&list).expect("json");
+    let yaml = serde_yaml::to_string(&list).expect("yaml");
+    assert!(
+        yaml.contains("\nitems:\n- "),
+        "block style: {}",
+        &yaml[..200]
+    );
+    let from_json = read_bytes(json.as_bytes(), "list.json").expect("json reads");
+    let from_yaml = read_bytes(yaml.as_bytes(), "list.yaml").expect("yaml reads");
+    assert_eq!(from_json.state.services.len(), 300);
+    assert_eq!(from_yaml.state.services, from_json.state.services);
+    assert_eq!(
+        from_yaml.state.endpoint_slices,
+        from_json.state.endpoint_slices
+    );
+
+    let aliased = "apiVersion: v1\nitems:\n- &svc\n  apiVersion: v1\n  kind: Service\n  metadata: {name: a}\n  spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n- <<: *svc\n  metadata: {name: b}\nkind: List\n";
+    let m = read_bytes(aliased.as_bytes(), "aliased.yaml").expect("reads whole");
+    let names: Vec<_> = m
+        .state
+        .services
+        .iter()
+        .filter_map(|s| s.metadata.name.clone())
+        .collect();
+    assert_eq!(names, ["a", "b"]);
+}

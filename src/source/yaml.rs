@@ -15,6 +15,7 @@ use super::manifest::{kind_of, line_of, strip_location, ManifestKind, Manifests}
 use super::note::{Note, ObjectRef, SourceError};
 
 mod libyaml_events;
+mod list_items;
 
 /// Adds every document of the YAML stream `text`. Long streams are split at their document
 /// markers and the parts read on every core (anchors do not cross documents, and a `---` at
@@ -23,6 +24,14 @@ pub(super) fn read(text: &str, origin: &str, out: &mut Manifests) -> Result<(), 
     check_characters(text, origin)?;
     let starts = document_starts(text);
     check_nesting(text, &starts, origin)?;
+    if starts.len() == 1 {
+        if let Some(items) = list_items::split(text) {
+            if let Some(read) = read_list_items(text, &items, origin) {
+                out.append(read);
+                return Ok(());
+            }
+        }
+    }
     let budget = Budget {
         limit: expansion_limit(text.len()),
         used: AtomicUsize::new(0),
@@ -43,6 +52,56 @@ pub(super) fn read(text: &str, origin: &str, out: &mut Manifests) -> Result<(), 
         out.append(part?);
     }
     Ok(())
+}
+
+/// A single-document `kind: List` (`kubectl get -o yaml`'s shape) read item by item on every
+/// core, so that neither the parser's events nor the values of the whole List are held at
+/// once. `None` when any part does not read as it should on its own — an alias to another
+/// item, a header that is no v1 List, a syntax error: the caller then reads the document
+/// whole, which gives the same objects or the error as usual.
+fn read_list_items(text: &str, items: &list_items::Split, origin: &str) -> Option<Manifests> {
+    let budget = Budget {
+        limit: expansion_limit(text.len()),
+        used: AtomicUsize::new(0),
+    };
+    let read_one = |range: &std::ops::Range<usize>| -> Option<Value> {
+        let document = serde_yaml::Deserializer::from_str(&text[range.clone()]).next()?;
+        let mut value = BoundedValue(&budget).deserialize(document).ok()?;
+        value.apply_merge().ok()?;
+        Some(value)
+    };
+    let header = {
+        let mut header = String::with_capacity(items.header.iter().map(|r| r.len()).sum());
+        items
+            .header
+            .iter()
+            .for_each(|r| header.push_str(&text[r.clone()]));
+        let value: Value = serde_yaml::from_str(&header).ok()?;
+        let field = |key| value.get(key).and_then(Value::as_str).unwrap_or("");
+        matches!(
+            kind_of(field("apiVersion"), field("kind")),
+            ManifestKind::List
+        )
+    };
+    if !header {
+        return None;
+    }
+    let parts = crate::parallel::map_chunks(&items.items, |chunk| {
+        let mut part = Manifests::default();
+        for range in chunk {
+            let Value::Sequence(mut sequence) = read_one(range)? else {
+                return None;
+            };
+            let item = sequence.pop().filter(|_| sequence.is_empty())?;
+            add_value(item, origin, 1, &mut part).ok()?;
+        }
+        Some(part)
+    });
+    let mut read = Manifests::default();
+    for part in parts {
+        read.append(part?);
+    }
+    Some(read)
 }
 
 /// Where the documents of `text` start: 0, then each line starting with `---` (and a space,
