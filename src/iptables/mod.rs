@@ -1,10 +1,12 @@
 //! iptables mode: the translator from [`crate::model::ProxyModel`] to a typed [`Ruleset`] and
 //! its rendering as `iptables-restore` input. Spec §4.
 
+mod parse;
 mod render;
 mod ruleset;
 mod translate;
 
+pub use parse::ParseError;
 pub use render::{restore_payload, write_rule, ChainContent, RestorePayload, TablePatch};
 pub use ruleset::{
     Addr, AddrType, Chain, ChainName, Match, Matches, RecentCheck, Rule, Ruleset, Table, TableName,

@@ -21,8 +21,8 @@ use crate::family::IpFamily;
 use crate::model::{Endpoint, NoEndpointVerdict, ProxyModel, ServicePort};
 use crate::names::IptablesPortNames;
 
-const NFACCT_INVALID_DROPPED: &str = "ct_state_invalid_dropped_pkts";
-const NFACCT_LOCALHOST_NODEPORTS: &str = "localhost_nps_accepted_pkts";
+pub(super) const NFACCT_INVALID_DROPPED: &str = "ct_state_invalid_dropped_pkts";
+pub(super) const NFACCT_LOCALHOST_NODEPORTS: &str = "localhost_nps_accepted_pkts";
 const NODEPORTS_TAIL_COMMENT: &str =
     "kubernetes service nodeports; NOTE: this must be the last rule in this chain";
 
