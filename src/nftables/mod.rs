@@ -4,10 +4,12 @@
 //! only for session affinity, inline masquerade marks, a `hairpin-connections` set), with the
 //! shared facts of §5.
 
+mod parse;
 mod render;
 mod ruleset;
 mod translate;
 
+pub use parse::ParseError;
 pub use render::{write_command, write_rule, Command, Object};
 pub use ruleset::{
     BaseChain, Chain, ChainType, DataType, Direction, Element, Field, Hook, Joining, Map, Match,
