@@ -4,6 +4,7 @@
 //! which is what the fuzzer looks for.
 //!
 //! - [`manifest`]: bytes as a manifest file: read, validate, build, render in both modes.
+//! - [`iptables_rules`], [`nft_rules`]: bytes as rule text for the tracer's two readers.
 //! - [`validation`]: bytes decoded (with `arbitrary`) into Services and EndpointSlices whose
 //!   fields are drawn from the values validation cares about — addresses of every class,
 //!   colliding names, cluster IPs and node ports, odd protocols and port numbers — so that the
@@ -23,7 +24,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::backend::Mode;
 use crate::config::{NodeConfig, NodePortAddresses};
-use crate::family::FamilyMode;
+use crate::family::{FamilyMode, IpFamily};
 use crate::model::ProxyModel;
 use crate::pipeline;
 use crate::source::{ClusterState, Manifests};
@@ -46,6 +47,41 @@ pub fn validation(data: &[u8]) {
         return;
     };
     check_renders(&cluster.into_state());
+}
+
+/// Rule text through the iptables reader: reading never panics, and what it reads renders to
+/// text that reads back to the same rules.
+pub fn iptables_rules(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(ruleset) = crate::iptables::Ruleset::from_restore_text(text, IpFamily::V4) else {
+        return;
+    };
+    let again =
+        crate::iptables::Ruleset::from_restore_text(&ruleset.to_restore_text(), ruleset.family);
+    assert_eq!(
+        again.as_ref(),
+        Ok(&ruleset),
+        "iptables rules change on a second reading"
+    );
+}
+
+/// Script text through the nftables reader: reading never panics, and what it reads renders
+/// to a script that reads back to the same objects.
+pub fn nft_rules(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(ruleset) = crate::nftables::Ruleset::from_nft_script(text) else {
+        return;
+    };
+    let again = crate::nftables::Ruleset::from_nft_script(&ruleset.to_nft_script());
+    assert_eq!(
+        again.as_ref(),
+        Ok(&ruleset),
+        "nftables objects change on a second reading"
+    );
 }
 
 fn check_renders(state: &ClusterState) {

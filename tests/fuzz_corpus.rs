@@ -74,3 +74,15 @@ fn an_injected_line_is_caught() {
         "a line that is no restore command must fail the check"
     );
 }
+
+#[test]
+fn rule_reader_corpora_replay() {
+    let iptables = inputs("fuzz/corpus/iptables_rules");
+    let nft = inputs("fuzz/corpus/nft_rules");
+    assert!(
+        iptables.len() >= 14 && nft.len() >= 14,
+        "the rule corpora are checked in"
+    );
+    replay(&iptables, kproxy::fuzzing::iptables_rules);
+    replay(&nft, kproxy::fuzzing::nft_rules);
+}

@@ -41,6 +41,7 @@ impl Ruleset {
             chains: Vec::new(),
         };
         let mut current: Option<TableName> = None;
+        let mut seen: Vec<TableName> = Vec::new();
         for (index, line) in text.lines().enumerate() {
             let error = |message: &str| ParseError {
                 line: index + 1,
@@ -54,12 +55,19 @@ impl Ruleset {
             };
             if line.is_empty() || line.starts_with('#') {
                 continue;
+            } else if line.chars().any(char::is_control) {
+                return Err(error("a control character"));
             } else if let Some(name) = line.strip_prefix('*') {
-                current = Some(match name {
+                let name = match name {
                     "filter" => TableName::Filter,
                     "nat" => TableName::Nat,
                     _ => return Err(error("a table kproxy does not write")),
-                });
+                };
+                if seen.contains(&name) || current.is_some() {
+                    return Err(error("a table twice, or inside another"));
+                }
+                seen.push(name);
+                current = Some(name);
             } else if line == "COMMIT" {
                 current = None;
             } else if current.is_none() {
@@ -70,6 +78,9 @@ impl Ruleset {
                     .next()
                     .and_then(ChainName::new)
                     .ok_or_else(|| error("not a chain declaration"))?;
+                if table.chains.iter().any(|c| c.name == name) {
+                    return Err(error("a chain declared twice"));
+                }
                 table.chains.push(Chain::new(name, 0));
             } else if let Some(rule) = line.strip_prefix("-A ") {
                 let (chain, rule) = parse_rule(rule).map_err(|message| error(&message))?;
@@ -153,7 +164,10 @@ fn parse_rule(text: &str) -> Result<(ChainName, Rule), String> {
                 matches.push(match module {
                     "comment" => {
                         expect(next("--comment")?, "--comment")?;
-                        Match::Comment(Arc::from(next("a comment")?))
+                        match next("a comment")? {
+                            "" => return Err("an empty comment".into()),
+                            comment => Match::Comment(Arc::from(comment)),
+                        }
                     }
                     "tcp" | "udp" | "sctp" => {
                         expect(next("-p")?, "-p")?;
@@ -189,10 +203,15 @@ fn parse_rule(text: &str) -> Result<(ChainName, Rule), String> {
                         expect(next("--mode")?, "--mode")?;
                         expect(next("random")?, "random")?;
                         expect(next("--probability")?, "--probability")?;
-                        let p = next("a probability")?;
-                        Match::RandomProbability(
-                            p.parse().map_err(|_| format!("probability {p:?}"))?,
-                        )
+                        let text = next("a probability")?;
+                        // Exactly as kproxy prints it (10 decimals), so that it reads back
+                        // to the same rule.
+                        let p: f64 = text
+                            .parse()
+                            .ok()
+                            .filter(|p: &f64| format!("{p:.10}") == text)
+                            .ok_or(format!("probability {text:?}"))?;
+                        Match::RandomProbability(p)
                     }
                     "mark" => {
                         let mut option = next("--mark")?;

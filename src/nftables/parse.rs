@@ -36,6 +36,9 @@ impl Ruleset {
                 message,
                 text: line.to_string(),
             };
+            if line.chars().any(char::is_control) {
+                return Err(error("a control character".into()));
+            }
             let words = words(line).map_err(error)?;
             add_command(&mut ruleset, &words).map_err(error)?;
         }
@@ -130,6 +133,14 @@ fn add_command(ruleset: &mut Option<Ruleset>, words: &[&str]) -> Result<(), Stri
         return Err(format!("an object of another table ({table})"));
     }
     let name: Name = w.next("a name")?.into();
+    let declared = match kind {
+        "chain" => ruleset.chain(&name).is_some(),
+        "set" | "map" => ruleset.set(&name).is_some() || ruleset.map(&name).is_some(),
+        _ => false,
+    };
+    if declared {
+        return Err(format!("{kind} {name} declared twice"));
+    }
     match kind {
         "chain" => {
             let mut chain = Chain {
