@@ -61,6 +61,9 @@ fn words(text: &str) -> Result<Vec<&str>, String> {
             rest = quoted[end + 1..].trim_start();
         } else {
             let end = rest.find(' ').unwrap_or(rest.len());
+            if rest[..end].contains('"') {
+                return Err("a quote inside a word".into());
+            }
             words.push(&rest[..end]);
             rest = rest[end..].trim_start();
         }
