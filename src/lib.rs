@@ -19,6 +19,7 @@ pub mod nftables;
 pub mod parallel;
 pub mod pipeline;
 pub mod port_cache;
+pub mod rule_words;
 pub mod source;
 pub mod sync;
 pub mod synthetic;

@@ -15,6 +15,7 @@ use super::ruleset::{
 use super::translate::{NFACCT_INVALID_DROPPED, NFACCT_LOCALHOST_NODEPORTS};
 use crate::family::IpFamily;
 use crate::model::Protocol;
+use crate::rule_words::words;
 
 /// Restore text kproxy would not have written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -100,27 +101,6 @@ impl Ruleset {
             nat,
         })
     }
-}
-
-/// The words of a rule line; a double-quoted word may hold spaces.
-fn words(text: &str) -> Result<Vec<&str>, String> {
-    let mut words = Vec::new();
-    let mut rest = text.trim_start();
-    while !rest.is_empty() {
-        if let Some(quoted) = rest.strip_prefix('"') {
-            let end = quoted.find('"').ok_or("an unterminated quote")?;
-            words.push(&quoted[..end]);
-            rest = quoted[end + 1..].trim_start();
-        } else {
-            let end = rest.find(' ').unwrap_or(rest.len());
-            if rest[..end].contains('"') {
-                return Err("a quote inside a word".into());
-            }
-            words.push(&rest[..end]);
-            rest = rest[end..].trim_start();
-        }
-    }
-    Ok(words)
 }
 
 /// `CHAIN match… [-j target…]` after `-A `.

@@ -12,6 +12,7 @@ use super::ruleset::{
 };
 use crate::family::IpFamily;
 use crate::model::Protocol;
+use crate::rule_words::words;
 
 /// Script text kproxy would not have written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,27 +49,6 @@ impl Ruleset {
             text: String::new(),
         })
     }
-}
-
-/// The words of a line; a double-quoted word may hold spaces (kproxy never quotes a quote).
-fn words(text: &str) -> Result<Vec<&str>, String> {
-    let mut words = Vec::new();
-    let mut rest = text.trim_start();
-    while !rest.is_empty() {
-        if let Some(quoted) = rest.strip_prefix('"') {
-            let end = quoted.find('"').ok_or("an unterminated quote")?;
-            words.push(&quoted[..end]);
-            rest = quoted[end + 1..].trim_start();
-        } else {
-            let end = rest.find(' ').unwrap_or(rest.len());
-            if rest[..end].contains('"') {
-                return Err("a quote inside a word".into());
-            }
-            words.push(&rest[..end]);
-            rest = rest[end..].trim_start();
-        }
-    }
-    Ok(words)
 }
 
 /// A cursor over a line's words.

@@ -12,6 +12,7 @@ use super::{
 };
 use crate::family::IpFamily;
 use crate::iptables::{is_owned_chain, KUBE_PROXY_CANARY};
+use crate::rule_words::arguments;
 use crate::sync::SyncError;
 
 /// The tables kproxy writes chains into.
@@ -41,33 +42,6 @@ fn owns(table: &str, chain: &str) -> bool {
         "mangle" => chain == KUBE_PROXY_CANARY,
         _ => false,
     }
-}
-
-/// Splits a saved rule into arguments: blanks separate them, except inside double quotes.
-fn arguments(line: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let mut start = None;
-    let mut quoted = false;
-    for (i, c) in line.char_indices() {
-        match c {
-            '"' => {
-                quoted = !quoted;
-                start.get_or_insert(i);
-            }
-            c if c.is_whitespace() && !quoted => {
-                if let Some(s) = start.take() {
-                    out.push(&line[s..i]);
-                }
-            }
-            _ => {
-                start.get_or_insert(i);
-            }
-        }
-    }
-    if let Some(s) = start {
-        out.push(&line[s..]);
-    }
-    out
 }
 
 /// The chain a saved rule jumps or goes to, if any.
@@ -351,20 +325,7 @@ COMMIT
     }
 
     #[test]
-    fn quoted_arguments_stay_whole() {
-        assert_eq!(
-            arguments("-A X -m comment --comment \"a -j B\" -j C"),
-            vec![
-                "-A",
-                "X",
-                "-m",
-                "comment",
-                "--comment",
-                "\"a -j B\"",
-                "-j",
-                "C"
-            ]
-        );
+    fn the_target_is_found_outside_quotes() {
         assert_eq!(
             target("-A X -m comment --comment \"a -j B\" -j C"),
             Some("C")

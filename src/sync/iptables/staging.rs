@@ -64,6 +64,7 @@
 use rustc_hash::FxHashSet;
 
 use crate::iptables::{write_rule, Chain, ChainName, Table};
+use crate::rule_words::arguments;
 
 /// One filter chain as rule lines (`-A NAME …`), as kproxy renders them or as a save shows
 /// them.
@@ -103,33 +104,6 @@ pub enum Order {
     NatFirst,
     /// An intermediate filter, then nat, then the new filter.
     Staged(Vec<ChainLines>),
-}
-
-/// Splits a rule line into arguments: blanks separate them, except inside double quotes.
-fn arguments(line: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let mut start = None;
-    let mut quoted = false;
-    for (i, c) in line.char_indices() {
-        match c {
-            '"' => {
-                quoted = !quoted;
-                start.get_or_insert(i);
-            }
-            c if c.is_whitespace() && !quoted => {
-                if let Some(s) = start.take() {
-                    out.push(&line[s..i]);
-                }
-            }
-            _ => {
-                start.get_or_insert(i);
-            }
-        }
-    }
-    if let Some(s) = start {
-        out.push(&line[s..]);
-    }
-    out
 }
 
 /// One argument in a comparable form: without quotes, host prefixes (`/32`, `/128`) and
