@@ -283,24 +283,22 @@ impl Common {
         self.mode.map_or(Mode::Iptables, ModeArg::mode)
     }
 
-    /// The node settings for a command that runs on this node: the flags, with a `primary`
-    /// NodePort address the flags leave open taken from this network namespace when the
+    /// Completes the flags' node settings for a command that runs on this node: a `primary`
+    /// NodePort address the flags leave open is taken from this network namespace when the
     /// input has NodePorts at all.
-    fn node_config_here(&self, manifests: &Manifests) -> Result<NodeConfig> {
-        let mut config = self.node_config_with(None)?;
+    fn resolve_node_ips_here(&self, config: &mut NodeConfig, manifests: &Manifests) -> Result<()> {
         if !has_node_ports(manifests) {
-            return Ok(config);
+            return Ok(());
         }
         let mode_default = (self.mode() == Mode::Nftables).then_some(NodePortAddresses::Primary);
-        for (family, ip) in
-            crate::host::resolve_primary_node_ips(&mut config, mode_default.as_ref())
-                .map_err(|e| UsageError(e.to_string()))?
+        for (family, ip) in crate::host::resolve_primary_node_ips(config, mode_default.as_ref())
+            .map_err(|e| UsageError(e.to_string()))?
         {
             eprintln!(
                 "kproxy: NodePorts are accepted on {ip}, this network namespace's primary {family} address (--node-ip chooses another)"
             );
         }
-        Ok(config)
+        Ok(())
     }
 
     /// The node settings from the flags, with the file's values where no flag was given.
@@ -707,9 +705,9 @@ fn has_node_ports(manifests: &Manifests) -> bool {
 
 /// Reads the inputs and builds the plan, reporting skipped objects on stderr.
 fn read_plan(common: &Common, inputs: &[PathBuf]) -> Result<(NodeConfig, InputPlan)> {
-    common.node_config_with(None)?; // bad flags first, before reading anything
+    let mut config = common.node_config_with(None)?; // bad flags first, before reading anything
     let manifests = Manifests::read_paths(inputs)?;
-    let config = common.node_config_here(&manifests)?;
+    common.resolve_node_ips_here(&mut config, &manifests)?;
     let plan = pipeline::plan(&manifests.state, &config);
     let mut services_skipped = 0;
     for note in manifests.notes.iter().chain(&plan.notes) {
