@@ -16,6 +16,7 @@ use crate::agent::{AgentConfig, DetectLocal, Source};
 use crate::backend::{self, BackendOptions, Mode};
 use crate::config::{MasqueradeMark, NodeConfig, NodePortAddresses};
 use crate::family::{parse_cidr_sloppy, FamilyMode, IpFamily};
+use crate::model::Protocol;
 use crate::pipeline;
 use crate::source::kube::ApiServer;
 use crate::source::{Manifests, Note};
@@ -80,6 +81,12 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "auto")]
         iptables_backend: IptablesBackendArg,
     },
+    /// Show where a packet goes through the rules: every rule it passes, the verdict, the
+    /// endpoints with their odds, masquerading and session affinity.
+    ///
+    /// Over the rules rendered for the manifests given, or with `--live` over the rules and
+    /// affinity state this network namespace holds now.
+    Trace(Box<TraceArgs>),
     /// Print a synthetic cluster (Services and EndpointSlices) as manifests, for benchmarks.
     Generate {
         /// Number of Services.
@@ -89,6 +96,45 @@ pub enum Command {
         #[arg(long, default_value_t = 10)]
         endpoints: usize,
     },
+}
+
+#[derive(Args)]
+pub struct TraceArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The client's address.
+    #[arg(long, value_name = "IP")]
+    src: IpAddr,
+    /// Where the client connects: `IP:PORT` (`[IPv6]:PORT`).
+    #[arg(long, value_name = "IP:PORT")]
+    dst: SocketAddr,
+    #[arg(long, value_enum, default_value = "tcp")]
+    proto: ProtoArg,
+    /// The packet is sent by a process on the node (OUTPUT) instead of arriving from outside
+    /// (PREROUTING).
+    #[arg(long)]
+    from_node: bool,
+    #[arg(long, value_enum, default_value = "text")]
+    output: OutputArg,
+    /// Trace over the rules and affinity state of this network namespace, not over manifests.
+    #[arg(long, conflicts_with = "inputs")]
+    live: bool,
+    /// Manifest files or directories; `-` reads stdin.
+    #[arg(value_name = "FILE|DIR|-", required_unless_present = "live")]
+    inputs: Vec<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ProtoArg {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputArg {
+    Text,
+    Json,
 }
 
 /// How long a writer waits for another kproxy writing this network namespace's rules.
@@ -621,6 +667,7 @@ fn run(cli: Cli) -> Result<()> {
             sync_once(&common, &inputs, allow_empty)
         }
         Command::Run(args) => run_agent(&args),
+        Command::Trace(args) => trace(&args),
         Command::Cleanup {
             mode,
             lock,
@@ -768,6 +815,92 @@ fn sync_once(common: &Common, inputs: &[PathBuf], allow_empty: bool) -> Result<(
         eprintln!("kproxy: deleted {deleted} stale UDP conntrack entries");
     }
     Ok(())
+}
+
+fn trace(args: &TraceArgs) -> Result<()> {
+    use crate::trace::{self, AffinityState, Host, Origin, Probe};
+    let family = IpFamily::of(&args.src);
+    if IpFamily::of(&args.dst.ip()) != family {
+        return Err(UsageError(format!(
+            "--src {} and --dst {} are of different IP families",
+            args.src, args.dst
+        ))
+        .into());
+    }
+    let probe = Probe {
+        src: args.src,
+        dst: args.dst,
+        protocol: match args.proto {
+            ProtoArg::Tcp => Protocol::Tcp,
+            ProtoArg::Udp => Protocol::Udp,
+            ProtoArg::Sctp => Protocol::Sctp,
+        },
+        origin: if args.from_node {
+            Origin::Node
+        } else {
+            Origin::Outside
+        },
+    };
+    let mode = args.common.mode();
+    let (rules, host, affinity, notes) = if args.live {
+        let live = trace::live::read(mode, family)?;
+        (live.rules, live.host, live.affinity, live.notes)
+    } else {
+        let (config, input) = read_plan(&args.common, &args.inputs)?;
+        let models = &input.plan.models;
+        let Some(index) = models.iter().position(|m| m.family == family) else {
+            return Err(UsageError(format!(
+                "the packet is {family} but the rules are rendered for {}; pass --ip-family",
+                models
+                    .iter()
+                    .map(|m| m.family.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            ))
+            .into());
+        };
+        let mut rules = trace::rendered_rules(mode, models, &config)?;
+        let host = Host::new(config.node_ips.iter().copied());
+        (
+            rules.swap_remove(index),
+            host,
+            AffinityState::default(),
+            Vec::new(),
+        )
+    };
+    let traced = trace::trace(rules.as_ref(), &probe, &host, &affinity);
+    let text = match args.output {
+        OutputArg::Json => {
+            let mut json = traced.to_json();
+            json["mode"] = mode.name().into();
+            json["notes"] = notes.into();
+            format!("{json:#}\n")
+        }
+        OutputArg::Text => {
+            let mut text = format!(
+                "{} {} -> {}, {}; {} rules ({family}{})\n",
+                probe.protocol.lower(),
+                probe.src,
+                crate::text::socket_string(probe.dst),
+                if args.from_node {
+                    "sent from the node (OUTPUT)"
+                } else {
+                    "arriving from outside the node (PREROUTING)"
+                },
+                mode.name(),
+                if args.live { ", live" } else { "" }
+            );
+            text.push_str(&traced.to_text(probe.src));
+            for note in notes {
+                text.push_str(&format!("note: {note}\n"));
+            }
+            text
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .context("cannot write the trace to stdout")
 }
 
 fn render(common: &Common, inputs: &[PathBuf]) -> Result<()> {

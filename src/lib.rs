@@ -24,3 +24,4 @@ pub mod source;
 pub mod sync;
 pub mod synthetic;
 pub mod text;
+pub mod trace;

@@ -26,8 +26,14 @@ pub struct ParseError {
     pub text: String,
 }
 
-/// The conntrack state lists kproxy writes; the rule type keeps them as static text.
-const CTSTATES: [&str; 3] = ["INVALID", "RELATED,ESTABLISHED", "RELATED,ESTABLISHED,DNAT"];
+/// The conntrack state lists kproxy writes (`NEW` in its jump rules); the rule type keeps them
+/// as static text.
+const CTSTATES: [&str; 4] = [
+    "NEW",
+    "INVALID",
+    "RELATED,ESTABLISHED",
+    "RELATED,ESTABLISHED,DNAT",
+];
 
 impl Ruleset {
     /// Reads `iptables-restore` input of one family holding the `filter` and `nat` tables,
@@ -100,6 +106,14 @@ impl Ruleset {
             filter,
             nat,
         })
+    }
+}
+
+impl Rule {
+    /// One rule line as kproxy writes it, `-A CHAIN match… [-j target…]`, with its chain.
+    pub fn from_restore_line(line: &str) -> Result<(ChainName, Rule), String> {
+        let rule = line.strip_prefix("-A ").ok_or("not an -A line")?;
+        parse_rule(rule)
     }
 }
 

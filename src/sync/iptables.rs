@@ -128,6 +128,12 @@ const JUMPS: &[Jump] = &[
     jump("filter", "OUTPUT", &[], KUBE_FIREWALL),
 ];
 
+/// The jump rules of §4.2 as `(table, rule line)`, the line as `iptables-save` prints it
+/// (for the tracer, which walks the built-in chains through them).
+pub fn jump_rule_lines() -> impl Iterator<Item = (&'static str, String)> {
+    JUMPS.iter().map(|jump| (jump.table, jump.save_line()))
+}
+
 /// The jumps checked on every partial sync to notice that someone flushed `nat` or `filter`
 /// (e.g. `iptables -t nat -F`, which leaves every chain, canaries included, but no rule):
 /// indexes into [`JUMPS`].
