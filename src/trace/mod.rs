@@ -150,3 +150,6 @@ fn recorded_stores(branch: &Branch) -> Vec<&str> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests;
