@@ -650,22 +650,32 @@ fn resolve(world: &World, cluster: &Cluster, sel: &ProbeSel) -> Option<Probe> {
     };
     let mut protocol = port.name.protocol;
     let mut origin = Origin::Outside;
+    // A selector naming what this port lacks falls back to the next kind of address, so that
+    // few selectors are wasted.
+    let cluster_ip = SocketAddr::new(port.cluster_ip, port.port);
+    let external_ip = |k| pick(&port.external_ips, k).map(|ip| SocketAddr::new(ip, port.port));
+    let lb_ip = |k| pick(&port.load_balancer_ips, k).map(|ip| SocketAddr::new(ip, port.port));
     let dst = match sel.dst {
-        Dst::ClusterIp => SocketAddr::new(port.cluster_ip, port.port),
+        Dst::ClusterIp => cluster_ip,
         Dst::WrongPort => SocketAddr::new(port.cluster_ip, port.port + 1),
-        Dst::ExternalIp(k) => SocketAddr::new(pick(&port.external_ips, k)?, port.port),
-        Dst::LbIp(k) => SocketAddr::new(pick(&port.load_balancer_ips, k)?, port.port),
-        Dst::NodePort(which) => SocketAddr::new(a.node(which), port.node_port?),
-        Dst::HealthCheck => {
-            protocol = Protocol::Tcp;
-            SocketAddr::new(a.node(NodeAddr::Primary), port.health_check_node_port?)
-        }
+        Dst::ExternalIp(k) => external_ip(k).or_else(|| lb_ip(k)).unwrap_or(cluster_ip),
+        Dst::LbIp(k) => lb_ip(k).or_else(|| external_ip(k)).unwrap_or(cluster_ip),
+        // Without a node port: the node address on the service port (nothing there).
+        Dst::NodePort(which) => SocketAddr::new(a.node(which), port.node_port.unwrap_or(port.port)),
+        Dst::HealthCheck => match port.health_check_node_port {
+            Some(hc) => {
+                protocol = Protocol::Tcp;
+                SocketAddr::new(a.node(NodeAddr::Primary), hc)
+            }
+            None => SocketAddr::new(a.node(NodeAddr::Primary), port.node_port.unwrap_or(port.port)),
+        },
         Dst::Endpoint(k) => {
             let endpoints: Vec<&Endpoint> = port.reachable_endpoints().collect();
             if endpoints.is_empty() {
-                return None;
+                SocketAddr::new(a.pod(EpHost::OtherNode, 99), 8080)
+            } else {
+                endpoints[k as usize % endpoints.len()].addr
             }
-            endpoints[k as usize % endpoints.len()].addr
         }
         Dst::Unrelated => SocketAddr::new(a.unrelated(), port.port),
         Dst::Unallocated => SocketAddr::new(a.unallocated(), port.port),
@@ -1419,7 +1429,7 @@ fn probe_strategy() -> impl Strategy<Value = ProbeSel> {
         2 => Just(Src::LocalPod),
         1 => Just(Src::RemotePod),
         3 => any::<u8>().prop_map(Src::Endpoint),
-        1 => any::<u8>().prop_map(Src::LbIp),
+        2 => any::<u8>().prop_map(Src::LbIp),
         2 => node_addr().prop_map(Src::Node),
     ];
     (
@@ -1461,7 +1471,13 @@ fn both_modes_route_alike() {
             "proptest-regressions",
         ))),
         source_file: Some(file!()),
-        ..Config::with_cases(CASES)
+        // PROPTEST_CASES overrides the count, as for proptest's own macro.
+        ..Config::with_cases(
+            std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(CASES),
+        )
     });
     let result = runner.run(&case_strategy(), |case| {
         check_case(&case, &mut stats.borrow_mut())
