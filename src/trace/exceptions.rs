@@ -98,48 +98,49 @@ impl ModeDifference {
         }
     }
 
-    /// The kube-proxy source that shows both behaviours.
+    /// The kube-proxy source that shows both behaviours, and the spec sections that state it.
     pub fn kube_proxy_source(self) -> &'static str {
         match self {
             ModeDifference::ClusterIpUnknownPort => {
-                "pkg/proxy/nftables/proxier.go setupNFTables: the clusterIPsCheckChain rule \
-                 `ip daddr @cluster-ips reject` (\"Reject traffic to invalid ports of \
-                 ClusterIPs\"), jumped to from filter-forward and filter-output; \
-                 pkg/proxy/iptables/proxier.go syncProxyRules writes cluster-IP rules only \
-                 with `-d <clusterIP> --dport <port>`"
+                "pkg/proxy/nftables/proxier.go: setupNFTables adds `ip daddr @cluster-ips \
+                 reject` (\"Reject traffic to invalid ports of ClusterIPs\") to \
+                 clusterIPsCheckChain, which nftablesJumpChains jumps to from the forward and \
+                 output filter chains; pkg/proxy/iptables/proxier.go syncProxyRules matches \
+                 cluster IPs only as `-d <clusterIP> --dport <port>` (spec §5.3, §5.5, §10)"
             }
             ModeDifference::UnallocatedClusterIp => {
-                "pkg/proxy/nftables/proxier.go syncProxyRules: `ip daddr { <service CIDRs> } \
-                 drop` (\"Drop traffic to unallocated ClusterIPs\") in clusterIPsCheckChain; \
-                 pkg/proxy/iptables/proxier.go has no counterpart"
+                "pkg/proxy/nftables/proxier.go setupNFTables: `ip daddr { <service CIDRs> } \
+                 drop` (\"Drop traffic to unallocated ClusterIPs\") in clusterIPsCheckChain \
+                 when ServiceCIDRs are known; iptables mode has no counterpart (spec §5.5, §10)"
             }
             ModeDifference::FirewallWithoutEndpoints => {
                 "pkg/proxy/iptables/proxier.go syncProxyRules: `usesFWChain := hasEndpoints && \
                  len(svcInfo.LoadBalancerVIPs()) > 0 && \
                  len(svcInfo.LoadBalancerSourceRanges()) > 0`; pkg/proxy/nftables/proxier.go \
                  syncProxyRules: `usesFWChain := len(svcInfo.LoadBalancerVIPs()) > 0 && \
-                 len(svcInfo.LoadBalancerSourceRanges()) > 0`, firewall-check in \
-                 filter-prerouting-pre-dnat / filter-output-pre-dnat"
+                 len(svcInfo.LoadBalancerSourceRanges()) > 0`, checked by firewallCheckChain \
+                 from the pre-DNAT filter chains (spec §2.7, §5.13, §11)"
             }
             ModeDifference::NodeToExternalWithoutEndpoints => {
                 "pkg/proxy/iptables/proxier.go iptablesJumpChains: kubeExternalServicesChain \
                  from ChainInput and ChainForward only; pkg/proxy/nftables/proxier.go \
-                 nftablesJumpChains: serviceEndpointsCheckChain from filterInputChain, \
-                 filterForwardChain and filterOutputChain"
+                 nftablesJumpChains: serviceEndpointsCheckChain from the input, forward and \
+                 output filter chains (spec §4.2, §5.3)"
             }
             ModeDifference::NodePortAddresses => {
                 "cmd/kube-proxy/app/server_linux.go platformApplyDefaults: nftables mode \
                  defaults an empty nodePortAddresses to `primary`; \
-                 pkg/proxy/iptables/proxier.go NewProxier (localhostNodePorts) and \
-                 syncProxyRules (the KUBE-EXTERNAL-SERVICES NodePort rule with `-m addrtype \
-                 --dst-type LOCAL`); pkg/proxy/nftables/proxier.go syncProxyRules \
-                 (nodeport-ips without loopback, `ip daddr != 127.0.0.0/8`)"
+                 pkg/proxy/iptables/proxier.go: NewProxier keeps localhostNodePorts only when \
+                 the node-port addresses hold 127.0.0.1, and syncProxyRules writes the \
+                 no-endpoint NodePort rule with `-m addrtype --dst-type LOCAL`; \
+                 pkg/proxy/nftables/proxier.go setupNFTables: nodeport-ips without loopback, \
+                 `ip daddr != 127.0.0.0/8` when matching all (spec §3, §4.5, §4.6.1 item 5, §5.5)"
             }
             ModeDifference::RemoteEndpointHairpin => {
-                "pkg/proxy/iptables/proxier.go writeServiceToEndpointRules / syncProxyRules: \
-                 the `-s <endpoint IP> -j KUBE-MARK-MASQ` rule of every KUBE-SEP chain; \
-                 pkg/proxy/nftables/proxier.go syncProxyRules: hairpin-connections elements \
-                 only for endpoints with IsLocal() (spec §5A.4)"
+                "pkg/proxy/iptables/proxier.go syncProxyRules: the `-s <endpoint IP> -j \
+                 KUBE-MARK-MASQ` rule of every KUBE-SEP chain, local endpoint or not; \
+                 pkg/proxy/nftables/proxier.go at edca5633: hairpin-connections elements \
+                 only for local endpoints (spec §4.6.2 item 12, §5A.4, §5A.6 item 4)"
             }
         }
     }
@@ -158,5 +159,24 @@ impl fmt::Display for ModeDifference {
             ModeDifference::RemoteEndpointHairpin => "hairpin of a remote endpoint",
         };
         f.write_str(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_difference_is_documented_once() {
+        let mut names: Vec<String> = ModeDifference::ALL.iter().map(|d| d.to_string()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), ModeDifference::ALL.len());
+        for difference in ModeDifference::ALL {
+            assert!(!difference.iptables().is_empty());
+            assert!(!difference.nftables().is_empty());
+            let source = difference.kube_proxy_source();
+            assert!(source.contains("pkg/proxy/") && source.contains("spec §"), "{source}");
+        }
     }
 }
