@@ -31,7 +31,7 @@ use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestR
 use serde_json::json;
 
 use kproxy::backend::Mode;
-use kproxy::config::{NodeConfig, NodePortAddresses};
+use kproxy::config::{MasqueradeMark, NodeConfig, NodePortAddresses};
 use kproxy::family::{FamilyMode, IpFamily};
 use kproxy::model::{Endpoint, NoEndpointVerdict, Protocol, ProxyModel, ServicePort};
 use kproxy::pipeline;
@@ -82,6 +82,11 @@ struct Node {
     zone: bool,
     /// `PreferSameTrafficDistribution`: node hints are honoured.
     prefer_same_node: bool,
+    /// The masquerade bit, and the short mark form (`0x4000`) instead of `%#08x`.
+    mark: (u8, bool),
+    /// iptables: nfacct counters, `nf_conntrack_tcp_be_liberal`, `--random-fully`, and the
+    /// large-cluster mode (no endpoint comments).
+    iptables_flags: [bool; 4],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +135,7 @@ enum Hint {
 #[derive(Debug, Clone)]
 struct Ep {
     host: EpHost,
-    /// Which address of the host's pool (1..=3): Services may share endpoints.
+    /// Which address of the host's pool (1..=5): Services may share endpoints.
     index: u8,
     ready: Option<bool>,
     serving: Option<bool>,
@@ -588,6 +593,17 @@ impl Node {
         }
         config.masquerade_all = self.masquerade_all;
         config.zone = self.zone.then(|| "zone-a".to_string());
+        config.masquerade_mark = match self.mark {
+            (bit, false) => MasqueradeMark::from_bit(bit),
+            (bit, true) => MasqueradeMark::short_from_bit(bit),
+        };
+        let [nfacct, be_liberal, random_fully, large_cluster] = self.iptables_flags;
+        config.iptables.nfacct_counters = nfacct;
+        config.iptables.conntrack_tcp_be_liberal = be_liberal;
+        config.iptables.random_fully = random_fully;
+        if large_cluster {
+            config.iptables.large_cluster_endpoints_threshold = 1;
+        }
         config.prefer_same_node = self.prefer_same_node;
         config.iptables.localhost_nodeports = self.localhost_nodeports;
         let networks = |loopback: bool| {
@@ -1370,6 +1386,11 @@ fn node_strategy() -> impl Strategy<Value = Node> {
         any::<bool>(),
         any::<bool>(),
         any::<bool>(),
+        (
+            prop_oneof![Just(14u8), Just(0), Just(5), Just(31)],
+            any::<bool>(),
+        ),
+        any::<[bool; 4]>(),
     )
         .prop_map(
             |(
@@ -1382,6 +1403,8 @@ fn node_strategy() -> impl Strategy<Value = Node> {
                 service_cidr,
                 zone,
                 prefer_same_node,
+                mark,
+                iptables_flags,
             )| Node {
                 stack,
                 secondary_ip,
@@ -1392,6 +1415,8 @@ fn node_strategy() -> impl Strategy<Value = Node> {
                 service_cidr,
                 zone,
                 prefer_same_node,
+                mark,
+                iptables_flags,
             },
         )
 }
@@ -1404,7 +1429,7 @@ fn endpoint_strategy() -> impl Strategy<Value = Ep> {
             1 => Just(EpHost::Unknown),
             1 => Just(EpHost::HostNetwork),
         ],
-        1u8..=3,
+        1u8..=5,
         option_bool(),
         option_bool(),
         option_bool(),
@@ -1468,7 +1493,7 @@ fn service_strategy() -> impl Strategy<Value = Svc> {
             any::<bool>(),
             proptest::option::of(1u32..=86400),
             any::<bool>(),
-            proptest::collection::vec(endpoint_strategy(), 0..=4),
+            proptest::collection::vec(endpoint_strategy(), 0..=6),
         ),
     )
         .prop_map(
