@@ -1622,3 +1622,303 @@ fn both_modes_route_alike() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Regression cases: each documented mode difference, minimal, with what each mode does.
+
+fn plain_node() -> Node {
+    Node {
+        stack: Stack::V4,
+        secondary_ip: false,
+        pod_cidr: true,
+        masquerade_all: false,
+        nodeport_addresses: NodePorts::Unset,
+        localhost_nodeports: true,
+        service_cidr: false,
+        zone: false,
+        prefer_same_node: true,
+        mark: (14, false),
+        iptables_flags: [false, false, true, false],
+    }
+}
+
+fn plain_service(kind: Kind, endpoints: Vec<Ep>) -> Svc {
+    Svc {
+        kind,
+        stack: 0,
+        ports: vec![(Protocol::Tcp, 80)],
+        external_ips: 0,
+        lb_ips: 0,
+        on_node: None,
+        source_ranges: Vec::new(),
+        external_local: false,
+        internal_local: false,
+        affinity: None,
+        health_check: false,
+        endpoints,
+    }
+}
+
+fn ready(host: EpHost, index: u8) -> Ep {
+    Ep {
+        host,
+        index,
+        ready: None,
+        serving: None,
+        terminating: None,
+        hint: None,
+    }
+}
+
+fn probe(src: &str, dst: &str, origin: Origin) -> Probe {
+    Probe {
+        src: ip(src),
+        dst: dst.parse().expect("a test socket address"),
+        protocol: Protocol::Tcp,
+        origin,
+    }
+}
+
+/// Checks the probe as the property test does (each mode against the model's intent, and
+/// against each other where kube-proxy's modes agree) and returns the intent.
+fn regression(cluster: Cluster, probe: Probe) -> Intent {
+    let world = World::build(&cluster).expect("the cluster builds");
+    let mut stats = Stats::default();
+    if let Err(err) = check_probe(&world, &probe, &mut stats) {
+        panic!("{err}");
+    }
+    intent(&world, &probe)
+}
+
+fn assert_difference(intent: &Intent, difference: ModeDifference, iptables: &str, nftables: &str) {
+    assert_eq!(intent.difference, Some(difference), "{intent:?}");
+    assert!(format!("{:?}", intent.iptables).starts_with(iptables), "{intent:?}");
+    assert!(format!("{:?}", intent.nftables).starts_with(nftables), "{intent:?}");
+}
+
+#[test]
+fn difference_cluster_ip_unknown_port() {
+    let cluster = Cluster {
+        node: plain_node(),
+        services: vec![plain_service(
+            Kind::ClusterIp,
+            vec![ready(EpHost::OtherNode, 1)],
+        )],
+    };
+    for origin in [Origin::Outside, Origin::Node] {
+        let src = if origin == Origin::Node {
+            "192.168.0.10"
+        } else {
+            "203.0.113.200"
+        };
+        let intent = regression(cluster.clone(), probe(src, "172.30.0.10:81", origin));
+        assert_difference(
+            &intent,
+            ModeDifference::ClusterIpUnknownPort,
+            "Pass",
+            "Reject",
+        );
+    }
+    // The defined port routes alike.
+    let intent = regression(
+        cluster,
+        probe("203.0.113.200", "172.30.0.10:80", Origin::Outside),
+    );
+    assert_eq!(intent.difference, None);
+}
+
+#[test]
+fn difference_unallocated_cluster_ip() {
+    let mut node = plain_node();
+    node.service_cidr = true;
+    let cluster = Cluster {
+        node,
+        services: vec![plain_service(
+            Kind::ClusterIp,
+            vec![ready(EpHost::OtherNode, 1)],
+        )],
+    };
+    let intent = regression(
+        cluster,
+        probe("10.244.1.99", "172.30.200.1:80", Origin::Outside),
+    );
+    assert_difference(
+        &intent,
+        ModeDifference::UnallocatedClusterIp,
+        "Pass",
+        "Drop",
+    );
+}
+
+/// The example: a LoadBalancer without endpoints, with source ranges.
+#[test]
+fn difference_firewall_without_endpoints() {
+    let mut svc = plain_service(Kind::LoadBalancer, Vec::new());
+    svc.lb_ips = 1;
+    svc.source_ranges = vec![Range::OneClient];
+    let cluster = Cluster {
+        node: plain_node(),
+        services: vec![svc],
+    };
+    // A source the ranges do not allow: refused in iptables, dropped in nftables.
+    let intent = regression(
+        cluster.clone(),
+        probe("100.64.0.1", "198.51.100.1:80", Origin::Outside),
+    );
+    assert_difference(
+        &intent,
+        ModeDifference::FirewallWithoutEndpoints,
+        "Reject",
+        "Drop",
+    );
+    // An allowed source is refused in both.
+    let intent = regression(
+        cluster,
+        probe("203.0.113.200", "198.51.100.1:80", Origin::Outside),
+    );
+    assert_eq!(intent.difference, None);
+    assert_eq!(intent.iptables, Expected::Reject);
+}
+
+#[test]
+fn difference_node_to_external_without_endpoints() {
+    let mut svc = plain_service(Kind::ClusterIp, Vec::new());
+    svc.external_ips = 1;
+    let cluster = Cluster {
+        node: plain_node(),
+        services: vec![svc],
+    };
+    let intent = regression(
+        cluster.clone(),
+        probe("192.168.0.10", "192.0.2.1:80", Origin::Node),
+    );
+    assert_difference(
+        &intent,
+        ModeDifference::NodeToExternalWithoutEndpoints,
+        "Pass",
+        "Reject",
+    );
+    // From outside, both refuse.
+    let intent = regression(
+        cluster,
+        probe("100.64.0.1", "192.0.2.1:80", Origin::Outside),
+    );
+    assert_eq!(intent.difference, None);
+    assert_eq!(intent.iptables, Expected::Reject);
+    // With source ranges that leave the node out, nftables drops instead.
+    let mut svc = plain_service(Kind::LoadBalancer, Vec::new());
+    svc.lb_ips = 1;
+    svc.source_ranges = vec![Range::Clients];
+    let cluster = Cluster {
+        node: plain_node(),
+        services: vec![svc],
+    };
+    let intent = regression(
+        cluster,
+        probe("192.168.0.10", "198.51.100.1:80", Origin::Node),
+    );
+    assert_difference(
+        &intent,
+        ModeDifference::NodeToExternalWithoutEndpoints,
+        "Pass",
+        "Drop",
+    );
+}
+
+#[test]
+fn difference_nodeport_addresses() {
+    let mut node = plain_node();
+    node.secondary_ip = true;
+    let served = Cluster {
+        node: node.clone(),
+        services: vec![plain_service(
+            Kind::NodePort,
+            vec![ready(EpHost::OtherNode, 1)],
+        )],
+    };
+    // Unset: iptables takes NodePorts on every local address, nftables on the primary one.
+    let intent = regression(
+        served.clone(),
+        probe("203.0.113.200", "192.168.0.11:30000", Origin::Outside),
+    );
+    assert_difference(&intent, ModeDifference::NodePortAddresses, "Dnat", "Pass");
+    let intent = regression(
+        served.clone(),
+        probe("203.0.113.200", "192.168.0.10:30000", Origin::Outside),
+    );
+    assert_eq!(intent.difference, None);
+    // Localhost NodePorts: iptables only.
+    let intent = regression(
+        served,
+        probe("127.0.0.1", "127.0.0.1:30000", Origin::Node),
+    );
+    assert_difference(&intent, ModeDifference::NodePortAddresses, "Dnat", "Pass");
+    // Without endpoints, iptables refuses the NodePort on every local address, even where
+    // --nodeport-addresses does not take NodePorts.
+    node.nodeport_addresses = NodePorts::Primary;
+    let refused = Cluster {
+        node,
+        services: vec![plain_service(Kind::NodePort, Vec::new())],
+    };
+    for dst in ["192.168.0.11:30000", "127.0.0.1:30000"] {
+        let src = if dst.starts_with("127.") {
+            "127.0.0.1"
+        } else {
+            "192.168.0.10"
+        };
+        let intent = regression(refused.clone(), probe(src, dst, Origin::Node));
+        assert_difference(&intent, ModeDifference::NodePortAddresses, "Reject", "Pass");
+    }
+    // IPv6: NodePorts never on ::1, but iptables still refuses there.
+    let mut node = plain_node();
+    node.stack = Stack::V6;
+    let refused = Cluster {
+        node,
+        services: vec![plain_service(Kind::NodePort, Vec::new())],
+    };
+    let intent = regression(refused, probe("::1", "[::1]:30000", Origin::Node));
+    assert_difference(&intent, ModeDifference::NodePortAddresses, "Reject", "Pass");
+}
+
+#[test]
+fn difference_remote_endpoint_hairpin() {
+    let cluster = Cluster {
+        node: plain_node(),
+        services: vec![plain_service(
+            Kind::ClusterIp,
+            vec![ready(EpHost::OtherNode, 1)],
+        )],
+    };
+    let intent = regression(
+        cluster,
+        probe("10.244.2.1", "172.30.0.10:80", Origin::Outside),
+    );
+    assert_eq!(
+        intent.difference,
+        Some(ModeDifference::RemoteEndpointHairpin)
+    );
+    let endpoint: SocketAddr = "10.244.2.1:8080".parse().expect("an address");
+    let masquerade = |expected: &Expected| match expected {
+        Expected::Dnat { endpoints, .. } => endpoints.clone(),
+        other => panic!("not a DNAT: {other:?}"),
+    };
+    assert_eq!(masquerade(&intent.iptables), vec![(endpoint, true)]);
+    assert_eq!(masquerade(&intent.nftables), vec![(endpoint, false)]);
+    // A local endpoint reaching itself is masqueraded in both.
+    let cluster = Cluster {
+        node: plain_node(),
+        services: vec![plain_service(
+            Kind::ClusterIp,
+            vec![ready(EpHost::ThisNode, 1)],
+        )],
+    };
+    let intent = regression(
+        cluster,
+        probe("10.244.1.1", "172.30.0.10:80", Origin::Outside),
+    );
+    assert_eq!(intent.difference, None);
+    assert_eq!(
+        masquerade(&intent.iptables),
+        vec![("10.244.1.1:8080".parse().expect("an address"), true)]
+    );
+}
