@@ -349,17 +349,29 @@ impl Addrs {
     }
 
     fn far_client(&self) -> IpAddr {
-        ip(if self.v4() { "100.64.0.1" } else { "2001:db8:f::1" })
+        ip(if self.v4() {
+            "100.64.0.1"
+        } else {
+            "2001:db8:f::1"
+        })
     }
 
     fn unrelated(&self) -> IpAddr {
-        ip(if self.v4() { "100.64.9.9" } else { "2001:db8:9::9" })
+        ip(if self.v4() {
+            "100.64.9.9"
+        } else {
+            "2001:db8:9::9"
+        })
     }
 
     fn range(&self, range: Range) -> IpNet {
         let v4 = self.v4();
         match range {
-            Range::Clients => net(if v4 { "203.0.113.0/24" } else { "2001:db8:c::/64" }),
+            Range::Clients => net(if v4 {
+                "203.0.113.0/24"
+            } else {
+                "2001:db8:c::/64"
+            }),
             Range::OneClient => net(if v4 {
                 "203.0.113.200/32"
             } else {
@@ -368,7 +380,11 @@ impl Addrs {
             Range::Pods => self.pod_cidr(),
             Range::Nodes => self.node_net(),
             Range::Everything => net(if v4 { "0.0.0.0/0" } else { "::/0" }),
-            Range::Elsewhere => net(if v4 { "198.18.0.0/15" } else { "2001:db8:5::/48" }),
+            Range::Elsewhere => net(if v4 {
+                "198.18.0.0/15"
+            } else {
+                "2001:db8:5::/48"
+            }),
         }
     }
 }
@@ -620,9 +636,11 @@ impl Node {
             NodePorts::Primary => Some(NodePortAddresses::Primary),
             NodePorts::NodeNetwork => Some(NodePortAddresses::Cidrs(networks(false))),
             NodePorts::NodeNetworkAndLoopback => Some(NodePortAddresses::Cidrs(networks(true))),
-            NodePorts::NodeNetworkV4Only => Some(NodePortAddresses::Cidrs(vec![
-                Addrs(IpFamily::V4).node_net(),
-            ])),
+            NodePorts::NodeNetworkV4Only => {
+                Some(NodePortAddresses::Cidrs(vec![
+                    Addrs(IpFamily::V4).node_net()
+                ]))
+            }
         };
         config
     }
@@ -733,7 +751,10 @@ fn resolve(world: &World, cluster: &Cluster, sel: &ProbeSel) -> Option<Probe> {
                 protocol = Protocol::Tcp;
                 SocketAddr::new(a.node(NodeAddr::Primary), hc)
             }
-            None => SocketAddr::new(a.node(NodeAddr::Primary), port.node_port.unwrap_or(port.port)),
+            None => SocketAddr::new(
+                a.node(NodeAddr::Primary),
+                port.node_port.unwrap_or(port.port),
+            ),
         },
         Dst::Endpoint(k) => {
             let endpoints: Vec<&Endpoint> = port.reachable_endpoints().collect();
@@ -909,7 +930,8 @@ impl Expected {
                     endpoints: endpoints.iter().map(|&(e, m)| (e, (share, m))).collect(),
                     other_masquerade: false,
                     // With affinity, every endpoint pins the client's next connection.
-                    affinity: affinity.map(|t| (t, endpoints.iter().map(|&(e, _)| (e, true)).collect())),
+                    affinity: affinity
+                        .map(|t| (t, endpoints.iter().map(|&(e, _)| (e, true)).collect())),
                 }
             }
         }
@@ -1007,8 +1029,7 @@ fn intent(world: &World, probe: &Probe) -> Intent {
     let pod_cidr = world.config.local_cidr(family);
     let from_pod = pod_cidr.is_some_and(|c| c.contains(&probe.src));
     // Sent by the node to an address not its own: OUTPUT and POSTROUTING only, never INPUT.
-    let from_node_outwards =
-        probe.origin == Origin::Node && !world.host.is_local(probe.dst.ip());
+    let from_node_outwards = probe.origin == Origin::Node && !world.host.is_local(probe.dst.ip());
     match hit(world, model, probe) {
         Hit::Nothing => Intent::same(Expected::Pass),
         Hit::ClusterIpOtherPort => Intent::differs(
@@ -1235,7 +1256,7 @@ fn nodeport_address(world: &World, mode: Mode, dst: IpAddr) -> (bool, bool) {
                     .as_ref()
                     .is_none_or(|n| n.iter().any(|c| c.contains(&ip("127.0.0.1"))));
             let serves = match &networks {
-                None => local && !(dst.is_loopback() && !localhost),
+                None => local && (localhost || !dst.is_loopback()),
                 Some(networks) => {
                     networks.iter().any(|n| n.contains(&dst))
                         && (is_node_ip || (localhost && dst == ip("127.0.0.1")))
@@ -1335,7 +1356,9 @@ fn check_probe(world: &World, probe: &Probe, stats: &mut Stats) -> Result<(), Te
     match intent.difference {
         None => {
             if !o_ipt.same_as(&o_nft) {
-                return Err(TestCaseError::fail(report("the two modes route differently")));
+                return Err(TestCaseError::fail(report(
+                    "the two modes route differently",
+                )));
             }
         }
         Some(difference) => *stats.differences.entry(difference).or_default() += 1,
@@ -1692,8 +1715,14 @@ fn regression(cluster: Cluster, probe: Probe) -> Intent {
 
 fn assert_difference(intent: &Intent, difference: ModeDifference, iptables: &str, nftables: &str) {
     assert_eq!(intent.difference, Some(difference), "{intent:?}");
-    assert!(format!("{:?}", intent.iptables).starts_with(iptables), "{intent:?}");
-    assert!(format!("{:?}", intent.nftables).starts_with(nftables), "{intent:?}");
+    assert!(
+        format!("{:?}", intent.iptables).starts_with(iptables),
+        "{intent:?}"
+    );
+    assert!(
+        format!("{:?}", intent.nftables).starts_with(nftables),
+        "{intent:?}"
+    );
 }
 
 #[test]
@@ -1848,10 +1877,7 @@ fn difference_nodeport_addresses() {
     );
     assert_eq!(intent.difference, None);
     // Localhost NodePorts: iptables only.
-    let intent = regression(
-        served,
-        probe("127.0.0.1", "127.0.0.1:30000", Origin::Node),
-    );
+    let intent = regression(served, probe("127.0.0.1", "127.0.0.1:30000", Origin::Node));
     assert_difference(&intent, ModeDifference::NodePortAddresses, "Dnat", "Pass");
     // Without endpoints, iptables refuses the NodePort on every local address, even where
     // --nodeport-addresses does not take NodePorts.

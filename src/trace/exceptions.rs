@@ -176,7 +176,10 @@ mod tests {
             assert!(!difference.iptables().is_empty());
             assert!(!difference.nftables().is_empty());
             let source = difference.kube_proxy_source();
-            assert!(source.contains("pkg/proxy/") && source.contains("spec §"), "{source}");
+            assert!(
+                source.contains("pkg/proxy/") && source.contains("spec §"),
+                "{source}"
+            );
         }
     }
 }
