@@ -13,9 +13,11 @@
 //! kube-proxy's): those cases are listed once, in `kproxy::trace::ModeDifference`, with the
 //! kube-proxy source of each. The oracle names the difference when it predicts one; such a
 //! probe is counted, each mode is checked against its own documented behaviour, and the two
-//! are not compared with each other.
+//! are not compared with each other. A run fails if it meets no probe of some documented
+//! difference (an entry that no longer happens must leave the list).
 //!
-//! Cases found by this test are kept as named regression tests at the end of the file.
+//! Each documented difference is kept as a named regression test at the end of the file, with
+//! its minimal cluster and probes; a translator or walker bug this test finds belongs there too.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -38,8 +40,8 @@ use kproxy::pipeline;
 use kproxy::source::{ClusterState, Note};
 use kproxy::trace::{self, AffinityState, Host, ModeDifference, Origin, Probe, Rules, Trace};
 
-/// Clusters per run; each is walked with up to [`PROBES`] probes. Measured: see the README of
-/// this test in the module docs of the report (a few seconds in a debug build).
+/// Clusters per run, each walked with 8 to 24 probes: about 32,000 probes (64,000 traces) in
+/// some 15 s in a debug build on 2 cores. `PROPTEST_CASES` overrides the count.
 const CASES: u32 = 2000;
 const PROBES: std::ops::RangeInclusive<usize> = 8..=24;
 
