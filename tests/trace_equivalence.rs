@@ -2,7 +2,7 @@
 //! mode, read back, and walked by the tracer for random probe packets. For every probe the two
 //! modes must give the same verdict class, the same endpoints with the same odds (within 1e-6)
 //! and the same masquerade decision per endpoint — and the one the model intends, computed
-//! here from the `ProxyModel` and the spec ([`intent`]).
+//! here from the `ProxyModel` and the spec ([`intent_of`]).
 //!
 //! Verdict classes: `Accept` and `NoMatch` are one class, "passes untouched": iptables accepts
 //! some packets explicitly (the health-check node port in filter `KUBE-NODEPORTS`, marked
@@ -1023,7 +1023,7 @@ fn hit<'m>(world: &World, model: &'m ProxyModel, probe: &Probe) -> Hit<'m> {
     Hit::Nothing
 }
 
-fn intent(world: &World, probe: &Probe) -> Intent {
+fn intent_of(world: &World, probe: &Probe) -> Intent {
     let family = probe.family();
     let Some(model) = world.model(family) else {
         return Intent::same(Expected::Pass);
@@ -1285,6 +1285,8 @@ struct Stats {
     cases: usize,
     probes: usize,
     unresolved: usize,
+    /// Second connections checked for affinity across frontends.
+    sticky: usize,
     classes: BTreeMap<String, usize>,
     differences: BTreeMap<ModeDifference, usize>,
 }
@@ -1307,20 +1309,23 @@ fn trace_text(trace: &Trace) -> String {
     out
 }
 
-fn check_probe(world: &World, probe: &Probe, stats: &mut Stats) -> Result<(), TestCaseError> {
+/// Traces the probe in both modes, each with its affinity state, and checks each against the
+/// intent, and the two against each other where kube-proxy's modes agree.
+fn check_against(
+    world: &World,
+    probe: &Probe,
+    affinity: [&AffinityState; 2],
+    intent: &Intent,
+) -> Result<[Trace; 2], TestCaseError> {
     let family = probe.family();
-    let traced = |mode| -> Result<Trace, TestCaseError> {
+    let traced = |mode, affinity| -> Result<Trace, TestCaseError> {
         let rules = world
             .rules(mode, family)
             .ok_or_else(|| TestCaseError::fail(format!("no {family} rules")))?;
-        Ok(trace::trace(
-            rules,
-            probe,
-            &world.host,
-            &AffinityState::default(),
-        ))
+        Ok(trace::trace(rules, probe, &world.host, affinity))
     };
-    let (ipt, nft) = (traced(Mode::Iptables)?, traced(Mode::Nftables)?);
+    let ipt = traced(Mode::Iptables, affinity[0])?;
+    let nft = traced(Mode::Nftables, affinity[1])?;
     for (mode, t) in [("iptables", &ipt), ("nftables", &nft)] {
         if !t.uninterpreted.is_empty() {
             return Err(TestCaseError::fail(format!(
@@ -1330,7 +1335,6 @@ fn check_probe(world: &World, probe: &Probe, stats: &mut Stats) -> Result<(), Te
             )));
         }
     }
-    let intent = intent(world, probe);
     let (o_ipt, o_nft) = (Outcome::of(&ipt), Outcome::of(&nft));
     let report = |what: &str| {
         format!(
@@ -1355,15 +1359,20 @@ fn check_probe(world: &World, probe: &Probe, stats: &mut Stats) -> Result<(), Te
             "nftables mode does not route as the model intends",
         )));
     }
-    match intent.difference {
-        None => {
-            if !o_ipt.same_as(&o_nft) {
-                return Err(TestCaseError::fail(report(
-                    "the two modes route differently",
-                )));
-            }
-        }
-        Some(difference) => *stats.differences.entry(difference).or_default() += 1,
+    if intent.difference.is_none() && !o_ipt.same_as(&o_nft) {
+        return Err(TestCaseError::fail(report(
+            "the two modes route differently",
+        )));
+    }
+    Ok([ipt, nft])
+}
+
+fn check_probe(world: &World, probe: &Probe, stats: &mut Stats) -> Result<(), TestCaseError> {
+    let intent = intent_of(world, probe);
+    let none = AffinityState::default();
+    let traces = check_against(world, probe, [&none, &none], &intent)?;
+    if let Some(difference) = intent.difference {
+        *stats.differences.entry(difference).or_default() += 1;
     }
     let class = format!("{:?}", intent.iptables)
         .split([' ', '{'])
@@ -1372,6 +1381,73 @@ fn check_probe(world: &World, probe: &Probe, stats: &mut Stats) -> Result<(), Te
         .to_string();
     *stats.classes.entry(class).or_default() += 1;
     stats.probes += 1;
+    if intent.difference.is_none() {
+        check_sticky_across_frontends(world, probe, &intent, &traces, stats)?;
+    }
+    Ok(())
+}
+
+/// §2.3: affinity is keyed on the client address alone, whatever address of the service port
+/// the client used. After a first connection through an external address (external IP,
+/// load-balancer IP, NodePort) reached an endpoint, the same client's connection to the
+/// cluster IP goes to that endpoint too, when the cluster IP's endpoints include it.
+fn check_sticky_across_frontends(
+    world: &World,
+    probe: &Probe,
+    intent: &Intent,
+    traces: &[Trace; 2],
+    stats: &mut Stats,
+) -> Result<(), TestCaseError> {
+    let Expected::Dnat {
+        affinity: Some(_), ..
+    } = &intent.iptables
+    else {
+        return Ok(());
+    };
+    let Some(model) = world.model(probe.family()) else {
+        return Ok(());
+    };
+    let port = match hit(world, model, probe) {
+        Hit::ExternalIp(port) | Hit::LoadBalancerIp(port) | Hit::NodePort(port) => port,
+        _ => return Ok(()),
+    };
+    let Some(first) = traces[0].endpoints.first().map(|e| e.endpoint) else {
+        return Ok(());
+    };
+    // Each mode's record of the first connection: the stores its branch to `first` set.
+    let recorded = |trace: &Trace| {
+        let mut state = AffinityState::default();
+        if let Some(branch) = trace.branches.iter().find(|b| b.dnat == Some(first)) {
+            for event in &branch.affinity {
+                if let trace::AffinityEvent::Recorded { store } = event {
+                    state.insert(store, probe.src);
+                }
+            }
+        }
+        state
+    };
+    let (ipt_state, nft_state) = (recorded(&traces[0]), recorded(&traces[1]));
+    let second = Probe {
+        dst: SocketAddr::new(port.cluster_ip, port.port),
+        ..*probe
+    };
+    let mut pinned = intent_of(world, &second);
+    if pinned.difference.is_some() {
+        return Ok(());
+    }
+    let pin = |expected: &mut Expected| {
+        if let Expected::Dnat { endpoints, .. } = expected {
+            if let Some(&entry) = endpoints.iter().find(|(e, _)| *e == first) {
+                *endpoints = vec![entry];
+            }
+        }
+    };
+    pin(&mut pinned.iptables);
+    pin(&mut pinned.nftables);
+    check_against(world, &second, [&ipt_state, &nft_state], &pinned).map_err(|err| {
+        TestCaseError::fail(format!("after {} reached {first}: {err}", describe(probe)))
+    })?;
+    stats.sticky += 1;
     Ok(())
 }
 
@@ -1630,6 +1706,10 @@ fn both_modes_route_alike() {
         started.elapsed()
     );
     eprintln!("  intended verdicts (iptables): {:?}", stats.classes);
+    eprintln!(
+        "  affinity across frontends: {} second connections",
+        stats.sticky
+    );
     for difference in ModeDifference::ALL {
         eprintln!(
             "  documented mode difference \"{difference}\": {} probes",
@@ -1712,7 +1792,7 @@ fn regression(cluster: Cluster, probe: Probe) -> Intent {
     if let Err(err) = check_probe(&world, &probe, &mut stats) {
         panic!("{err}");
     }
-    intent(&world, &probe)
+    intent_of(&world, &probe)
 }
 
 fn assert_difference(intent: &Intent, difference: ModeDifference, iptables: &str, nftables: &str) {
