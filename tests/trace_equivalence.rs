@@ -13,8 +13,8 @@
 //! kube-proxy's): those cases are listed once, in `kproxy::trace::ModeDifference`, with the
 //! kube-proxy source of each. The oracle names the difference when it predicts one; such a
 //! probe is counted, each mode is checked against its own documented behaviour, and the two
-//! are not compared with each other. A run fails if it meets no probe of some documented
-//! difference (an entry that no longer happens must leave the list).
+//! are not compared with each other. A full-size run fails if it meets no probe of some
+//! documented difference (an entry that no longer happens must leave the list).
 //!
 //! Each documented difference is kept as a named regression test at the end of the file, with
 //! its minimal cluster and probes; a translator or walker bug this test finds belongs there too.
@@ -1719,7 +1719,11 @@ fn both_modes_route_alike() {
     if let Err(err) = result {
         panic!("{err}");
     }
-    // Each documented difference is real: the run met every one of them.
+    // Each documented difference is real: a full-size run meets every one of them (the rarest
+    // about a hundred times in 2000 clusters; a short run set by PROPTEST_CASES may not).
+    if stats.cases < CASES as usize {
+        return;
+    }
     for difference in ModeDifference::ALL {
         assert!(
             stats.differences.contains_key(&difference),
