@@ -13,6 +13,7 @@
 //! own addresses is followed through OUTPUT, POSTROUTING and INPUT; its second pass through
 //! PREROUTING on the loopback interface is not (nat does not see it again).
 
+pub mod exceptions;
 mod iptables;
 pub mod live;
 mod nftables;
@@ -20,6 +21,7 @@ mod outcome;
 mod packet;
 mod rendered;
 
+pub use exceptions::ModeDifference;
 pub use iptables::IptablesRules;
 pub use nftables::{NftablesRules, SetContent};
 pub use outcome::{AffinitySummary, EndpointShare, NextConnection, Trace, Verdict};
