@@ -118,6 +118,11 @@ impl NftablesRules {
         }
     }
 
+    /// A chain's entries, for readers' tests.
+    pub fn chain(&self, name: &str) -> Option<&[Entry<Rule>]> {
+        self.chains.get(name).map(Vec::as_slice)
+    }
+
     /// The affinity sets: dynamic sets with a timeout.
     pub fn affinity_sets(&self) -> Vec<String> {
         let mut names: Vec<String> = self

@@ -662,3 +662,240 @@ pub fn read(family: IpFamily, choice: BackendChoice) -> anyhow::Result<SavedTabl
     }
     Ok(read_save_text(&text, family))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::iptables::{write_rule, Addr};
+
+    fn chains(c: &str) -> bool {
+        c.starts_with("KUBE-") || c == "DOCKER"
+    }
+
+    fn rule(line: &str) -> Result<Rule, String> {
+        parse_save_rule(line, IpFamily::V4, &chains)
+    }
+
+    fn text(rule: &Rule) -> String {
+        let mut out = String::new();
+        write_rule(&mut out, rule);
+        out
+    }
+
+    #[test]
+    fn saved_forms_of_kproxys_rules_are_read() {
+        let r = rule("-A KUBE-SERVICES -d 172.30.0.41/32 -p tcp -m comment --comment \"default/my-service:http cluster IP\" -m tcp --dport 80 -j KUBE-SVC-I37Z43XJW6BD4TLV").unwrap();
+        assert_eq!(
+            r.matches.as_slice(),
+            &[
+                Match::Destination {
+                    addr: Addr::Host("172.30.0.41".parse().unwrap()),
+                    negated: false
+                },
+                Match::Protocol(Protocol::Tcp),
+                Match::Comment("default/my-service:http cluster IP".into()),
+                Match::DestinationPort(80),
+            ]
+        );
+        assert_eq!(
+            r.target,
+            Some(Target::Jump(ChainName::fixed("KUBE-SVC-I37Z43XJW6BD4TLV")))
+        );
+        let r = rule("-A KUBE-SVC-X -m comment --comment \"a -> b\" -m recent --rcheck --seconds 10000 --reap --name KUBE-SEP-Y --mask 255.255.255.255 --rsource -j KUBE-SEP-Y").unwrap();
+        assert_eq!(
+            r.matches[1],
+            Match::Recent {
+                list: ChainName::fixed("KUBE-SEP-Y"),
+                check: RecentCheck::SeenWithin(10000)
+            }
+        );
+        let r = rule("-A KUBE-SEP-Y -p tcp -m comment --comment x -m recent --set --name KUBE-SEP-Y --mask 255.255.255.255 --rsource -m tcp -j DNAT --to-destination 10.244.3.9:80").unwrap();
+        assert_eq!(
+            text(&r),
+            " -m tcp -p tcp -m comment --comment x -m recent --name KUBE-SEP-Y --set -j DNAT --to-destination 10.244.3.9:80"
+        );
+        let r = rule(
+            "-A KUBE-SVC-X -m statistic --mode random --probability 0.33333333349 -j KUBE-SEP-Y",
+        )
+        .unwrap();
+        assert_eq!(r.matches[0], Match::RandomProbability(0.33333333349));
+        assert_eq!(
+            rule("-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000")
+                .unwrap()
+                .target,
+            Some(Target::MarkOr("0x4000".into()))
+        );
+        assert_eq!(
+            rule("-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0")
+                .unwrap()
+                .target,
+            Some(Target::MarkXor("0x4000".into()))
+        );
+        assert_eq!(
+            rule("-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN")
+                .unwrap()
+                .matches[0],
+            Match::Mark {
+                mark: "0x4000".into(),
+                negated: true
+            }
+        );
+        let r = rule("-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment \"block incoming localnet connections\" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP").unwrap();
+        assert_eq!(
+            r.matches[3],
+            Match::ConntrackState {
+                states: "RELATED,ESTABLISHED,DNAT",
+                negated: true
+            }
+        );
+        // Any order of the states.
+        assert!(matches!(
+            rule("-A KUBE-FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT")
+                .unwrap()
+                .matches[0],
+            Match::ConntrackState {
+                states: "RELATED,ESTABLISHED",
+                ..
+            }
+        ));
+        assert_eq!(
+            rule("-A KUBE-SERVICES -d 172.30.0.60/32 -p tcp -m tcp --dport 80 -j REJECT --reject-with icmp-port-unreachable").unwrap().target,
+            Some(Target::Reject)
+        );
+        assert_eq!(
+            rule("-A KUBE-POSTROUTING -j MASQUERADE --random-fully")
+                .unwrap()
+                .target,
+            Some(Target::Masquerade { random_fully: true })
+        );
+        let r =
+            rule("-A KUBE-FW-X -m comment --comment \"other traffic will be dropped\"").unwrap();
+        assert_eq!(r.target, None);
+        let r = parse_save_rule(
+            "-A KUBE-SEP-Y -s fd00:244::7/128 -p tcp -m recent --set --name KUBE-SEP-Y --mask ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff --rsource -m tcp -j DNAT --to-destination [fd00:244::7]:80",
+            IpFamily::V6,
+            &chains,
+        )
+        .unwrap();
+        assert_eq!(
+            r.matches[0],
+            Match::Source {
+                addr: Addr::Host("fd00:244::7".parse().unwrap()),
+                negated: false
+            }
+        );
+        assert_eq!(
+            r.target,
+            Some(Target::Dnat("[fd00:244::7]:80".parse().unwrap()))
+        );
+    }
+
+    #[test]
+    fn comments_keep_escaped_quotes() {
+        let r = rule(r#"-A KUBE-X -m comment --comment "say \"hi\" \\ there" -j ACCEPT"#).unwrap();
+        assert_eq!(r.matches[0], Match::Comment("say \"hi\" \\ there".into()));
+    }
+
+    /// A line understood only in part is refused as a whole, naming what was not understood.
+    #[test]
+    fn partly_understood_lines_are_refused() {
+        let refused = [
+            ("-A FORWARD -o docker0 -j DOCKER", "-o"),
+            ("-A DOCKER -d 172.17.0.2/32 ! -i docker0 -o docker0 -p tcp -m tcp --dport 80 -j ACCEPT", "-i"),
+            ("-A KUBE-X -p tcp -m tcp --dport 80:90 -j ACCEPT", "80:90"),
+            ("-A KUBE-X -p tcp -m tcp ! --dport 80 -j ACCEPT", "! --dport"),
+            ("-A KUBE-X -p tcp -m tcp --dport 80 --tcp-flags SYN SYN -j ACCEPT", "tcp-flags"),
+            ("-A KUBE-X -p tcp -m multiport --dports 80,443 -j ACCEPT", "multiport"),
+            ("-A KUBE-X -m udp -p udp --dport 53 -j ACCEPT", "without -p"),
+            ("-A KUBE-X -m recent --rcheck --seconds 10 --reap --name L --mask 255.255.255.0 --rsource -j ACCEPT", "--mask 255.255.255.0"),
+            ("-A KUBE-X -m recent --rcheck --seconds 10 --reap --hitcount 2 --name L -j ACCEPT", "--hitcount"),
+            ("-A KUBE-X -m recent --rcheck --name L --rsource -j ACCEPT", "only --set"),
+            ("-A KUBE-X -m recent --update --seconds 10 --name L -j ACCEPT", "--update"),
+            ("-A KUBE-X -m recent --set --name L --rdest -j ACCEPT", "--rdest"),
+            ("-A KUBE-X -m statistic --mode nth --every 2 --packet 0 -j ACCEPT", "--mode nth"),
+            ("-A KUBE-X -m mark --mark 0x1 -j ACCEPT", "without a mask"),
+            ("-A KUBE-X -m mark --mark 0x4000/0xffff -j ACCEPT", "only M/M"),
+            ("-A KUBE-X -m conntrack --ctstate NEW,ESTABLISHED -j ACCEPT", "conntrack states"),
+            ("-A KUBE-X -m conntrack --ctstatus DNAT -j ACCEPT", "--ctstatus"),
+            ("-A KUBE-X -m addrtype --dst-type LOCAL --limit-iface-in -j ACCEPT", "limit-iface-in"),
+            ("-A KUBE-X -m addrtype ! --dst-type LOCAL -j ACCEPT", "! --dst-type"),
+            ("-A KUBE-X -j REJECT --reject-with tcp-reset", "tcp-reset"),
+            ("-A KUBE-X -j DNAT --to-destination 10.0.0.1", "DNAT to"),
+            ("-A KUBE-X -j DNAT --to-destination 10.0.0.1:80 --random", "--random"),
+            ("-A KUBE-X -j MARK --set-xmark 0x4000/0xffff", "MARK"),
+            ("-A KUBE-X -j MASQUERADE --to-ports 1000", "--to-ports"),
+            ("-A KUBE-X -j LOG --log-prefix x", "LOG"),
+            ("-A KUBE-X -j NOTRACK", "NOTRACK"),
+            ("-A KUBE-X -g KUBE-Y", "-g"),
+            ("-A KUBE-X -s 10.0.0.0/8 -s", "without"),
+            ("-A KUBE-X -d fd00::1/128 -j ACCEPT", "IPv4 table"),
+            ("-A KUBE-X -m comment --comment \"open -j ACCEPT", "unterminated"),
+            ("-A KUBE-X ! -j ACCEPT", "! -j"),
+            ("-A KUBE-X -m comment -j ACCEPT", "without its option"),
+            ("-A KUBE-X -j ACCEPT !", "-j ACCEPT !"),
+        ];
+        for (line, why) in refused {
+            match rule(line) {
+                Ok(r) => panic!("{line} read as {r:?}"),
+                Err(e) => assert!(e.contains(why), "{line}: {e} (wanted {why})"),
+            }
+        }
+    }
+
+    #[test]
+    fn tables_policies_and_other_peoples_rules() {
+        let text = "# Generated by iptables-save\n*mangle\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j MARK --set-xmark 0x1/0x1\nCOMMIT\n*filter\n:INPUT ACCEPT [10:20]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n:DOCKER - [0:0]\n:KUBE-FORWARD - [0:0]\n-A FORWARD -j KUBE-FORWARD\n-A FORWARD -o docker0 -j DOCKER\n-A DOCKER -j RETURN\nCOMMIT\n*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n-A STRAY -j ACCEPT\n";
+        let saved = read_save_text(text, IpFamily::V4);
+        let forward = saved.rules.chain(TableName::Filter, "FORWARD").unwrap();
+        assert!(matches!(forward[0], Entry::Rule(_)));
+        match &forward[1] {
+            Entry::Uninterpreted(text) => {
+                assert!(
+                    text.starts_with("-A FORWARD -o docker0 -j DOCKER  ["),
+                    "{text}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            saved
+                .rules
+                .chain(TableName::Filter, "DOCKER")
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            saved.rules.chain(TableName::Filter, "INPUT").unwrap().len(),
+            0
+        );
+        assert!(saved.rules.chain(TableName::Nat, "PREROUTING").is_some());
+        assert_eq!(saved.notes.len(), 1, "{:?}", saved.notes);
+        assert!(saved.notes[0].contains("outside a table"));
+        // FORWARD's DROP policy ends a packet that nothing accepted.
+        use crate::model::Protocol;
+        use crate::trace::{Origin, Probe};
+        let probe = Probe {
+            src: "10.0.0.9".parse().unwrap(),
+            dst: "10.1.0.1:80".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            origin: Origin::Outside,
+        };
+        let trace = crate::trace::trace(
+            &saved.rules,
+            &probe,
+            &crate::trace::Host::default(),
+            &Default::default(),
+        );
+        assert_eq!(trace.verdict, crate::trace::Verdict::Drop);
+        assert!(!trace.uninterpreted.is_empty());
+    }
+
+    #[test]
+    fn recent_seconds_are_gathered_per_list() {
+        let text = "*nat\n:KUBE-SVC-X - [0:0]\n:KUBE-SEP-A - [0:0]\n-A KUBE-SVC-X -m recent --rcheck --seconds 300 --reap --name KUBE-SEP-A --mask 255.255.255.255 --rsource -j KUBE-SEP-A\n-A KUBE-SEP-A -m recent --set --name KUBE-SEP-A --mask 255.255.255.255 --rsource -j ACCEPT\nCOMMIT\n";
+        let saved = read_save_text(text, IpFamily::V4);
+        assert_eq!(saved.recent_seconds.get("KUBE-SEP-A"), Some(&300));
+        assert_eq!(saved.rules.recent_lists(), vec!["KUBE-SEP-A".to_string()]);
+    }
+}

@@ -694,3 +694,217 @@ pub fn read(family: IpFamily) -> anyhow::Result<ListedTable> {
     };
     Ok(read_listing(&listing, family)?)
 }
+
+#[cfg(test)]
+mod tests_support {
+    pub use super::*;
+    pub use crate::nftables::write_rule;
+
+    /// A listing with one chain holding the given rules (JSON expression arrays), the sets
+    /// `s` (addresses), `aff` (an affinity set holding 10.0.0.9) and the map `m`.
+    pub fn listing(rules: &[&str]) -> String {
+        let mut items = vec![
+            r#"{"metainfo": {"version": "1.0.6", "json_schema_version": 1}}"#.to_string(),
+            r#"{"table": {"family": "ip", "name": "kube-proxy", "handle": 1}}"#.to_string(),
+            r#"{"set": {"family": "ip", "name": "s", "table": "kube-proxy", "type": "ipv4_addr", "handle": 2, "elem": ["10.1.0.1"]}}"#.to_string(),
+            r#"{"set": {"family": "ip", "name": "aff", "table": "kube-proxy", "type": "ipv4_addr", "handle": 3, "size": 65535, "flags": ["timeout"], "timeout": 100, "elem": [{"elem": {"val": "10.0.0.9", "expires": 99}}, "10.0.0.8", {"elem": {"val": "fd00::1"}}]}}"#.to_string(),
+            r#"{"map": {"family": "ip", "name": "m", "table": "kube-proxy", "type": ["ipv4_addr", "inet_proto", "inet_service"], "handle": 4, "map": "verdict", "elem": [[{"concat": ["10.1.0.1", "tcp", 80]}, {"goto": {"target": "c"}}]]}}"#.to_string(),
+            r#"{"set": {"family": "ip", "name": "odd", "table": "kube-proxy", "type": "ether_addr", "handle": 5}}"#.to_string(),
+            r#"{"chain": {"family": "ip", "table": "kube-proxy", "name": "c", "handle": 6, "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}}"#.to_string(),
+        ];
+        for (i, expr) in rules.iter().enumerate() {
+            items.push(format!(
+                r#"{{"rule": {{"family": "ip", "table": "kube-proxy", "chain": "c", "handle": {}, "expr": {expr}}}}}"#,
+                10 + i
+            ));
+        }
+        format!(r#"{{"nftables": [{}]}}"#, items.join(",\n"))
+    }
+
+    pub fn read_rules(rules: &[&str]) -> (ListedTable, Vec<Result<String, String>>) {
+        let listed = read_listing(listing(rules).as_bytes(), IpFamily::V4).expect("listing");
+        let texts = (0..rules.len())
+            .map(|i| match listed.rules.chain("c").and_then(|c| c.get(i)) {
+                Some(Entry::Rule(rule)) => {
+                    let mut text = String::new();
+                    let _ = write_rule(&mut text, IpFamily::V4, rule);
+                    Ok(text)
+                }
+                Some(Entry::Uninterpreted(text)) => Err(text.clone()),
+                None => Err("missing".into()),
+            })
+            .collect();
+        (listed, texts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::*;
+
+    #[test]
+    fn kproxys_expressions_are_read() {
+        let rules = [
+            r#"[{"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}}, {"jump": {"target": "c"}}]"#,
+            r#"[{"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": ["dnat"]}}, {"masquerade": {"flags": ["fully-random"]}}]"#,
+            r#"[{"match": {"op": "!=", "left": {"&": [{"meta": {"key": "mark"}}, 16384]}, "right": 0}}, {"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"^": [{"meta": {"key": "mark"}}, 16384]}}}, {"masquerade": {"flags": "fully-random"}}]"#,
+            r#"[{"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}}, {"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"|": [{"meta": {"key": "mark"}}, 16384]}}}]"#,
+            r#"[{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "@s"}}, {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": {"set": [{"prefix": {"addr": "10.244.0.0", "len": 16}}, "192.0.2.1"]}}}, {"drop": null}]"#,
+            r#"[{"vmap": {"key": {"concat": [{"payload": {"protocol": "ip", "field": "daddr"}}, {"meta": {"key": "l4proto"}}, {"payload": {"protocol": "th", "field": "dport"}}]}, "data": "@m"}}]"#,
+            r#"[{"vmap": {"key": {"numgen": {"mode": "random", "mod": 2, "offset": 0}}, "data": {"set": [[0, {"goto": {"target": "c"}}], [1, {"jump": {"target": "c"}}]]}}}]"#,
+            r#"[{"set": {"op": "update", "elem": {"payload": {"protocol": "ip", "field": "saddr"}}, "set": "@aff"}}, {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}]"#,
+            r#"[{"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}, {"dnat": {"addr": "10.244.1.5", "port": 80}}]"#,
+            r#"[{"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "udp"}}, {"dnat": {"family": "ip", "addr": {"map": {"key": {"numgen": {"mode": "random", "mod": 2, "offset": 0}}, "data": {"set": [[0, {"concat": ["10.244.1.5", 53]}], [1, {"concat": ["10.244.2.7", 53]}]]}}}}}]"#,
+            r#"[{"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}}, "right": 8080}}, {"reject": {"type": "icmp", "expr": "port-unreachable"}}]"#,
+            r#"[{"reject": null}]"#,
+        ];
+        let (listed, texts) = read_rules(&rules);
+        let expected = [
+            Ok("ct state new jump c"),
+            Ok("ct status dnat masquerade fully-random"),
+            Ok("mark and 0x00004000 != 0 mark set mark xor 0x00004000 masquerade fully-random"),
+            Ok("fib daddr type local mark set mark or 0x00004000"),
+            Ok("ip daddr @s ip saddr != { 10.244.0.0/16 , 192.0.2.1 } drop"),
+            Ok("ip daddr . meta l4proto . th dport vmap @m"),
+            Ok("numgen random mod 2 vmap { 0 : goto c , 1 : jump c }"),
+            // The rule type holds matches before statements.
+            Err("a match after a statement"),
+            Ok("meta l4proto tcp dnat to 10.244.1.5:80"),
+            Ok("meta l4proto udp dnat ip addr . port to numgen random mod 2 map { 0 : 10.244.1.5 . 53 , 1 : 10.244.2.7 . 53 }"),
+            Ok("th dport 8080 reject"),
+            Ok("reject"),
+        ];
+        for ((text, want), expr) in texts.iter().zip(expected).zip(rules) {
+            match (text, want) {
+                (Ok(text), Ok(want)) => assert_eq!(text, want, "{expr}"),
+                (Err(text), Err(want)) => assert!(text.contains(want), "{text}"),
+                _ => panic!("{expr}: {text:?}, wanted {want:?}"),
+            }
+        }
+        assert!(listed.affinity.contains("aff", "10.0.0.9".parse().unwrap()));
+        assert!(listed.affinity.contains("aff", "10.0.0.8".parse().unwrap()));
+        assert!(
+            listed.notes.iter().any(|n| n.contains("aff: 1 element")),
+            "{:?}",
+            listed.notes
+        );
+        assert!(
+            listed.notes.iter().any(|n| n.contains("odd")),
+            "{:?}",
+            listed.notes
+        );
+    }
+}
+
+#[cfg(test)]
+mod refusals {
+    use super::tests_support::*;
+
+    /// Expressions outside kproxy's vocabulary make the whole rule uninterpreted, with why.
+    #[test]
+    fn other_expressions_are_not_interpreted() {
+        let refused = [
+            (
+                r#"[{"counter": {"packets": 0, "bytes": 0}}, {"accept": null}]"#,
+                "statement counter",
+            ),
+            (r#"[{"accept": null}]"#, "statement accept"),
+            (
+                r#"[{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "eth0"}}, {"drop": null}]"#,
+                "a field kproxy does not use",
+            ),
+            (
+                r#"[{"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 80}}, {"drop": null}]"#,
+                "field tcp dport",
+            ),
+            (
+                r#"[{"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "saddr"}}, "right": "fd00::1"}}, {"drop": null}]"#,
+                "field ip6 saddr",
+            ),
+            (
+                r#"[{"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "@s"}}, {"drop": null}]"#,
+                "negated set lookup",
+            ),
+            (
+                r#"[{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "@odd"}}, {"drop": null}]"#,
+                "@odd was not understood",
+            ),
+            (
+                r#"[{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "@nothere"}}, {"drop": null}]"#,
+                "not declared",
+            ),
+            (
+                r#"[{"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}}, "right": {"range": [80, 90]}}}, {"drop": null}]"#,
+                "value",
+            ),
+            (
+                r#"[{"match": {"op": "<", "left": {"payload": {"protocol": "th", "field": "dport"}}, "right": 80}}, {"drop": null}]"#,
+                "operator <",
+            ),
+            (
+                r#"[{"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["new", "established"]}}, {"drop": null}]"#,
+                "ct value",
+            ),
+            (
+                r#"[{"match": {"op": "!=", "left": {"&": [{"meta": {"key": "mark"}}, 16384]}, "right": 1}}, {"drop": null}]"#,
+                "mark test",
+            ),
+            (
+                r#"[{"mangle": {"key": {"meta": {"key": "mark"}}, "value": 5}}]"#,
+                "mark value",
+            ),
+            (r#"[{"masquerade": null}]"#, "not an object"),
+            (
+                r#"[{"masquerade": {"flags": ["random", "fully-random"]}}]"#,
+                "fully-random alone",
+            ),
+            (
+                r#"[{"set": {"op": "add", "elem": {"payload": {"protocol": "ip", "field": "saddr"}}, "set": "@aff"}}]"#,
+                "other than update",
+            ),
+            (
+                r#"[{"dnat": {"addr": "10.244.1.5", "port": 80, "flags": ["random"]}}]"#,
+                "flags",
+            ),
+            (r#"[{"dnat": {"addr": "10.244.1.5"}}]"#, "without port"),
+            (
+                r#"[{"dnat": {"addr": "fd00::5", "port": 80}}]"#,
+                "IPv4 table",
+            ),
+            (
+                r#"[{"dnat": {"family": "ip", "addr": {"map": {"key": {"numgen": {"mode": "random", "mod": 3, "offset": 0}}, "data": {"set": [[0, {"concat": ["10.244.1.5", 53]}], [1, {"concat": ["10.244.2.7", 53]}]]}}}}}]"#,
+                "mod 3 with 2",
+            ),
+            (
+                r#"[{"vmap": {"key": {"numgen": {"mode": "inc", "mod": 2, "offset": 0}}, "data": {"set": []}}}]"#,
+                "numgen",
+            ),
+            (
+                r#"[{"vmap": {"key": {"numgen": {"mode": "random", "mod": 2, "offset": 0}}, "data": {"set": [[1, {"goto": {"target": "c"}}], [0, {"goto": {"target": "c"}}]]}}}]"#,
+                "element",
+            ),
+            (r#"[{"reject": {"type": "tcp reset"}}]"#, "reject"),
+            (r#"[{"jump": {"target": "c", "extra": 1}}]"#, "extra"),
+            (r#"[{"drop": 1}]"#, "drop 1"),
+            (r#"[{"drop": null, "accept": null}]"#, "another form"),
+            (r#"{"not": "an array"}"#, "without expressions"),
+        ];
+        let exprs: Vec<&str> = refused.iter().map(|(e, _)| *e).collect();
+        let (_, texts) = read_rules(&exprs);
+        for (text, (expr, why)) in texts.iter().zip(refused) {
+            match text {
+                Ok(text) => panic!("{expr} read as {text}"),
+                Err(text) => assert!(text.contains(why), "{expr}: {text} (wanted {why})"),
+            }
+        }
+    }
+
+    #[test]
+    fn listings_that_are_not_nfts_json_are_errors() {
+        assert!(super::read_listing(b"garbage", crate::family::IpFamily::V4).is_err());
+        assert!(super::read_listing(b"{}", crate::family::IpFamily::V4).is_err());
+        let empty = super::read_listing(br#"{"nftables": []}"#, crate::family::IpFamily::V4)
+            .expect("an empty listing reads");
+        assert!(empty.notes.is_empty());
+    }
+}
