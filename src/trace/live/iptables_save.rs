@@ -511,6 +511,17 @@ fn same_states(list: &str) -> Option<&'static str> {
     CTSTATES.into_iter().find(|known| sorted(known) == wanted)
 }
 
+/// Targets that are not chains, whatever a table declares.
+const BUILTIN_TARGETS: [&str; 7] = [
+    "ACCEPT",
+    "DROP",
+    "REJECT",
+    "RETURN",
+    "DNAT",
+    "MARK",
+    "MASQUERADE",
+];
+
 /// `-j NAME OPTIONS…`.
 fn parse_target(
     name: &str,
@@ -560,7 +571,7 @@ fn parse_target(
             random_fully: false,
         },
         ("MASQUERADE", ["--random-fully"]) => Target::Masquerade { random_fully: true },
-        (chain, []) if is_chain(chain) => {
+        (chain, []) if is_chain(chain) && !BUILTIN_TARGETS.contains(&chain) => {
             Target::Jump(ChainName::new(chain).ok_or(format!("chain name {chain:?}"))?)
         }
         _ => return unexpected(),
