@@ -119,6 +119,10 @@ pub fn iptables_save(data: &[u8]) {
                 continue;
             }
             let chain = line.split(' ').nth(1).unwrap_or_default();
+            if crate::iptables::ChainName::new(chain).is_none() {
+                // Not a name the kernel takes (too long, …): no restore line can carry it.
+                continue;
+            }
             let mut written = format!("-A {chain}");
             write_rule(&mut written, &rule);
             let again = Rule::from_restore_line(&written);

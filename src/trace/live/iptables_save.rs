@@ -219,7 +219,10 @@ pub fn parse_save_rule(
     if words.next() != Some("-A") {
         return Err("not an -A line".into());
     }
-    words.next().ok_or("no chain")?;
+    let chain = words.next().ok_or("no chain")?;
+    if line.split(' ').nth(1) != Some(chain) {
+        return Err("a chain name in quotes".into());
+    }
     let mut matches = Matches::new();
     let mut protocol: Option<Protocol> = None;
     let mut module = Module::None;
@@ -844,6 +847,7 @@ mod tests {
             ("-A KUBE-X ! -j ACCEPT", "! -j"),
             ("-A KUBE-X -m comment -j ACCEPT", "without its option"),
             ("-A KUBE-X -j ACCEPT !", "-j ACCEPT !"),
+            ("-A \"KUBE-X -> y\" -j ACCEPT", "a chain name in quotes"),
         ];
         for (line, why) in refused {
             match rule(line) {
