@@ -843,7 +843,7 @@ fn trace(args: &TraceArgs) -> Result<()> {
     };
     let mode = args.common.mode();
     let (rules, host, affinity, notes) = if args.live {
-        let live = trace::live::read(mode, family)?;
+        let live = trace::live::read_with(mode, family, args.common.iptables_backend.choice())?;
         (live.rules, live.host, live.affinity, live.notes)
     } else {
         let (config, input) = read_plan(&args.common, &args.inputs)?;

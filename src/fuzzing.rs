@@ -5,6 +5,7 @@
 //!
 //! - [`manifest`]: bytes as a manifest file: read, validate, build, render in both modes.
 //! - [`iptables_rules`], [`nft_rules`]: bytes as rule text for the tracer's two readers.
+//! - [`iptables_save`], [`nft_json`]: bytes as kernel tool output for the `--live` readers.
 //! - [`validation`]: bytes decoded (with `arbitrary`) into Services and EndpointSlices whose
 //!   fields are drawn from the values validation cares about — addresses of every class,
 //!   colliding names, cluster IPs and node ports, odd protocols and port numbers — so that the
@@ -82,6 +83,149 @@ pub fn nft_rules(data: &[u8]) {
         Ok(&ruleset),
         "nftables objects change on a second reading"
     );
+}
+
+/// `iptables-save` output through the `--live` reader: reading never panics, and every line
+/// it interprets is a rule in kproxy's vocabulary — rendered as restore input, it reads back
+/// (with kproxy's own reader) to the same rule. Probabilities compare at the 10 decimals
+/// kproxy writes; rules whose comment has a quote (which restore input cannot hold) are only
+/// read.
+pub fn iptables_save(data: &[u8]) {
+    use crate::iptables::{write_rule, Match, Rule};
+    use crate::trace::live::iptables_save::{parse_save_rule, read_save_text};
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let normal = |rule: &Rule| -> Rule {
+        let mut rule = rule.clone();
+        for m in rule.matches.iter_mut() {
+            if let Match::RandomProbability(p) = m {
+                *p = format!("{p:.10}").parse().unwrap_or(f64::NAN);
+            }
+        }
+        rule
+    };
+    for family in [IpFamily::V4, IpFamily::V6] {
+        let _ = read_save_text(text, family);
+        for line in text.lines().filter(|l| l.starts_with("-A ")) {
+            let Ok(rule) = parse_save_rule(line, family, &|_| true) else {
+                continue;
+            };
+            let quoted = rule
+                .matches
+                .iter()
+                .any(|m| matches!(m, Match::Comment(c) if c.is_empty() || c.contains('"')));
+            if quoted {
+                continue;
+            }
+            let chain = line.split(' ').nth(1).unwrap_or_default();
+            if crate::iptables::ChainName::new(chain).is_none() {
+                // Not a name the kernel takes (too long, …): no restore line can carry it.
+                continue;
+            }
+            let mut written = format!("-A {chain}");
+            write_rule(&mut written, &rule);
+            let again = Rule::from_restore_line(&written);
+            assert_eq!(
+                again.as_ref().map(|(_, r)| normal(r)),
+                Ok(normal(&rule)),
+                "{line:?} was read as {written:?}, which reads back otherwise"
+            );
+        }
+    }
+}
+
+/// `nft -j list table` output through the `--live` reader: reading never panics, and every
+/// rule it interprets is one kproxy can write — rendered as an `add rule` line, it reads back
+/// (with kproxy's own script reader) to the same rule. Rules naming chains, sets or comments
+/// that a script cannot hold (blanks, quotes) are only read.
+pub fn nft_json(data: &[u8]) {
+    use crate::nftables::{write_rule, Ruleset};
+    use crate::trace::live::nft_json::read_listing;
+    use crate::trace::Entry;
+    let chains: Vec<String> = serde_json::from_slice::<serde_json::Value>(data)
+        .ok()
+        .and_then(|json| {
+            json.get("nftables")?.as_array().map(|items| {
+                items
+                    .iter()
+                    .filter_map(|i| i.get("chain")?.get("name")?.as_str())
+                    .map(str::to_string)
+                    .collect()
+            })
+        })
+        .unwrap_or_default();
+    for family in [IpFamily::V4, IpFamily::V6] {
+        let Ok(listed) = read_listing(data, family) else {
+            continue;
+        };
+        let word = match family {
+            IpFamily::V4 => "ip",
+            IpFamily::V6 => "ip6",
+        };
+        for chain in &chains {
+            for entry in listed.rules.chain(chain).unwrap_or_default() {
+                let Entry::Rule(rule) = entry else {
+                    continue;
+                };
+                let mut text = String::new();
+                if write_rule(&mut text, family, rule).is_err() {
+                    continue;
+                }
+                let plain = |s: &str| {
+                    !s.is_empty()
+                        && !s.chars().any(|c| {
+                            c.is_whitespace() || c.is_control() || "\\\"'{}@;#,:.".contains(c)
+                        })
+                };
+                let comment_ok = rule.comment.as_deref().is_none_or(|c| !c.contains('"'));
+                if !plain(chain) || !comment_ok || !rule_names(rule).into_iter().all(plain) {
+                    continue;
+                }
+                let script = format!(
+                    "add table {word} kube-proxy\nadd chain {word} kube-proxy {chain}\nadd rule {word} kube-proxy {chain} {text}\n"
+                );
+                let again = Ruleset::from_nft_script(&script);
+                let read = again
+                    .as_ref()
+                    .ok()
+                    .and_then(|r| r.chain(chain))
+                    .and_then(|c| c.rules.first());
+                assert_eq!(
+                    read,
+                    Some(rule),
+                    "{script:?} reads back otherwise: {again:?}"
+                );
+            }
+        }
+    }
+}
+
+/// The chains, sets and maps a rule names.
+fn rule_names(rule: &crate::nftables::Rule) -> Vec<&str> {
+    use crate::nftables::{Match, Statement, Verdict};
+    fn verdict(v: &Verdict) -> Option<&str> {
+        match v {
+            Verdict::Jump(name) | Verdict::Goto(name) => Some(name),
+            Verdict::Drop | Verdict::Reject => None,
+        }
+    }
+    let mut names = Vec::new();
+    for m in &rule.matches {
+        if let Match::InSet { set, .. } = m {
+            names.push(&**set);
+        }
+    }
+    for statement in &rule.statements {
+        match statement {
+            Statement::Verdict(v) => names.extend(verdict(v)),
+            Statement::VerdictMap { map, .. } => names.push(map),
+            Statement::RandomVerdict(verdicts) => names.extend(verdicts.iter().filter_map(verdict)),
+            Statement::UpdateSet { set, .. } => names.push(set),
+            _ => {}
+        }
+    }
+    names
 }
 
 fn check_renders(state: &ClusterState) {

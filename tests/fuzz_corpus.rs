@@ -86,3 +86,21 @@ fn rule_reader_corpora_replay() {
     replay(&iptables, kproxy::fuzzing::iptables_rules);
     replay(&nft, kproxy::fuzzing::nft_rules);
 }
+
+#[test]
+fn live_reader_corpora_replay() {
+    let save = inputs("fuzz/corpus/iptables_save");
+    let json = inputs("fuzz/corpus/nft_json");
+    assert!(
+        save.len() >= 4 && json.len() >= 6,
+        "the live reader corpora are checked in"
+    );
+    assert!(
+        save.iter()
+            .any(|f| f.ends_with("seed-iptables-save-nat.txt"))
+            && json.iter().any(|f| f.ends_with("seed-nft-list-table.json")),
+        "the corpora keep the real captures"
+    );
+    replay(&save, kproxy::fuzzing::iptables_save);
+    replay(&json, kproxy::fuzzing::nft_json);
+}

@@ -46,13 +46,14 @@
 
 mod applier;
 mod fake;
-mod kernel;
+pub(crate) mod kernel;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
+pub(crate) use applier::family_word;
 pub use applier::{parse_error, render_transaction, Applier, NftApplier};
 pub use fake::{FakeKernel, Recorded};
 pub use kernel::{

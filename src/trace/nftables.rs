@@ -92,6 +92,11 @@ impl NftablesRules {
         self.chains.insert(name.to_string(), entries);
     }
 
+    /// Adds an empty map (elements come with [`NftablesRules::insert_element`]).
+    pub fn insert_map(&mut self, name: &str) {
+        self.maps.entry(name.to_string()).or_default();
+    }
+
     pub fn insert_set(&mut self, name: &str, content: SetContent) {
         self.sets.insert(name.to_string(), content);
     }
@@ -111,6 +116,11 @@ impl NftablesRules {
                 .elements
                 .push(key),
         }
+    }
+
+    /// A chain's entries, for readers' tests.
+    pub fn chain(&self, name: &str) -> Option<&[Entry<Rule>]> {
+        self.chains.get(name).map(Vec::as_slice)
     }
 
     /// The affinity sets: dynamic sets with a timeout.

@@ -178,6 +178,27 @@ impl NftApplier {
         run_tool(Process::new(program).args(prefix).args(args), stdin).map_err(spawn_error)
     }
 
+    /// `nft -j list table <family> kube-proxy`: the JSON listing, or `None` when the table
+    /// does not exist.
+    pub fn list_table(&self, family: IpFamily) -> Result<Option<Vec<u8>>, SyncError> {
+        let output = self.run(
+            &["-j", "list", "table", family_word(family), TABLE_NAME],
+            None,
+        )?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            if stderr.contains(NOT_FOUND) {
+                return Ok(None);
+            }
+            return Err(SyncError::Read {
+                tool: TOOL.into(),
+                family,
+                message: stderr.trim().to_string(),
+            });
+        }
+        Ok(Some(output.stdout))
+    }
+
     /// Applies an already rendered transaction; public for benchmarks that time the text.
     pub fn apply_text(&self, family: IpFamily, text: &str) -> Result<(), SyncError> {
         let output = self.run(&["-f", "-"], Some(text.as_bytes()))?;
@@ -225,25 +246,16 @@ impl Applier for NftApplier {
     }
 
     fn read(&mut self, family: IpFamily) -> Result<Option<KernelTable>, SyncError> {
-        let output = self.run(
-            &["-j", "list", "table", family_word(family), TABLE_NAME],
-            None,
-        )?;
-        let read_error = |message: String| SyncError::Read {
-            tool: TOOL.into(),
-            family,
-            message,
+        let Some(listing) = self.list_table(family)? else {
+            return Ok(None);
         };
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            if stderr.contains(NOT_FOUND) {
-                return Ok(None);
-            }
-            return Err(read_error(stderr.trim().to_string()));
-        }
-        kernel::parse_listing(&output.stdout)
+        kernel::parse_listing(&listing)
             .map(Some)
-            .map_err(|e| read_error(e.to_string()))
+            .map_err(|e| SyncError::Read {
+                tool: TOOL.into(),
+                family,
+                message: e.to_string(),
+            })
     }
 
     fn rule_count(&mut self, family: IpFamily, chain: &str) -> Result<Option<usize>, SyncError> {

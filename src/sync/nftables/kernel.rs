@@ -179,7 +179,7 @@ fn str_field<'j>(object: &'j Json, key: &str) -> Result<&'j str, ParseError> {
         .ok_or_else(|| ParseError(format!("missing `{key}` in {object}")))
 }
 
-fn parse_chain(chain: &Json) -> Result<KernelChain, ParseError> {
+pub(crate) fn parse_chain(chain: &Json) -> Result<KernelChain, ParseError> {
     let name: Name = str_field(chain, "name")?.into();
     let kind = match chain.get("hook") {
         None => ChainKind::Regular,
@@ -219,7 +219,7 @@ fn parse_chain(chain: &Json) -> Result<KernelChain, ParseError> {
     })
 }
 
-fn data_type(text: &str) -> Option<DataType> {
+pub(crate) fn data_type(text: &str) -> Option<DataType> {
     Some(match text {
         "ipv4_addr" => DataType::Ipv4Addr,
         "ipv6_addr" => DataType::Ipv6Addr,
@@ -239,7 +239,7 @@ fn key_type(json: Option<&Json>) -> Option<Vec<DataType>> {
     }
 }
 
-fn parse_container(json: &Json, is_map: bool) -> Result<KernelContainer, ParseError> {
+pub(crate) fn parse_container(json: &Json, is_map: bool) -> Result<KernelContainer, ParseError> {
     let name: Name = str_field(json, "name")?.into();
     let comment: Option<Name> = json.get("comment").and_then(Json::as_str).map(Name::from);
     let key = key_type(json.get("type"));
@@ -334,7 +334,7 @@ fn parse_elements(
         .collect()
 }
 
-fn parse_key(json: &Json, key_type: &[DataType]) -> Option<Vec<Value>> {
+pub(crate) fn parse_key(json: &Json, key_type: &[DataType]) -> Option<Vec<Value>> {
     let parts: Vec<&Json> = match json.get("concat") {
         Some(concat) => concat.as_array()?.iter().collect(),
         None => vec![json],
@@ -349,7 +349,7 @@ fn parse_key(json: &Json, key_type: &[DataType]) -> Option<Vec<Value>> {
         .collect()
 }
 
-fn parse_value(json: &Json, t: DataType) -> Option<Value> {
+pub(crate) fn parse_value(json: &Json, t: DataType) -> Option<Value> {
     match t {
         DataType::Ipv4Addr | DataType::Ipv6Addr => {
             let ip: std::net::IpAddr = json.as_str()?.parse().ok()?;
@@ -386,7 +386,7 @@ fn family_of(t: DataType) -> crate::family::IpFamily {
     }
 }
 
-fn parse_verdict(json: &Json) -> Option<Verdict> {
+pub(crate) fn parse_verdict(json: &Json) -> Option<Verdict> {
     let object = json.as_object()?;
     if let Some(target) = object.get("goto") {
         return Some(Verdict::Goto(target.get("target")?.as_str()?.into()));
