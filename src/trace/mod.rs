@@ -8,10 +8,12 @@
 //! affinity lookups consult an [`AffinityState`] (empty for rendered rules: a new client).
 //! A rule the walker cannot interpret is reported on the branch and taken as not matching.
 //!
-//! What is modelled: the first packet of a new connection, through the kube-proxy chains only
-//! (other tables and chains on the node are not read). A packet from the node to one of its
-//! own addresses is followed through OUTPUT, POSTROUTING and INPUT; its second pass through
-//! PREROUTING on the loopback interface is not (nat does not see it again).
+//! What is modelled: the first packet of a new connection. Rendered rules are kproxy's chains
+//! plus the built-in chains' jumps to them; with `--live`, every chain of the `nat` and
+//! `filter` tables (iptables) or the `kube-proxy` table (nftables) — other tables (raw, mangle,
+//! other nft tables) are not read. A packet from the node to one of its own addresses is
+//! followed through OUTPUT, POSTROUTING and INPUT; its second pass through PREROUTING on the
+//! loopback interface is not (nat does not see it again).
 
 pub mod exceptions;
 mod iptables;
