@@ -205,6 +205,25 @@ fn conformance_inputs_load() {
 }
 
 /// The check is real: nft refuses a rule that jumps to a chain the script never creates.
+/// The nftables constructs the `maps` layout needs (numgen-keyed endpoint maps, a dynamic
+/// affinity map with per-element timeouts, `ct original` keys, a negated interval lookup), as
+/// kproxy renders them: the kernel takes them.
+#[test]
+fn maps_layout_constructs_load() {
+    if !possible() {
+        return;
+    }
+    let text =
+        fs::read_to_string(common::repo_dir().join("tests/data/nft/maps-layout-constructs.nft"))
+            .expect("the constructs file");
+    let ruleset = kproxy::nftables::Ruleset::from_nft_script(&text).expect("reads");
+    let listed = load(&ruleset.to_nft_script(), "maps layout constructs");
+    assert!(
+        listed.contains("numgen random mod 3 map @cluster-endpoints"),
+        "{listed}"
+    );
+}
+
 #[test]
 fn kernel_check_can_fail() {
     if !possible() {

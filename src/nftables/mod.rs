@@ -12,8 +12,9 @@ mod translate;
 pub use parse::ParseError;
 pub use render::{write_command, write_rule, Command, Object};
 pub use ruleset::{
-    BaseChain, Chain, ChainType, DataType, Direction, Element, Field, Hook, Joining, Map, Match,
-    Name, ObjectId, Rule, Ruleset, Set, SetFlag, Statement, Table, Value, Verdict, TABLE_NAME,
+    BaseChain, Chain, ChainType, DataType, Direction, Element, ElementValue, Field, Hook, Joining,
+    Map, Match, Name, ObjectId, Rule, Ruleset, Set, SetFlag, Statement, Table, Value, Verdict,
+    TABLE_NAME,
 };
 pub use translate::{translate, translate_cached, PortCache};
 

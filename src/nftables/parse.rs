@@ -7,8 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 
 use super::ruleset::{
-    BaseChain, Chain, ChainType, DataType, Direction, Element, Field, Hook, Joining, Map, Match,
-    Name, Rule, Ruleset, Set, SetFlag, Statement, Table, Value, Verdict,
+    BaseChain, Chain, ChainType, DataType, Direction, Element, ElementValue, Field, Hook, Joining,
+    Map, Match, Name, Rule, Ruleset, Set, SetFlag, Statement, Table, Value, Verdict,
 };
 use crate::family::IpFamily;
 use crate::model::Protocol;
@@ -148,16 +148,20 @@ fn add_command(ruleset: &mut Option<Ruleset>, words: &[&str]) -> Result<(), Stri
         }
         "set" | "map" => {
             w.expect("{")?;
-            w.expect("type")?;
-            let key_type = data_types(&mut w)?;
+            let by_expression = match w.next("type or typeof")? {
+                "type" => false,
+                "typeof" => true,
+                other => return Err(format!("{other} where type or typeof belongs")),
+            };
+            let key_type = declared_types(&mut w, family, by_expression)?;
             let value_type = if kind == "map" {
                 w.expect(":")?;
-                Some(data_type(w.next("a value type")?)?)
+                Some(declared_types(&mut w, family, by_expression)?)
             } else {
                 None
             };
             w.expect(";")?;
-            let (mut flags, mut timeout, mut comment) = (Vec::new(), None, None);
+            let (mut flags, mut timeout, mut size, mut comment) = (Vec::new(), None, None, None);
             while w.peek() != Some("}") {
                 match w.next("a property")? {
                     "flags" => {
@@ -165,14 +169,15 @@ fn add_command(ruleset: &mut Option<Ruleset>, words: &[&str]) -> Result<(), Stri
                             flags.push(match flag {
                                 "dynamic" => SetFlag::Dynamic,
                                 "timeout" => SetFlag::Timeout,
+                                "interval" => SetFlag::Interval,
                                 other => return Err(format!("flag {other}")),
                             });
                         }
                     }
-                    "timeout" => {
-                        let text = w.next("a timeout")?;
-                        let seconds = text.strip_suffix('s').and_then(|s| s.parse().ok());
-                        timeout = Some(seconds.ok_or(format!("timeout {text}"))?);
+                    "timeout" => timeout = Some(seconds(w.next("a timeout")?)?),
+                    "size" => {
+                        let text = w.next("a size")?;
+                        size = Some(text.parse().map_err(|_| format!("size {text}"))?);
                     }
                     "comment" => comment = Some(w.next("a comment")?.into()),
                     other => return Err(format!("property {other}")),
@@ -186,17 +191,18 @@ fn add_command(ruleset: &mut Option<Ruleset>, words: &[&str]) -> Result<(), Stri
                     key_type,
                     flags,
                     timeout,
+                    size,
                     comment,
                 }),
-                Some(value_type) if flags.is_empty() && timeout.is_none() => {
-                    ruleset.maps.push(Map {
-                        name,
-                        key_type,
-                        value_type,
-                        comment,
-                    })
-                }
-                Some(_) => return Err("a map with flags or a timeout".into()),
+                Some(value_type) => ruleset.maps.push(Map {
+                    name,
+                    key_type,
+                    value_type,
+                    flags,
+                    timeout,
+                    size,
+                    comment,
+                }),
             }
         }
         "rule" => {
@@ -210,9 +216,9 @@ fn add_command(ruleset: &mut Option<Ruleset>, words: &[&str]) -> Result<(), Stri
             return Ok(());
         }
         "element" => {
-            let key_type = match (ruleset.set(&name), ruleset.map(&name)) {
-                (Some(set), _) => set.key_type.clone(),
-                (None, Some(map)) => map.key_type.clone(),
+            let (key_type, value_type) = match (ruleset.set(&name), ruleset.map(&name)) {
+                (Some(set), _) => (set.key_type.clone(), None),
+                (None, Some(map)) => (map.key_type.clone(), Some(map.value_type.clone())),
                 (None, None) => return Err(format!("an element of the undeclared {name}")),
             };
             w.expect("{")?;
@@ -231,7 +237,20 @@ fn add_command(ruleset: &mut Option<Ruleset>, words: &[&str]) -> Result<(), Stri
             let mut value = None;
             if w.peek() == Some(":") {
                 w.next(":")?;
-                value = Some(verdict(&mut w)?);
+                value = Some(match value_type.as_deref() {
+                    Some([DataType::Verdict]) => ElementValue::Verdict(verdict(&mut w)?),
+                    Some(types) => {
+                        let mut data = Vec::new();
+                        for (i, t) in types.iter().enumerate() {
+                            if i > 0 {
+                                w.expect(".")?;
+                            }
+                            data.push(typed_value(w.next("a value")?, *t)?);
+                        }
+                        ElementValue::Data(data)
+                    }
+                    None => return Err("a value for a set element".into()),
+                });
             }
             w.expect("}")?;
             ruleset.elements.push(Element {
@@ -304,14 +323,37 @@ fn data_type(word: &str) -> Result<DataType, String> {
     })
 }
 
-/// `T . T . T`
-fn data_types(w: &mut Words) -> Result<Vec<DataType>, String> {
-    let mut types = vec![data_type(w.next("a data type")?)?];
-    while w.peek() == Some(".") {
+/// `T . T . T` after `type`, or `E . E . E` after `typeof` (each expression standing for its
+/// type: `ip daddr`, `meta l4proto`, `th dport`, `numgen random mod 1`, `verdict`).
+fn declared_types(
+    w: &mut Words,
+    family: IpFamily,
+    by_expression: bool,
+) -> Result<Vec<DataType>, String> {
+    let mut types = Vec::new();
+    loop {
+        let t = if !by_expression {
+            data_type(w.next("a data type")?)?
+        } else if w.peek() == Some("verdict") {
+            w.next("verdict")?;
+            DataType::Verdict
+        } else {
+            let field = field(w, family, true)?.ok_or("an expression of a type")?;
+            field_type(field, family)
+        };
+        types.push(t);
+        if w.peek() != Some(".") {
+            return Ok(types);
+        }
         w.next(".")?;
-        types.push(data_type(w.next("a data type")?)?);
     }
-    Ok(types)
+}
+
+/// `10000s`
+fn seconds(text: &str) -> Result<u32, String> {
+    text.strip_suffix('s')
+        .and_then(|s| s.parse().ok())
+        .ok_or(format!("timeout {text}"))
 }
 
 /// A literal of a known type.
@@ -328,6 +370,7 @@ fn typed_value(word: &str, t: DataType) -> Result<Value, String> {
             .map(Value::Protocol)
             .ok_or_else(bad),
         DataType::InetService => word.parse().map(Value::Port).map_err(|_| bad()),
+        DataType::Slot => word.parse().map(Value::Integer).map_err(|_| bad()),
         DataType::Verdict => Err(bad()),
     }
 }
@@ -342,41 +385,64 @@ fn verdict(w: &mut Words) -> Result<Verdict, String> {
     })
 }
 
-/// A packet field, or `None` when the words there are no field.
-fn field(w: &mut Words, family: IpFamily) -> Result<Option<Field>, String> {
+/// A packet field (or `numgen random mod N`, with `numbers`), or `None` when the words there
+/// are no field.
+fn field(w: &mut Words, family: IpFamily, numbers: bool) -> Result<Option<Field>, String> {
     let family_word = match family {
         IpFamily::V4 => "ip",
         IpFamily::V6 => "ip6",
     };
-    let field = match (w.peek(), w.words.get(w.at + 1).copied()) {
-        (Some(f), Some("saddr")) if f == family_word => Field::SourceAddr,
-        (Some(f), Some("daddr")) if f == family_word => Field::DestinationAddr,
-        (Some("meta"), Some("l4proto")) => Field::L4Proto,
-        (Some("th"), Some("dport")) => Field::DestinationPort,
+    let word = |i: usize| w.words.get(w.at + i).copied();
+    let (field, length) = match (word(0), word(1), word(2), word(3)) {
+        (Some(f), Some("saddr"), _, _) if f == family_word => (Field::SourceAddr, 2),
+        (Some(f), Some("daddr"), _, _) if f == family_word => (Field::DestinationAddr, 2),
+        (Some("meta"), Some("l4proto"), _, _) => (Field::L4Proto, 2),
+        (Some("th"), Some("dport"), _, _) => (Field::DestinationPort, 2),
+        (Some("ct"), Some("original"), Some(f), Some("daddr")) if f == family_word => {
+            (Field::OriginalDestinationAddr, 4)
+        }
+        (Some("ct"), Some("original"), Some("proto-dst"), _) => (Field::OriginalDestinationPort, 3),
+        (Some("numgen"), Some("random"), Some("mod"), Some(n)) if numbers => {
+            let n = n
+                .parse()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or(format!("numgen mod {n}"))?;
+            (Field::RandomNumber(n), 4)
+        }
         _ => return Ok(None),
     };
-    w.at += 2;
+    w.at += length;
     Ok(Some(field))
+}
+
+/// Fields joined by ` . `, the first already read.
+fn more_fields(w: &mut Words, family: IpFamily, first: Field) -> Result<Vec<Field>, String> {
+    let mut key = vec![first];
+    while w.peek() == Some(".") {
+        w.next(".")?;
+        key.push(field(w, family, true)?.ok_or("a field after .")?);
+    }
+    Ok(key)
 }
 
 /// The data type a field's values have.
 fn field_type(field: Field, family: IpFamily) -> DataType {
     match field {
-        Field::SourceAddr | Field::DestinationAddr => DataType::addr(family),
+        Field::SourceAddr | Field::DestinationAddr | Field::OriginalDestinationAddr => {
+            DataType::addr(family)
+        }
         Field::L4Proto => DataType::InetProto,
-        Field::DestinationPort => DataType::InetService,
+        Field::DestinationPort | Field::OriginalDestinationPort => DataType::InetService,
+        Field::RandomNumber(_) => DataType::Slot,
     }
 }
 
 fn rule(w: &mut Words, family: IpFamily) -> Result<Rule, String> {
     let mut rule = Rule::new(Vec::new(), Vec::new());
     while let Some(word) = w.peek() {
-        if let Some(first) = field(w, family)? {
-            let mut key = vec![first];
-            while w.peek() == Some(".") {
-                w.next(".")?;
-                key.push(field(w, family)?.ok_or("a field after .")?);
-            }
+        if let Some(first) = field(w, family, false)? {
+            let key = more_fields(w, family, first)?;
             match w.next("@set, vmap or a value")? {
                 "vmap" => {
                     let map = w.next("@map")?;
@@ -389,7 +455,19 @@ fn rule(w: &mut Words, family: IpFamily) -> Result<Rule, String> {
                 set if set.starts_with('@') && set.len() > 1 => rule.matches.push(Match::InSet {
                     key,
                     set: set[1..].into(),
+                    negated: false,
                 }),
+                "!=" if w
+                    .peek()
+                    .is_some_and(|set| set.starts_with('@') && set.len() > 1) =>
+                {
+                    let set = w.next("@set")?;
+                    rule.matches.push(Match::InSet {
+                        key,
+                        set: set[1..].into(),
+                        negated: true,
+                    });
+                }
                 value => {
                     let [field] = key[..] else {
                         return Err("a value compared with several fields".into());
@@ -475,12 +553,31 @@ fn rule(w: &mut Words, family: IpFamily) -> Result<Rule, String> {
                 let set = w.next("@set")?;
                 let set = set.strip_prefix('@').ok_or(format!("update {set}"))?;
                 w.expect("{")?;
-                let field = field(w, family)?.ok_or("a field")?;
-                w.expect("}")?;
-                rule.statements.push(Statement::UpdateSet {
-                    set: set.into(),
-                    field,
-                });
+                let first = field(w, family, true)?.ok_or("a field")?;
+                let key = more_fields(w, family, first)?;
+                if w.peek() == Some("timeout") {
+                    w.next("timeout")?;
+                    let timeout = seconds(w.next("a timeout")?)?;
+                    w.expect(":")?;
+                    let first = field(w, family, true)?.ok_or("a field")?;
+                    let value = more_fields(w, family, first)?;
+                    w.expect("}")?;
+                    rule.statements.push(Statement::UpdateMap {
+                        map: set.into(),
+                        key,
+                        timeout,
+                        value,
+                    });
+                } else {
+                    w.expect("}")?;
+                    let [field] = key[..] else {
+                        return Err("update of a set with several fields".into());
+                    };
+                    rule.statements.push(Statement::UpdateSet {
+                        set: set.into(),
+                        field,
+                    });
+                }
             }
             "dnat" => {
                 if w.peek() == Some("to") {
@@ -490,9 +587,22 @@ fn rule(w: &mut Words, family: IpFamily) -> Result<Rule, String> {
                     rule.statements.push(Statement::Dnat(to));
                 } else {
                     w.next("a family")?;
-                    for word in ["addr", ".", "port", "to", "numgen"] {
+                    for word in ["addr", ".", "port", "to"] {
                         w.expect(word)?;
                     }
+                    if w.peek() != Some("numgen") || w.words.get(w.at + 4).copied() == Some(".") {
+                        let first = field(w, family, true)?.ok_or("a key")?;
+                        let key = more_fields(w, family, first)?;
+                        w.expect("map")?;
+                        let map = w.next("@map")?;
+                        let map = map.strip_prefix('@').ok_or(format!("map {map}"))?;
+                        rule.statements.push(Statement::DnatMap {
+                            key,
+                            map: map.into(),
+                        });
+                        continue;
+                    }
+                    w.expect("numgen")?;
                     let count = numgen(w)?;
                     w.expect("map")?;
                     w.expect("{")?;
@@ -562,6 +672,37 @@ fn anonymous_set(w: &mut Words, t: DataType) -> Result<Value, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The constructs of the `maps` layout (docs/maps-layout.md) read and render back
+    /// unchanged; tests/nft_check.rs loads the same file into the kernel.
+    #[test]
+    fn maps_layout_constructs_read_back() {
+        let text = include_str!("../../tests/data/nft/maps-layout-constructs.nft");
+        let ruleset = Ruleset::from_nft_script(text).expect("reads");
+        assert_eq!(ruleset.to_nft_script(), text);
+        let affinity = ruleset.map("affinity").expect("the affinity map");
+        assert_eq!(affinity.flags, [SetFlag::Dynamic, SetFlag::Timeout]);
+        assert_eq!(
+            (affinity.timeout, affinity.size),
+            (Some(10800), Some(1048576))
+        );
+        let endpoints = ruleset.map("cluster-endpoints").expect("the endpoint map");
+        assert_eq!(endpoints.key_type.last(), Some(&DataType::Slot));
+        let pick = &ruleset.chain("pick-3").expect("pick-3").rules[1];
+        assert!(matches!(
+            &pick.statements[..],
+            [Statement::DnatMap { key, .. }] if key.last() == Some(&Field::RandomNumber(3))
+        ));
+        let firewall = &ruleset.chain("firewall-check").expect("chain").rules[0];
+        assert!(matches!(
+            &firewall.matches[1],
+            Match::InSet { negated: true, .. }
+        ));
+        assert!(ruleset.elements.iter().any(|e| matches!(
+            &e.value,
+            Some(ElementValue::Data(data)) if data.len() == 2
+        )));
+    }
 
     #[test]
     fn refuses_what_it_does_not_know_naming_the_line() {

@@ -4,12 +4,12 @@
 use std::fmt::{self, Write};
 
 use super::ruleset::{
-    BaseChain, Chain, ChainType, DataType, Direction, Element, Field, Hook, Joining, Map, Match,
-    ObjectId, Rule, Ruleset, Set, SetFlag, Statement, Table, Value, Verdict, TABLE_NAME,
+    BaseChain, Chain, ChainType, DataType, Direction, Element, ElementValue, Field, Hook, Joining,
+    Map, Match, ObjectId, Rule, Ruleset, Set, SetFlag, Statement, Table, Value, Verdict,
 };
 use crate::family::IpFamily;
 
-/// One `nft` command on one object of the `kube-proxy` table.
+/// One `nft` command on one object of a table (`kube-proxy`, or `kproxy` for the maps layout).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command<'a> {
     /// `add table|chain|set|map|rule|element …`; `add chain` declares the chain only.
@@ -68,33 +68,38 @@ impl Ruleset {
         let mut out = String::with_capacity(commands.len() * 120);
         for command in &commands {
             // Writing into a String cannot fail.
-            let _ = write_command(&mut out, self.family(), command);
+            let _ = write_command(&mut out, self.family(), &self.table.name, command);
             out.push('\n');
         }
         out
     }
 }
 
-/// Writes one command (without the newline) for the table of `family`.
-pub fn write_command(out: &mut String, family: IpFamily, command: &Command) -> fmt::Result {
+/// Writes one command (without the newline) for the table `table` of `family`.
+pub fn write_command(
+    out: &mut String,
+    family: IpFamily,
+    table: &str,
+    command: &Command,
+) -> fmt::Result {
     let f = family_word(family);
     match command {
-        Command::Add(object) => write_add(out, family, object),
+        Command::Add(object) => write_add(out, family, table, object),
         Command::Flush(id) => match id {
-            ObjectId::Table => write!(out, "flush table {f} {TABLE_NAME}"),
+            ObjectId::Table => write!(out, "flush table {f} {table}"),
             ObjectId::Chain(name) | ObjectId::Set(name) | ObjectId::Map(name) => {
-                write!(out, "flush {} {f} {TABLE_NAME} {name}", id.kind())
+                write!(out, "flush {} {f} {table} {name}", id.kind())
             }
             // Elements have no contents; flushing one means nothing to nft.
             ObjectId::Element { .. } => Err(fmt::Error),
         },
         Command::Delete(id) => match id {
-            ObjectId::Table => write!(out, "delete table {f} {TABLE_NAME}"),
+            ObjectId::Table => write!(out, "delete table {f} {table}"),
             ObjectId::Chain(name) | ObjectId::Set(name) | ObjectId::Map(name) => {
-                write!(out, "delete {} {f} {TABLE_NAME} {name}", id.kind())
+                write!(out, "delete {} {f} {table} {name}", id.kind())
             }
             ObjectId::Element { container, key } => {
-                write!(out, "delete element {f} {TABLE_NAME} {container} {{ ")?;
+                write!(out, "delete element {f} {table} {container} {{ ")?;
                 write_key(out, key)?;
                 out.write_str(" }")
             }
@@ -102,7 +107,7 @@ pub fn write_command(out: &mut String, family: IpFamily, command: &Command) -> f
     }
 }
 
-fn write_add(out: &mut String, family: IpFamily, object: &Object) -> fmt::Result {
+fn write_add(out: &mut String, family: IpFamily, table: &str, object: &Object) -> fmt::Result {
     let f = family_word(family);
     match object {
         Object::Table(table) => {
@@ -118,7 +123,7 @@ fn write_add(out: &mut String, family: IpFamily, object: &Object) -> fmt::Result
             Ok(())
         }
         Object::Chain(chain) => {
-            write!(out, "add chain {f} {TABLE_NAME} {}", chain.name)?;
+            write!(out, "add chain {f} {table} {}", chain.name)?;
             if chain.base.is_some() || chain.comment.is_some() {
                 out.write_str(" {")?;
                 if let Some(base) = &chain.base {
@@ -132,56 +137,43 @@ fn write_add(out: &mut String, family: IpFamily, object: &Object) -> fmt::Result
             Ok(())
         }
         Object::Set(set) => {
-            write!(out, "add set {f} {TABLE_NAME} {} {{ type ", set.name)?;
-            write_type(out, &set.key_type)?;
-            out.write_str(" ;")?;
-            if !set.flags.is_empty() {
-                out.write_str(" flags ")?;
-                for (i, flag) in set.flags.iter().enumerate() {
-                    if i > 0 {
-                        out.write_char(',')?;
-                    }
-                    out.write_str(match flag {
-                        SetFlag::Dynamic => "dynamic",
-                        SetFlag::Timeout => "timeout",
-                    })?;
-                }
-                out.write_str(" ;")?;
-            }
-            if let Some(seconds) = set.timeout {
-                write!(out, " timeout {seconds}s ;")?;
-            }
+            write!(out, "add set {f} {table} {} {{ ", set.name)?;
+            write_declaration(out, family, &set.key_type, None)?;
+            write_set_options(out, &set.flags, set.timeout, set.size)?;
             if let Some(comment) = &set.comment {
                 write!(out, " comment {} ;", quoted(comment))?;
             }
             out.write_str(" }")
         }
         Object::Map(map) => {
-            write!(out, "add map {f} {TABLE_NAME} {} {{ type ", map.name)?;
-            write_type(out, &map.key_type)?;
-            write!(out, " : {} ;", data_type(map.value_type))?;
+            write!(out, "add map {f} {table} {} {{ ", map.name)?;
+            write_declaration(out, family, &map.key_type, Some(&map.value_type))?;
+            write_set_options(out, &map.flags, map.timeout, map.size)?;
             if let Some(comment) = &map.comment {
                 write!(out, " comment {} ;", quoted(comment))?;
             }
             out.write_str(" }")
         }
         Object::Rule { chain, rule } => {
-            write!(out, "add rule {f} {TABLE_NAME} {chain} ")?;
+            write!(out, "add rule {f} {table} {chain} ")?;
             write_rule(out, family, rule)
         }
         Object::Element(element) => {
-            write!(
-                out,
-                "add element {f} {TABLE_NAME} {} {{ ",
-                element.container
-            )?;
+            write!(out, "add element {f} {table} {} {{ ", element.container)?;
             write_key(out, &element.key)?;
             if let Some(comment) = &element.comment {
                 write!(out, " comment {}", quoted(comment))?;
             }
-            if let Some(value) = &element.value {
-                out.write_str(" : ")?;
-                write_verdict(out, value)?;
+            match &element.value {
+                None => {}
+                Some(ElementValue::Verdict(verdict)) => {
+                    out.write_str(" : ")?;
+                    write_verdict(out, verdict)?;
+                }
+                Some(ElementValue::Data(data)) => {
+                    out.write_str(" : ")?;
+                    write_key(out, data)?;
+                }
             }
             out.write_str(" }")
         }
@@ -246,15 +238,81 @@ fn data_type(t: DataType) -> &'static str {
         DataType::InetProto => "inet_proto",
         DataType::InetService => "inet_service",
         DataType::Verdict => "verdict",
+        // Only inside `typeof` (see `write_declaration`); nft has no type name for it.
+        DataType::Slot => "integer",
     }
 }
 
-fn write_type(out: &mut String, types: &[DataType]) -> fmt::Result {
-    for (i, t) in types.iter().enumerate() {
-        if i > 0 {
-            out.write_str(" . ")?;
+/// An expression of the type, for `typeof` declarations.
+fn type_expression(family: IpFamily, t: DataType) -> &'static str {
+    match (t, family) {
+        (DataType::Ipv4Addr, _) => "ip daddr",
+        (DataType::Ipv6Addr, _) => "ip6 daddr",
+        (DataType::InetProto, _) => "meta l4proto",
+        (DataType::InetService, _) => "th dport",
+        (DataType::Verdict, _) => "verdict",
+        (DataType::Slot, _) => "numgen random mod 1",
+    }
+}
+
+/// `type K . K [: V . V] ;`, or `typeof …` when a part has no type name (a slot number).
+fn write_declaration(
+    out: &mut String,
+    family: IpFamily,
+    key: &[DataType],
+    value: Option<&Vec<DataType>>,
+) -> fmt::Result {
+    let by_expression = key
+        .iter()
+        .chain(value.into_iter().flatten())
+        .any(|t| *t == DataType::Slot);
+    let write_parts = |out: &mut String, types: &[DataType]| -> fmt::Result {
+        for (i, t) in types.iter().enumerate() {
+            if i > 0 {
+                out.write_str(" . ")?;
+            }
+            out.write_str(if by_expression {
+                type_expression(family, *t)
+            } else {
+                data_type(*t)
+            })?;
         }
-        out.write_str(data_type(*t))?;
+        Ok(())
+    };
+    out.write_str(if by_expression { "typeof " } else { "type " })?;
+    write_parts(out, key)?;
+    if let Some(value) = value {
+        out.write_str(" : ")?;
+        write_parts(out, value)?;
+    }
+    out.write_str(" ;")
+}
+
+fn write_set_options(
+    out: &mut String,
+    flags: &[SetFlag],
+    timeout: Option<u32>,
+    size: Option<u32>,
+) -> fmt::Result {
+    if !flags.is_empty() {
+        out.write_str(" flags ")?;
+        for (i, flag) in flags.iter().enumerate() {
+            if i > 0 {
+                out.write_char(',')?;
+            }
+            out.write_str(match flag {
+                SetFlag::Dynamic => "dynamic",
+                SetFlag::Timeout => "timeout",
+                SetFlag::Interval => "interval",
+            })?;
+        }
+        out.write_str(" ;")?;
+    }
+    if let Some(seconds) = timeout {
+        write!(out, " timeout {seconds}s ;")?;
+    }
+    if let Some(size) = size {
+        write!(out, " size {size} ;")?;
     }
     Ok(())
 }
@@ -275,6 +333,7 @@ fn write_value(out: &mut String, value: &Value) -> fmt::Result {
         Value::Net(net) => write!(out, "{net}"),
         Value::Protocol(p) => out.write_str(p.lower()),
         Value::Port(port) => write!(out, "{port}"),
+        Value::Integer(n) => write!(out, "{n}"),
         Value::Set { members, joining } => {
             let separator = match joining {
                 Joining::Tight => ",",
@@ -299,6 +358,9 @@ fn write_field(out: &mut String, family: IpFamily, field: Field) -> fmt::Result 
         Field::DestinationAddr => write!(out, "{f} daddr"),
         Field::L4Proto => out.write_str("meta l4proto"),
         Field::DestinationPort => out.write_str("th dport"),
+        Field::OriginalDestinationAddr => write!(out, "ct original {f} daddr"),
+        Field::OriginalDestinationPort => out.write_str("ct original proto-dst"),
+        Field::RandomNumber(modulus) => write!(out, "numgen random mod {modulus}"),
     }
 }
 
@@ -330,9 +392,9 @@ fn write_match(out: &mut String, family: IpFamily, m: &Match) -> fmt::Result {
             out.write_str(if *negated { " != " } else { " " })?;
             write_value(out, value)
         }
-        Match::InSet { key, set } => {
+        Match::InSet { key, set, negated } => {
             write_fields(out, family, key)?;
-            write!(out, " @{set}")
+            write!(out, "{} @{set}", if *negated { " !=" } else { "" })
         }
     }
 }
@@ -386,6 +448,23 @@ fn write_statement(out: &mut String, family: IpFamily, statement: &Statement) ->
                 }
                 write!(out, "{i} : {} . {}", endpoint.ip(), endpoint.port())?;
             }
+            out.write_str(" }")
+        }
+        Statement::DnatMap { key, map } => {
+            write!(out, "dnat {} addr . port to ", family_word(family))?;
+            write_fields(out, family, key)?;
+            write!(out, " map @{map}")
+        }
+        Statement::UpdateMap {
+            map,
+            key,
+            timeout,
+            value,
+        } => {
+            write!(out, "update @{map} {{ ")?;
+            write_fields(out, family, key)?;
+            write!(out, " timeout {timeout}s : ")?;
+            write_fields(out, family, value)?;
             out.write_str(" }")
         }
     }
@@ -459,7 +538,7 @@ mod tests {
     fn delete_and_flush_commands() {
         let text = |command: Command| {
             let mut s = String::new();
-            write_command(&mut s, IpFamily::V4, &command).unwrap();
+            write_command(&mut s, IpFamily::V4, "kube-proxy", &command).unwrap();
             s
         };
         let chain = ObjectId::Chain(Arc::from("service-X-ns/svc/tcp/p"));

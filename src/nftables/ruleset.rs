@@ -115,16 +115,43 @@ pub struct Set {
     pub flags: Vec<SetFlag>,
     /// Element lifetime in seconds.
     pub timeout: Option<u32>,
+    /// The most elements the set holds (nft's default for dynamic sets is 65535).
+    pub size: Option<u32>,
     pub comment: Option<Name>,
 }
 
-/// A named map from a concatenated key to a value (all of kproxy's maps are verdict maps).
+/// A named map from a concatenated key to a verdict (kube-proxy's maps) or to data (the
+/// `maps` layout's endpoint and affinity maps: an address and a port).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Map {
     pub name: Name,
     pub key_type: Vec<DataType>,
-    pub value_type: DataType,
+    /// `[Verdict]`, or the data types of the value, concatenated.
+    pub value_type: Vec<DataType>,
+    pub flags: Vec<SetFlag>,
+    /// Element lifetime in seconds (elements added from the packet path may set their own).
+    pub timeout: Option<u32>,
+    pub size: Option<u32>,
     pub comment: Option<Name>,
+}
+
+impl Map {
+    /// A verdict map with a comment, kube-proxy's kind of map.
+    pub fn verdict_map(name: &str, key_type: Vec<DataType>, comment: &str) -> Map {
+        Map {
+            name: name.into(),
+            key_type,
+            value_type: vec![DataType::Verdict],
+            flags: Vec::new(),
+            timeout: None,
+            size: None,
+            comment: Some(comment.into()),
+        }
+    }
+
+    pub fn is_verdict_map(&self) -> bool {
+        self.value_type == [DataType::Verdict]
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -134,6 +161,9 @@ pub enum DataType {
     InetProto,
     InetService,
     Verdict,
+    /// A 32-bit number from `numgen` (an endpoint slot); declared with `typeof`, which is
+    /// how nft lets a number be part of a concatenated key.
+    Slot,
 }
 
 impl DataType {
@@ -151,6 +181,8 @@ pub enum SetFlag {
     /// Updated from the packet path (`update @set`).
     Dynamic,
     Timeout,
+    /// Elements are ranges (here: networks in a concatenated key).
+    Interval,
 }
 
 /// One element of a set (no value) or map (with a value). Identified by container and key.
@@ -159,8 +191,25 @@ pub struct Element {
     /// The set or map it belongs to.
     pub container: Name,
     pub key: Vec<Value>,
-    pub value: Option<Verdict>,
+    pub value: Option<ElementValue>,
     pub comment: Option<Name>,
+}
+
+/// What a map element maps its key to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ElementValue {
+    Verdict(Verdict),
+    /// Data, concatenated: e.g. an endpoint's address and port.
+    Data(Vec<Value>),
+}
+
+impl ElementValue {
+    pub fn verdict(&self) -> Option<&Verdict> {
+        match self {
+            ElementValue::Verdict(verdict) => Some(verdict),
+            ElementValue::Data(_) => None,
+        }
+    }
 }
 
 impl Element {
@@ -179,6 +228,8 @@ pub enum Value {
     Net(IpNet),
     Protocol(Protocol),
     Port(u16),
+    /// A number, e.g. an endpoint slot.
+    Integer(u32),
     /// An anonymous set: `{ a , b }`.
     Set {
         members: Vec<Value>,
@@ -214,6 +265,13 @@ pub enum Field {
     L4Proto,
     /// `th dport`
     DestinationPort,
+    /// `ct original ip daddr`: the destination before DNAT.
+    OriginalDestinationAddr,
+    /// `ct original proto-dst`: the destination port before DNAT (nft needs a protocol match
+    /// before it in the rule to know its type).
+    OriginalDestinationPort,
+    /// `numgen random mod N`: a random number below N.
+    RandomNumber(u32),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -263,8 +321,12 @@ pub enum Match {
         negated: bool,
         value: Value,
     },
-    /// `FIELD . FIELD … @set`
-    InSet { key: Vec<Field>, set: Name },
+    /// `FIELD . FIELD … [!=] @set`
+    InSet {
+        key: Vec<Field>,
+        set: Name,
+        negated: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -292,6 +354,20 @@ pub enum Statement {
     Dnat(SocketAddr),
     /// `dnat ip addr . port to numgen random mod N map { 0 : A0 . P0 , … }` (§5A.7).
     RandomDnat(Vec<SocketAddr>),
+    /// `dnat ip addr . port to FIELD . FIELD … map @map`: the address and port the map gives
+    /// for the key; no element, no match.
+    DnatMap {
+        key: Vec<Field>,
+        map: Name,
+    },
+    /// `update @map { FIELD … timeout Ns : FIELD . FIELD }`: add or refresh an element of a
+    /// dynamic map from the packet path.
+    UpdateMap {
+        map: Name,
+        key: Vec<Field>,
+        timeout: u32,
+        value: Vec<Field>,
+    },
 }
 
 /// The identity of an object inside the table, for diffing desired against applied state.

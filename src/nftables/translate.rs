@@ -8,8 +8,8 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use super::ruleset::{
-    BaseChain, Chain, ChainType, DataType, Direction, Element, Field, Hook, Joining, Map, Match,
-    Name, Rule, Ruleset, Set, SetFlag, Statement, Table, Value, Verdict, TABLE_NAME,
+    BaseChain, Chain, ChainType, DataType, Direction, Element, ElementValue, Field, Hook, Joining,
+    Map, Match, Name, Rule, Ruleset, Set, SetFlag, Statement, Table, Value, Verdict, TABLE_NAME,
 };
 use super::{
     AFFINITY_SET_PREFIX, CLUSTER_IPS, CLUSTER_IPS_CHECK, COMMENT_LENGTH_MAX, ENDPOINT_CHAIN_PREFIX,
@@ -233,6 +233,7 @@ impl<'a> Translator<'a> {
             key_type: vec![addr, addr, DataType::InetProto, DataType::InetService],
             flags: vec![],
             timeout: None,
+            size: None,
             comment: Some("service hairpin connections".into()),
         });
         self.out.rule(
@@ -251,6 +252,7 @@ impl<'a> Translator<'a> {
                 vec![
                     Match::CtStatusDnat,
                     Match::InSet {
+                        negated: false,
                         key: vec![
                             Field::SourceAddr,
                             Field::DestinationAddr,
@@ -270,6 +272,7 @@ impl<'a> Translator<'a> {
             key_type: vec![addr],
             flags: vec![],
             timeout: None,
+            size: None,
             comment: Some("Active ClusterIPs".into()),
         });
         self.out.rule(
@@ -310,6 +313,7 @@ impl<'a> Translator<'a> {
                 key_type: vec![addr],
                 flags: vec![],
                 timeout: None,
+                size: None,
                 comment: Some("IPs that accept NodePort traffic".into()),
             });
             let mut ips: Vec<IpAddr> = Vec::new();
@@ -330,20 +334,16 @@ impl<'a> Translator<'a> {
         // Services and NodePorts without (usable) endpoints.
         let service_key = vec![addr, DataType::InetProto, DataType::InetService];
         let nodeport_key = vec![DataType::InetProto, DataType::InetService];
-        self.out.map(Map {
-            name: NO_ENDPOINT_SERVICES.into(),
-            key_type: service_key.clone(),
-            value_type: DataType::Verdict,
-            comment: Some("vmap to drop or reject packets to services with no endpoints".into()),
-        });
-        self.out.map(Map {
-            name: NO_ENDPOINT_NODEPORTS.into(),
-            key_type: nodeport_key.clone(),
-            value_type: DataType::Verdict,
-            comment: Some(
-                "vmap to drop or reject packets to service nodeports with no endpoints".into(),
-            ),
-        });
+        self.out.map(Map::verdict_map(
+            NO_ENDPOINT_SERVICES,
+            service_key.clone(),
+            "vmap to drop or reject packets to services with no endpoints",
+        ));
+        self.out.map(Map::verdict_map(
+            NO_ENDPOINT_NODEPORTS,
+            nodeport_key.clone(),
+            "vmap to drop or reject packets to service nodeports with no endpoints",
+        ));
         self.out.chain(
             REJECT_CHAIN,
             None,
@@ -370,30 +370,27 @@ impl<'a> Translator<'a> {
         );
 
         // loadBalancerSourceRanges, checked before DNAT.
-        self.out.map(Map {
-            name: FIREWALL_IPS.into(),
-            key_type: service_key.clone(),
-            value_type: DataType::Verdict,
-            comment: Some("destinations that are subject to LoadBalancerSourceRanges".into()),
-        });
+        self.out.map(Map::verdict_map(
+            FIREWALL_IPS,
+            service_key.clone(),
+            "destinations that are subject to LoadBalancerSourceRanges",
+        ));
         self.out.rule(
             FIREWALL_CHECK,
             Rule::new(vec![], vec![vmap(&SERVICE_TUPLE, FIREWALL_IPS)]),
         );
 
         // Service dispatch.
-        self.out.map(Map {
-            name: SERVICE_IPS.into(),
-            key_type: service_key,
-            value_type: DataType::Verdict,
-            comment: Some("ClusterIP, ExternalIP and LoadBalancer IP traffic".into()),
-        });
-        self.out.map(Map {
-            name: SERVICE_NODEPORTS.into(),
-            key_type: nodeport_key,
-            value_type: DataType::Verdict,
-            comment: Some("NodePort traffic".into()),
-        });
+        self.out.map(Map::verdict_map(
+            SERVICE_IPS,
+            service_key,
+            "ClusterIP, ExternalIP and LoadBalancer IP traffic",
+        ));
+        self.out.map(Map::verdict_map(
+            SERVICE_NODEPORTS,
+            nodeport_key,
+            "NodePort traffic",
+        ));
         let to_cluster_ip = in_set(Field::DestinationAddr, CLUSTER_IPS);
         if self.config.masquerade_all {
             self.out.rule(
@@ -517,6 +514,7 @@ impl<'a> Translator<'a> {
                         // set without it would then fail as a flag change (§5.9).
                         flags: vec![SetFlag::Dynamic, SetFlag::Timeout],
                         timeout: Some(timeout),
+                        size: None,
                         comment: None,
                     });
                 }
@@ -755,6 +753,7 @@ impl<'a> Translator<'a> {
                 chain,
                 Rule::new(
                     vec![Match::InSet {
+                        negated: false,
                         key: vec![Field::SourceAddr],
                         set: objects.affinity_set.clone(),
                     }],
@@ -813,6 +812,7 @@ fn compare(field: Field, negated: bool, value: Value) -> Match {
 
 fn in_set(field: Field, set: &str) -> Match {
     Match::InSet {
+        negated: false,
         key: vec![field],
         set: set.into(),
     }
@@ -923,7 +923,7 @@ impl Builder {
         self.insert_element(Element {
             container: container.into(),
             key,
-            value,
+            value: value.map(ElementValue::Verdict),
             comment,
         });
     }
@@ -1117,6 +1117,9 @@ mod tests {
         // Same key: replaced in place, the last value wins.
         assert_eq!(ruleset.elements.len(), 2);
         assert_eq!(ruleset.elements[0].key, key);
-        assert_eq!(ruleset.elements[0].value, Some(Verdict::Reject));
+        assert_eq!(
+            ruleset.elements[0].value,
+            Some(ElementValue::Verdict(Verdict::Reject))
+        );
     }
 }

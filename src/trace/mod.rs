@@ -123,15 +123,23 @@ pub fn trace(rules: &dyn Rules, probe: &Probe, host: &Host, affinity: &AffinityS
     let branches = follow(rules, probe, host, affinity);
     let mut next_connection = Vec::new();
     for branch in &branches {
-        let (Some(endpoint), recorded) = (branch.dnat, recorded_stores(branch)) else {
+        let Some(endpoint) = branch.dnat else {
             continue;
         };
-        if recorded.is_empty() {
-            continue;
-        }
         let mut after = affinity.clone();
-        for store in recorded {
-            after.insert(store, probe.src);
+        let mut recorded = false;
+        for event in &branch.affinity {
+            match event {
+                AffinityEvent::Recorded { store } => after.insert(store, probe.src),
+                AffinityEvent::RecordedMapping {
+                    store, key, value, ..
+                } => after.insert_mapping(store, key.clone(), value.clone()),
+                AffinityEvent::Checked { .. } => continue,
+            }
+            recorded = true;
+        }
+        if !recorded {
+            continue;
         }
         let again = Trace::summarise(follow(rules, probe, host, &after), Vec::new());
         next_connection.push(NextConnection {
@@ -142,17 +150,6 @@ pub fn trace(rules: &dyn Rules, probe: &Probe, host: &Host, affinity: &AffinityS
     next_connection.sort_by_key(|n| n.first);
     next_connection.dedup_by_key(|n| n.first);
     Trace::summarise(branches, next_connection)
-}
-
-fn recorded_stores(branch: &Branch) -> Vec<&str> {
-    branch
-        .affinity
-        .iter()
-        .filter_map(|event| match event {
-            AffinityEvent::Recorded { store } => Some(store.as_str()),
-            AffinityEvent::Checked { .. } => None,
-        })
-        .collect()
 }
 
 #[cfg(test)]

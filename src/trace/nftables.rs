@@ -6,7 +6,8 @@ use std::collections::HashMap;
 
 use crate::family::IpFamily;
 use crate::nftables::{
-    write_rule, Direction, Field, Hook, Match, Rule, Ruleset, SetFlag, Statement, Value, Verdict,
+    write_rule, Direction, ElementValue, Field, Hook, Match, Rule, Ruleset, SetFlag, Statement,
+    Value, Verdict,
 };
 
 use super::packet::{parse_mark, AffinityEvent, AffinityState, Branch, End, Host};
@@ -30,7 +31,9 @@ pub struct NftablesRules {
     base: Vec<(Hook, i32, String)>,
     chains: HashMap<String, Vec<Entry<Rule>>>,
     sets: HashMap<String, SetContent>,
-    maps: HashMap<String, Vec<(Vec<Value>, Verdict)>>,
+    maps: HashMap<String, Vec<(Vec<Value>, ElementValue)>>,
+    /// Maps the packet path adds to (affinity): their elements are live state.
+    dynamic_maps: Vec<String>,
 }
 
 impl NftablesRules {
@@ -41,6 +44,7 @@ impl NftablesRules {
             chains: HashMap::new(),
             sets: HashMap::new(),
             maps: HashMap::new(),
+            dynamic_maps: Vec::new(),
         }
     }
 
@@ -66,6 +70,9 @@ impl NftablesRules {
         }
         for map in &ruleset.maps {
             rules.maps.insert(map.name.to_string(), Vec::new());
+            if map.flags.contains(&SetFlag::Dynamic) {
+                rules.dynamic_maps.push(map.name.to_string());
+            }
         }
         for element in &ruleset.elements {
             rules.insert_element(
@@ -101,14 +108,20 @@ impl NftablesRules {
         self.sets.insert(name.to_string(), content);
     }
 
-    /// Adds an element to a set (no value) or map (with a verdict), creating the container.
-    pub fn insert_element(&mut self, container: &str, key: Vec<Value>, value: Option<Verdict>) {
+    /// Adds an element to a set (no value) or map (with a verdict or data), creating the
+    /// container.
+    pub fn insert_element(
+        &mut self,
+        container: &str,
+        key: Vec<Value>,
+        value: Option<ElementValue>,
+    ) {
         match value {
-            Some(verdict) => self
+            Some(value) => self
                 .maps
                 .entry(container.to_string())
                 .or_default()
-                .push((key, verdict)),
+                .push((key, value)),
             None => self
                 .sets
                 .entry(container.to_string())
@@ -279,8 +292,8 @@ impl Walk<'_> {
                 let found = self.rules.maps.get(&**map).and_then(|elements| {
                     elements
                         .iter()
-                        .find(|(k, _)| key_matches(key, k, &branch))
-                        .map(|(_, v)| v.clone())
+                        .find(|(k, _)| key_matches(key, k, &branch, None))
+                        .and_then(|(_, v)| v.verdict().cloned())
                 });
                 match found {
                     Some(verdict) => {
@@ -330,6 +343,69 @@ impl Walk<'_> {
             Statement::Dnat(to) => {
                 dnat(&mut branch, *to);
                 vec![(branch, RuleEnd::Leave(Flow::Stop))]
+            }
+            Statement::DnatMap { key, map } => {
+                // A random number in the key splits the branch, one way per value.
+                let ways = key.iter().find_map(|f| match f {
+                    Field::RandomNumber(n) => Some(*n),
+                    _ => None,
+                });
+                let slots: Vec<Option<u32>> = match ways {
+                    Some(n) => (0..n).map(Some).collect(),
+                    None => vec![None],
+                };
+                let share = 1.0 / slots.len() as f64;
+                let mut out = Vec::new();
+                for slot in slots {
+                    let mut fork = if ways.is_some() {
+                        branch.split(share)
+                    } else {
+                        branch.clone()
+                    };
+                    let wanted = key_values(key, &fork, slot);
+                    let found = self.map_data(map, &wanted);
+                    if self.rules.dynamic_maps.iter().any(|m| **m == **map) {
+                        fork.affinity.push(AffinityEvent::Checked {
+                            store: map.to_string(),
+                            // The entry's own timeout comes with the update that records it.
+                            timeout_seconds: 0,
+                            hit: found.is_some(),
+                        });
+                    }
+                    let label = match slot {
+                        Some(i) => format!("numgen {i}: "),
+                        None => String::new(),
+                    };
+                    match found {
+                        Some(to) => {
+                            note_last(&mut fork, format!("{label}@{map} → dnat to {to}"));
+                            dnat(&mut fork, to);
+                            out.push((fork, RuleEnd::Leave(Flow::Stop)));
+                        }
+                        None => {
+                            note_last(
+                                &mut fork,
+                                format!("{label}no element of @{map} for this packet"),
+                            );
+                            out.push((fork, RuleEnd::Next));
+                        }
+                    }
+                }
+                out
+            }
+            Statement::UpdateMap {
+                map,
+                key,
+                timeout,
+                value,
+            } => {
+                branch.affinity.push(AffinityEvent::RecordedMapping {
+                    store: map.to_string(),
+                    key: key_values(key, &branch, None),
+                    value: key_values(value, &branch, None),
+                    timeout_seconds: *timeout,
+                });
+                self.statements(chain, rest, branch, depth, text)
             }
             Statement::RandomDnat(targets) => {
                 let share = 1.0 / targets.len().max(1) as f64;
@@ -399,47 +475,78 @@ impl Walk<'_> {
                 field,
                 negated,
                 value,
-            } => value_matches(value, &field_value(*field, branch)) != *negated,
-            Match::InSet { key, set } => {
-                let content = self.rules.sets.get(&**set);
-                match content {
-                    Some(content) if content.dynamic && content.timeout.is_some() => {
-                        let client = match key.as_slice() {
-                            [Field::SourceAddr] => branch.src,
-                            _ => {
-                                branch.uninterpreted.push(format!(
-                                    "{chain}: {text} (an affinity set keyed by other than the \
-                                     source address)"
-                                ));
-                                return false;
-                            }
-                        };
-                        let hit = self.affinity.contains(set, client);
-                        branch.affinity.push(AffinityEvent::Checked {
-                            store: set.to_string(),
-                            timeout_seconds: content.timeout.unwrap_or(0),
-                            hit,
-                        });
-                        if !hit {
-                            branch.step(
-                                chain,
-                                text.to_string(),
-                                Some(format!("no entry for {client} in @{set}: no match")),
-                            );
-                        }
-                        hit
+            } => value_matches(value, &field_value(*field, branch, None)) != *negated,
+            Match::InSet { key, set, negated } => {
+                let found = self.in_set(key, set, branch, chain, text);
+                found != *negated
+            }
+        }
+    }
+
+    /// The data a map (its elements, or for a dynamic map the affinity state) gives a key:
+    /// an address and a port.
+    fn map_data(&self, map: &str, key: &[Value]) -> Option<std::net::SocketAddr> {
+        let data = self
+            .rules
+            .maps
+            .get(map)
+            .and_then(|elements| {
+                elements.iter().find_map(|(k, v)| match v {
+                    ElementValue::Data(data) if literal_key_matches(k, key) => Some(data.clone()),
+                    _ => None,
+                })
+            })
+            .or_else(|| self.affinity.mapping(map, key).map(<[Value]>::to_vec))?;
+        match data.as_slice() {
+            [Value::Addr(ip), Value::Port(port)] => Some(std::net::SocketAddr::new(*ip, *port)),
+            _ => None,
+        }
+    }
+
+    fn in_set(
+        &self,
+        key: &[Field],
+        set: &str,
+        branch: &mut Branch,
+        chain: &str,
+        text: &str,
+    ) -> bool {
+        match self.rules.sets.get(set) {
+            Some(content) if content.dynamic && content.timeout.is_some() => {
+                let client = match key {
+                    [Field::SourceAddr] => branch.src,
+                    _ => {
+                        branch.uninterpreted.push(format!(
+                            "{chain}: {text} (an affinity set keyed by other than the source \
+                             address)"
+                        ));
+                        return false;
                     }
-                    Some(content) => content
-                        .elements
-                        .iter()
-                        .any(|element| key_matches(key, element, branch)),
-                    None => {
-                        branch
-                            .uninterpreted
-                            .push(format!("{chain}: {text} (set @{set} does not exist)"));
-                        false
-                    }
+                };
+                let hit = self.affinity.contains(set, client);
+                branch.affinity.push(AffinityEvent::Checked {
+                    store: set.to_string(),
+                    timeout_seconds: content.timeout.unwrap_or(0),
+                    hit,
+                });
+                if !hit {
+                    branch.step(
+                        chain,
+                        text.to_string(),
+                        Some(format!("no entry for {client} in @{set}: no match")),
+                    );
                 }
+                hit
+            }
+            Some(content) => content
+                .elements
+                .iter()
+                .any(|element| key_matches(key, element, branch, None)),
+            None => {
+                branch
+                    .uninterpreted
+                    .push(format!("{chain}: {text} (set @{set} does not exist)"));
+                false
             }
         }
     }
@@ -470,13 +577,33 @@ fn verdict_text(verdict: &Verdict) -> String {
     }
 }
 
-fn field_value(field: Field, branch: &Branch) -> Value {
+/// The packet's value of a field; `slot` stands for a random number's outcome.
+fn field_value(field: Field, branch: &Branch, slot: Option<u32>) -> Value {
     match field {
         Field::SourceAddr => Value::Addr(branch.src),
         Field::DestinationAddr => Value::Addr(branch.dst),
         Field::L4Proto => Value::Protocol(branch.protocol),
         Field::DestinationPort => Value::Port(branch.dport),
+        Field::OriginalDestinationAddr => Value::Addr(branch.original_dst.ip()),
+        Field::OriginalDestinationPort => Value::Port(branch.original_dst.port()),
+        Field::RandomNumber(_) => Value::Integer(slot.unwrap_or(0)),
     }
+}
+
+fn key_values(fields: &[Field], branch: &Branch, slot: Option<u32>) -> Vec<Value> {
+    fields
+        .iter()
+        .map(|f| field_value(*f, branch, slot))
+        .collect()
+}
+
+/// Whether an element's key (literals, networks) holds the packet's key values.
+fn literal_key_matches(element: &[Value], values: &[Value]) -> bool {
+    element.len() == values.len()
+        && element
+            .iter()
+            .zip(values)
+            .all(|(literal, value)| value_matches(literal, value))
 }
 
 /// Whether a literal (or an interval, or an anonymous set of them) holds the packet's value.
@@ -488,10 +615,6 @@ fn value_matches(literal: &Value, value: &Value) -> bool {
     }
 }
 
-fn key_matches(fields: &[Field], key: &[Value], branch: &Branch) -> bool {
-    fields.len() == key.len()
-        && fields
-            .iter()
-            .zip(key)
-            .all(|(field, literal)| value_matches(literal, &field_value(*field, branch)))
+fn key_matches(fields: &[Field], key: &[Value], branch: &Branch, slot: Option<u32>) -> bool {
+    literal_key_matches(key, &key_values(fields, branch, slot))
 }

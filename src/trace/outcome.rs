@@ -125,20 +125,26 @@ impl Trace {
         let mut affinity: Option<AffinitySummary> = None;
         for branch in &branches {
             for event in &branch.affinity {
-                if let AffinityEvent::Checked {
-                    timeout_seconds,
-                    hit,
-                    ..
-                } = event
-                {
-                    let summary = affinity.get_or_insert(AffinitySummary {
-                        timeout_seconds: *timeout_seconds,
-                        sticky_endpoint: None,
-                        next_connection: Vec::new(),
-                    });
-                    if *hit && summary.sticky_endpoint.is_none() {
-                        summary.sticky_endpoint = branch.dnat;
-                    }
+                let (timeout, hit) = match event {
+                    AffinityEvent::Checked {
+                        timeout_seconds,
+                        hit,
+                        ..
+                    } => (*timeout_seconds, *hit),
+                    // An entry's own timeout (the maps layout sets it when recording).
+                    AffinityEvent::RecordedMapping {
+                        timeout_seconds, ..
+                    } => (*timeout_seconds, false),
+                    AffinityEvent::Recorded { .. } => continue,
+                };
+                let summary = affinity.get_or_insert(AffinitySummary {
+                    timeout_seconds: timeout,
+                    sticky_endpoint: None,
+                    next_connection: Vec::new(),
+                });
+                summary.timeout_seconds = summary.timeout_seconds.max(timeout);
+                if hit && summary.sticky_endpoint.is_none() {
+                    summary.sticky_endpoint = branch.dnat;
                 }
             }
         }

@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::family::IpFamily;
 use crate::model::Protocol;
+use crate::nftables::Value;
 
 /// Where the packet comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,7 +57,12 @@ impl Host {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AffinityState {
     entries: HashMap<String, Vec<IpAddr>>,
+    /// Dynamic maps' elements.
+    mappings: HashMap<String, Vec<Mapping>>,
 }
+
+/// One element of a dynamic map: key → value.
+type Mapping = (Vec<Value>, Vec<Value>);
 
 impl AffinityState {
     pub fn insert(&mut self, store: &str, client: IpAddr) {
@@ -70,6 +76,22 @@ impl AffinityState {
         self.entries
             .get(store)
             .is_some_and(|clients| clients.contains(&client))
+    }
+
+    /// Records `key → value` in a dynamic map, replacing an earlier value.
+    pub fn insert_mapping(&mut self, store: &str, key: Vec<Value>, value: Vec<Value>) {
+        let entries = self.mappings.entry(store.to_string()).or_default();
+        entries.retain(|(k, _)| *k != key);
+        entries.push((key, value));
+    }
+
+    /// The value a dynamic map holds for `key`.
+    pub fn mapping(&self, store: &str, key: &[Value]) -> Option<&[Value]> {
+        self.mappings
+            .get(store)?
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_slice())
     }
 
     /// Every store with its clients.
@@ -111,6 +133,13 @@ pub enum AffinityEvent {
     },
     /// The client was recorded in a `recent` list or affinity set.
     Recorded { store: String },
+    /// A key and value were recorded in a dynamic map (the `maps` layout's affinity map).
+    RecordedMapping {
+        store: String,
+        key: Vec<Value>,
+        value: Vec<Value>,
+        timeout_seconds: u32,
+    },
 }
 
 /// How a path ends before the packet is delivered.
@@ -127,6 +156,8 @@ pub struct Branch {
     pub src: IpAddr,
     /// The destination, rewritten by DNAT.
     pub dst: IpAddr,
+    /// The destination the packet was sent to (`ct original`).
+    pub original_dst: SocketAddr,
     pub dport: u16,
     pub protocol: Protocol,
     pub mark: u32,
@@ -148,6 +179,7 @@ impl Branch {
             probability: 1.0,
             src: probe.src,
             dst: probe.dst.ip(),
+            original_dst: probe.dst,
             dport: probe.dst.port(),
             protocol: probe.protocol,
             mark: 0,

@@ -73,7 +73,7 @@ impl<A: Applier + ?Sized> Applier for crate::sync::Timed<'_, A> {
 pub fn render_transaction(family: IpFamily, commands: &[Command<'_>]) -> Result<String, SyncError> {
     let mut text = String::with_capacity(commands.len() * 100);
     for command in commands {
-        write_command(&mut text, family, command).map_err(|_| SyncError::Refused {
+        write_command(&mut text, family, TABLE_NAME, command).map_err(|_| SyncError::Refused {
             tool: "kproxy".into(),
             family,
             object: Some(format!("{command:?}")),

@@ -10,9 +10,10 @@ use std::collections::BTreeMap;
 use super::applier::Applier;
 use super::kernel::{ChainKind, ContainerDecl, KernelChain, KernelContainer, KernelTable};
 use crate::family::IpFamily;
+use crate::nftables::TABLE_NAME;
 use crate::nftables::{
-    write_command, Chain, Command, Element, Map, Match, Name, Object, ObjectId, Rule, Set,
-    Statement, Table, Value, Verdict,
+    write_command, Chain, Command, Element, ElementValue, Map, Match, Name, Object, ObjectId, Rule,
+    Set, Statement, Table, Value, Verdict,
 };
 use crate::sync::SyncError;
 
@@ -132,7 +133,7 @@ impl FakeKernel {
         let mut out = String::new();
         let mut line = |command: Command| {
             // The fake holds only objects that have a text form.
-            let _ = write_command(&mut out, family, &command);
+            let _ = write_command(&mut out, family, TABLE_NAME, &command);
             out.push('\n');
         };
         line(Command::Add(Object::Table(t)));
@@ -184,7 +185,7 @@ impl FakeTable {
                     .any(|r| rule_chains(r).iter().any(|t| &**t == chain))
         });
         let by_elements = self.elements.values().any(
-            |e| matches!(&e.value, Some(Verdict::Jump(t) | Verdict::Goto(t)) if &**t == chain),
+            |e| matches!(e.value.as_ref().and_then(ElementValue::verdict), Some(Verdict::Jump(t) | Verdict::Goto(t)) if &**t == chain),
         );
         by_rules || by_elements
     }
@@ -348,7 +349,9 @@ impl FakeTable {
                 if is_map != element.value.is_some() || key_len != element.key.len() {
                     return Err(EINVAL);
                 }
-                if let Some(Verdict::Jump(target) | Verdict::Goto(target)) = &element.value {
+                if let Some(Verdict::Jump(target) | Verdict::Goto(target)) =
+                    element.value.as_ref().and_then(ElementValue::verdict)
+                {
                     self.chain_index(target).ok_or(ENOENT)?;
                 }
                 let id = (element.container.clone(), element.key.clone());
@@ -369,7 +372,7 @@ impl FakeTable {
         let mut in_element: Vec<Name> = self
             .elements
             .values()
-            .filter_map(|e| match &e.value {
+            .filter_map(|e| match e.value.as_ref().and_then(ElementValue::verdict) {
                 Some(Verdict::Jump(t) | Verdict::Goto(t)) => Some(t.clone()),
                 _ => None,
             })
@@ -565,6 +568,7 @@ mod tests {
             key_type: vec![DataType::Ipv4Addr],
             flags: vec![SetFlag::Dynamic, SetFlag::Timeout],
             timeout: Some(10),
+            size: None,
             comment: None,
         };
         fake.apply(

@@ -8,7 +8,8 @@ use serde_json::Value as Json;
 
 use crate::model::Protocol;
 use crate::nftables::{
-    BaseChain, ChainType, DataType, Element, Hook, Map, Name, Set, SetFlag, Value, Verdict,
+    BaseChain, ChainType, DataType, Element, ElementValue, Hook, Map, Name, Set, SetFlag, Value,
+    Verdict,
 };
 
 /// One family's `kube-proxy` table as read from the kernel.
@@ -268,13 +269,17 @@ pub(crate) fn parse_container(json: &Json, is_map: bool) -> Result<KernelContain
             key_type,
             flags,
             timeout,
+            size: None,
             comment,
         }),
         (Some(key_type), true, true) => match json.get("map").and_then(Json::as_str) {
             Some("verdict") if timeout.is_none() => ContainerDecl::Map(Map {
                 name: name.clone(),
                 key_type,
-                value_type: DataType::Verdict,
+                value_type: vec![DataType::Verdict],
+                flags: Vec::new(),
+                timeout: None,
+                size: None,
                 comment,
             }),
             _ => ContainerDecl::Other,
@@ -310,7 +315,7 @@ fn parse_elements(
             let (key, value) = if is_map {
                 let pair = entry.as_array()?;
                 match pair.as_slice() {
-                    [key, value] => (key, Some(parse_verdict(value)?)),
+                    [key, value] => (key, Some(ElementValue::Verdict(parse_verdict(value)?))),
                     _ => return None,
                 }
             } else {
@@ -351,6 +356,10 @@ pub(crate) fn parse_key(json: &Json, key_type: &[DataType]) -> Option<Vec<Value>
 
 pub(crate) fn parse_value(json: &Json, t: DataType) -> Option<Value> {
     match t {
+        DataType::Slot => json
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .map(Value::Integer),
         DataType::Ipv4Addr | DataType::Ipv6Addr => {
             let ip: std::net::IpAddr = json.as_str()?.parse().ok()?;
             (crate::family::IpFamily::of(&ip) == family_of(t)).then_some(Value::Addr(ip))
@@ -476,6 +485,7 @@ mod tests {
             key_type: vec![DataType::Ipv4Addr],
             flags: vec![SetFlag::Dynamic, SetFlag::Timeout],
             timeout: Some(10800),
+            size: None,
             comment: None,
         }));
 
@@ -490,14 +500,14 @@ mod tests {
                     Value::Protocol(Protocol::Udp),
                     Value::Port(53)
                 ],
-                value: Some(Verdict::Drop),
+                value: Some(ElementValue::Verdict(Verdict::Drop)),
                 comment: Some("ns/svc:p".into()),
             }
         );
         let service_ips = table.container("service-ips").unwrap();
         assert_eq!(
             service_ips.elements.as_ref().unwrap()[0].value,
-            Some(Verdict::Goto("ep-a".into()))
+            Some(ElementValue::Verdict(Verdict::Goto("ep-a".into())))
         );
         assert_eq!(
             table
