@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use crate::agent::config_file::{parse_duration, KubeProxyConfiguration};
 use crate::agent::{AgentConfig, DetectLocal, Source};
 use crate::backend::{self, BackendOptions, Mode};
-use crate::config::{MasqueradeMark, NodeConfig, NodePortAddresses};
+use crate::config::{MasqueradeMark, NftablesLayout, NodeConfig, NodePortAddresses};
 use crate::family::{parse_cidr_sloppy, FamilyMode, IpFamily};
 use crate::model::Protocol;
 use crate::pipeline;
@@ -248,6 +248,17 @@ pub struct Common {
     /// iptables: nf_conntrack_tcp_be_liberal is set, so INVALID packets are not dropped.
     #[arg(long)]
     conntrack_tcp_be_liberal: bool,
+    /// nftables: kube-proxy's table layout, or `maps`: a fixed set of chains, sets and maps,
+    /// every service port and endpoint an element (table `kproxy`; docs/maps-layout.md).
+    /// Rendering and tracing only, for now.
+    #[arg(long, value_enum, default_value = "kube-proxy")]
+    nftables_layout: LayoutArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LayoutArg {
+    KubeProxy,
+    Maps,
 }
 
 /// `kproxy run`'s own flags (kube-proxy's names are accepted where they mean the same).
@@ -416,6 +427,10 @@ impl Common {
                 .and_then(|f| f.conntrack.as_ref())
                 .and_then(|c| c.tcp_be_liberal)
                 .unwrap_or(false);
+        config.nftables_layout = match self.nftables_layout {
+            LayoutArg::KubeProxy => NftablesLayout::KubeProxy,
+            LayoutArg::Maps => NftablesLayout::Maps,
+        };
         Ok(config)
     }
 

@@ -31,6 +31,19 @@ pub struct NodeConfig {
     /// The cluster's ServiceCIDRs (`--service-cidr`); nftables drops traffic to unallocated
     /// addresses inside them (§5.5). Empty: no such rule.
     pub service_cidrs: Vec<IpNet>,
+    /// nftables mode: kube-proxy's layout, or kproxy's fixed-size one (docs/maps-layout.md).
+    pub nftables_layout: NftablesLayout,
+}
+
+/// The shape of the nftables table (`--nftables-layout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NftablesLayout {
+    /// kube-proxy's own: chains and sets per service port and endpoint (spec §5A).
+    #[default]
+    KubeProxy,
+    /// A fixed set of chains, sets and maps; every service port, endpoint and affinity entry
+    /// an element (table `kproxy`).
+    Maps,
 }
 
 /// Where NodePorts are accepted.
@@ -113,6 +126,7 @@ impl NodeConfig {
             prefer_same_node: true,
             iptables: IptablesOptions::default(),
             service_cidrs: Vec::new(),
+            nftables_layout: NftablesLayout::KubeProxy,
         }
     }
 

@@ -18,6 +18,9 @@ pub use ruleset::{
 };
 pub use translate::{translate, translate_cached, PortCache};
 
+/// The table of the `maps` layout (docs/maps-layout.md), never kube-proxy's name.
+pub const MAPS_TABLE_NAME: &str = "kproxy";
+
 // Base chains (§5.2).
 pub const FILTER_PREROUTING_PRE_DNAT: &str = "filter-prerouting-pre-dnat";
 pub const FILTER_OUTPUT_PRE_DNAT: &str = "filter-output-pre-dnat";

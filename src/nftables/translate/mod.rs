@@ -1,5 +1,9 @@
 //! ProxyModel → nftables [`Ruleset`]: a pure function of the model and the node settings.
-//! Spec §5A (the `edca5633` layout); §5.2–§5.6 for what it shares with the older layout.
+//! Spec §5A (the `edca5633` layout); §5.2–§5.6 for what it shares with the older layout. The
+//! `maps` layout (docs/maps-layout.md, [`maps`]) shares the table-wide part and writes every
+//! service port as elements.
+
+mod maps;
 
 use rustc_hash::FxHashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -20,7 +24,7 @@ use super::{
     NO_ENDPOINT_SERVICES, REJECT_CHAIN, SERVICES, SERVICE_CHAIN_PREFIX, SERVICE_ENDPOINTS_CHECK,
     SERVICE_IPS, SERVICE_NODEPORTS,
 };
-use crate::config::{NodeConfig, NodePortAddresses};
+use crate::config::{NftablesLayout, NodeConfig, NodePortAddresses};
 use crate::family::IpFamily;
 use crate::model::{Endpoint, NoEndpointVerdict, ProxyModel, ServicePort};
 use crate::names;
@@ -80,11 +84,7 @@ pub fn translate(model: &ProxyModel, config: &NodeConfig) -> Ruleset {
     for part in parts {
         translator.out.append(part);
     }
-    translator.out.finish(Table {
-        family: translator.family,
-        name: TABLE_NAME.into(),
-        comment: Some("rules for kube-proxy".into()),
-    })
+    translator.finish()
 }
 
 /// Each service port's objects, kept between translations of one family (see
@@ -104,15 +104,12 @@ pub fn translate_cached(model: &ProxyModel, config: &NodeConfig, cache: &mut Por
     });
     let parts: Vec<&PortObjects> = parts.collect();
     translator.out.append_parts(&parts);
-    translator.out.finish(Table {
-        family: model.family,
-        name: TABLE_NAME.into(),
-        comment: Some("rules for kube-proxy".into()),
-    })
+    translator.finish()
 }
 
 struct Translator<'a> {
     config: &'a NodeConfig,
+    layout: NftablesLayout,
     family: IpFamily,
     mark: Name,
     /// The pod network: traffic from it is "local" to the cluster (§3 detector).
@@ -164,6 +161,7 @@ impl<'a> Translator<'a> {
         let family = model.family;
         Translator {
             config,
+            layout: config.nftables_layout,
             family,
             mark: config.masquerade_mark.text.as_str().into(),
             pod_cidr: config.local_cidr(family),
@@ -178,6 +176,7 @@ impl<'a> Translator<'a> {
     fn empty_copy(&self) -> Translator<'a> {
         Translator {
             config: self.config,
+            layout: self.layout,
             family: self.family,
             mark: self.mark.clone(),
             pod_cidr: self.pod_cidr,
@@ -185,6 +184,23 @@ impl<'a> Translator<'a> {
             reject_verdict: self.reject_verdict.clone(),
             out: Builder::default(),
         }
+    }
+
+    /// The table, once every service port is in: the `maps` layout's shared chains get their
+    /// rules here (service ports only declare the ones they use).
+    fn finish(mut self) -> Ruleset {
+        let (name, comment) = match self.layout {
+            NftablesLayout::KubeProxy => (TABLE_NAME, "rules for kube-proxy"),
+            NftablesLayout::Maps => {
+                self.maps_shared_chain_rules();
+                (super::MAPS_TABLE_NAME, "rules for kproxy (maps layout)")
+            }
+        };
+        self.out.finish(Table {
+            family: self.family,
+            name: name.into(),
+            comment: Some(comment.into()),
+        })
     }
 
     fn addr_type(&self) -> DataType {
@@ -370,25 +386,29 @@ impl<'a> Translator<'a> {
         );
 
         // loadBalancerSourceRanges, checked before DNAT.
-        self.out.map(Map::verdict_map(
-            FIREWALL_IPS,
-            service_key.clone(),
-            "destinations that are subject to LoadBalancerSourceRanges",
-        ));
-        self.out.rule(
-            FIREWALL_CHECK,
-            Rule::new(vec![], vec![vmap(&SERVICE_TUPLE, FIREWALL_IPS)]),
-        );
+        if self.layout == NftablesLayout::Maps {
+            self.maps_firewall_setup(&service_key);
+        } else {
+            self.out.map(Map::verdict_map(
+                FIREWALL_IPS,
+                service_key.clone(),
+                "destinations that are subject to LoadBalancerSourceRanges",
+            ));
+            self.out.rule(
+                FIREWALL_CHECK,
+                Rule::new(vec![], vec![vmap(&SERVICE_TUPLE, FIREWALL_IPS)]),
+            );
+        }
 
         // Service dispatch.
         self.out.map(Map::verdict_map(
             SERVICE_IPS,
-            service_key,
+            service_key.clone(),
             "ClusterIP, ExternalIP and LoadBalancer IP traffic",
         ));
         self.out.map(Map::verdict_map(
             SERVICE_NODEPORTS,
-            nodeport_key,
+            nodeport_key.clone(),
             "NodePort traffic",
         ));
         let to_cluster_ip = in_set(Field::DestinationAddr, CLUSTER_IPS);
@@ -429,10 +449,16 @@ impl<'a> Translator<'a> {
                 vec![vmap(&NODEPORT_TUPLE, SERVICE_NODEPORTS)],
             ),
         );
+        if self.layout == NftablesLayout::Maps {
+            self.maps_setup(service_key, nodeport_key);
+        }
     }
 
     /// One service port's chains, sets, rules and elements, in kube-proxy's order (§5A.10).
     fn service_port(&mut self, port: &ServicePort) {
+        if self.layout == NftablesLayout::Maps {
+            return self.maps_service_port(port);
+        }
         let chains = PortChains::new(port);
         let protocol = port.name.protocol;
         let affinity = port.affinity_timeout;

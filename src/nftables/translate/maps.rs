@@ -1,0 +1,637 @@
+//! The `maps` layout (docs/maps-layout.md): the table-wide chains of kube-proxy's layout, a
+//! fixed set of handler chains, and shared "pick N" and "remember T" chains; every service
+//! port, endpoint and affinity entry is an element. Routes as kube-proxy's nftables mode
+//! (§5A) does, with the differences the design notes list.
+
+use super::*;
+
+/// Frontend → endpoint slot → endpoint, for cluster-wide and node-local endpoint sets, keyed by
+/// `daddr . proto . port` or, for NodePorts, `proto . port`.
+const CLUSTER_ENDPOINTS: &str = "cluster-endpoints";
+const LOCAL_ENDPOINTS: &str = "local-endpoints";
+const NODEPORT_CLUSTER_ENDPOINTS: &str = "nodeport-cluster-endpoints";
+const NODEPORT_LOCAL_ENDPOINTS: &str = "nodeport-local-endpoints";
+/// Frontend → `goto` the pick chain of its endpoint count (for the handler chains).
+const CLUSTER_PICKS: &str = "cluster-picks";
+const LOCAL_PICKS: &str = "local-picks";
+const NODEPORT_CLUSTER_PICKS: &str = "nodeport-cluster-picks";
+const NODEPORT_LOCAL_PICKS: &str = "nodeport-local-picks";
+/// Client . frontend → the endpoint it is pinned to; elements added from the packet path.
+const AFFINITY: &str = "affinity";
+/// Most clients pinned at once, over all services (nft's default, 65535, is sized for one
+/// endpoint's set in kube-proxy's layout).
+const AFFINITY_SIZE: u32 = 1 << 20;
+/// Frontend → `goto remember-T`, for frontends with ClientIP affinity of timeout T.
+const AFFINITY_TIMEOUTS: &str = "affinity-timeouts";
+const NODEPORT_AFFINITY_TIMEOUTS: &str = "nodeport-affinity-timeouts";
+/// LB frontend . allowed source range.
+const FIREWALL_ALLOW: &str = "firewall-allow";
+/// Handlers: what external traffic of each policy does before the pick.
+const EXTERNAL: &str = "external";
+const EXTERNAL_LOCAL: &str = "external-local";
+const NODEPORT_EXTERNAL: &str = "nodeport-external";
+const NODEPORT_EXTERNAL_LOCAL: &str = "nodeport-external-local";
+/// Right after DNAT (priority -99), where `ct original` still has the frontend.
+const REMEMBER_PREROUTING: &str = "remember-prerouting";
+const REMEMBER_OUTPUT: &str = "remember-output";
+const REMEMBER: &str = "remember";
+const REMEMBER_PREFIX: &str = "remember-";
+const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+use crate::model::Protocol;
+
+/// How a frontend is keyed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Frontend {
+    /// `daddr . proto . port`: cluster, external and load-balancer IPs.
+    Address,
+    /// `proto . port` on a node address.
+    NodePort,
+}
+
+impl Frontend {
+    fn fields(self) -> &'static [Field] {
+        match self {
+            Frontend::Address => &SERVICE_TUPLE,
+            Frontend::NodePort => &NODEPORT_TUPLE,
+        }
+    }
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Frontend::Address => "",
+            Frontend::NodePort => "nodeport-",
+        }
+    }
+}
+
+/// Which of a service port's endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EndpointSet {
+    Cluster,
+    Local,
+}
+
+/// A shared chain that picks one of `ways` endpoints of a frontend, after its affinity entry
+/// when `sticky`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pick {
+    frontend: Frontend,
+    set: EndpointSet,
+    sticky: bool,
+    ways: u32,
+}
+
+impl Pick {
+    fn name(&self) -> String {
+        format!(
+            "{}{}-{}pick-{}",
+            self.frontend.prefix(),
+            match self.set {
+                EndpointSet::Cluster => "cluster",
+                EndpointSet::Local => "local",
+            },
+            if self.sticky { "sticky-" } else { "" },
+            self.ways
+        )
+    }
+
+    /// The inverse of [`Pick::name`].
+    fn parse(name: &str) -> Option<Pick> {
+        let (frontend, rest) = match name.strip_prefix("nodeport-") {
+            Some(rest) => (Frontend::NodePort, rest),
+            None => (Frontend::Address, name),
+        };
+        let (set, rest) = if let Some(rest) = rest.strip_prefix("cluster-") {
+            (EndpointSet::Cluster, rest)
+        } else {
+            (EndpointSet::Local, rest.strip_prefix("local-")?)
+        };
+        let (sticky, rest) = match rest.strip_prefix("sticky-") {
+            Some(rest) => (true, rest),
+            None => (false, rest),
+        };
+        let ways = rest.strip_prefix("pick-")?.parse().ok()?;
+        Some(Pick {
+            frontend,
+            set,
+            sticky,
+            ways,
+        })
+    }
+
+    fn endpoint_map(&self) -> &'static str {
+        match (self.frontend, self.set) {
+            (Frontend::Address, EndpointSet::Cluster) => CLUSTER_ENDPOINTS,
+            (Frontend::Address, EndpointSet::Local) => LOCAL_ENDPOINTS,
+            (Frontend::NodePort, EndpointSet::Cluster) => NODEPORT_CLUSTER_ENDPOINTS,
+            (Frontend::NodePort, EndpointSet::Local) => NODEPORT_LOCAL_ENDPOINTS,
+        }
+    }
+
+    fn rules(&self) -> Vec<Rule> {
+        let mut rules = Vec::new();
+        if self.sticky {
+            rules.push(Rule::new(
+                vec![],
+                vec![Statement::DnatMap {
+                    key: vec![
+                        Field::SourceAddr,
+                        Field::DestinationAddr,
+                        Field::L4Proto,
+                        Field::DestinationPort,
+                    ],
+                    map: AFFINITY.into(),
+                }],
+            ));
+        }
+        let mut key = self.frontend.fields().to_vec();
+        key.push(Field::RandomNumber(self.ways));
+        rules.push(Rule::new(
+            vec![],
+            vec![Statement::DnatMap {
+                key,
+                map: self.endpoint_map().into(),
+            }],
+        ));
+        rules
+    }
+}
+
+/// The picks map of a frontend kind and endpoint set.
+fn picks_map(frontend: Frontend, set: EndpointSet) -> &'static str {
+    match (frontend, set) {
+        (Frontend::Address, EndpointSet::Cluster) => CLUSTER_PICKS,
+        (Frontend::Address, EndpointSet::Local) => LOCAL_PICKS,
+        (Frontend::NodePort, EndpointSet::Cluster) => NODEPORT_CLUSTER_PICKS,
+        (Frontend::NodePort, EndpointSet::Local) => NODEPORT_LOCAL_PICKS,
+    }
+}
+
+impl Translator<'_> {
+    /// Source ranges as elements: LB frontends in `firewall-ips`, their allowed sources in
+    /// `firewall-allow`; other sources are dropped before DNAT.
+    pub(super) fn maps_firewall_setup(&mut self, service_key: &[DataType]) {
+        let addr = self.addr_type();
+        self.out.set(Set {
+            name: FIREWALL_IPS.into(),
+            key_type: service_key.to_vec(),
+            flags: vec![],
+            timeout: None,
+            size: None,
+            comment: Some("destinations that are subject to LoadBalancerSourceRanges".into()),
+        });
+        let mut allow_key = service_key.to_vec();
+        allow_key.push(addr);
+        self.out.set(Set {
+            name: FIREWALL_ALLOW.into(),
+            key_type: allow_key,
+            flags: vec![SetFlag::Interval],
+            timeout: None,
+            size: None,
+            comment: Some("sources allowed to each of them".into()),
+        });
+        let mut with_source = SERVICE_TUPLE.to_vec();
+        with_source.push(Field::SourceAddr);
+        self.out.rule(
+            FIREWALL_CHECK,
+            Rule::new(
+                vec![
+                    Match::InSet {
+                        key: SERVICE_TUPLE.to_vec(),
+                        set: FIREWALL_IPS.into(),
+                        negated: false,
+                    },
+                    Match::InSet {
+                        key: with_source,
+                        set: FIREWALL_ALLOW.into(),
+                        negated: true,
+                    },
+                ],
+                vec![verdict(Verdict::Drop)],
+            ),
+        );
+    }
+
+    /// The maps, the handler chains and the affinity bookkeeping.
+    pub(super) fn maps_setup(&mut self, service_key: Vec<DataType>, nodeport_key: Vec<DataType>) {
+        let addr = self.addr_type();
+        let endpoint = vec![addr, DataType::InetService];
+        for (frontend, key) in [
+            (Frontend::Address, &service_key),
+            (Frontend::NodePort, &nodeport_key),
+        ] {
+            for set in [EndpointSet::Cluster, EndpointSet::Local] {
+                let mut slot_key = key.clone();
+                slot_key.push(DataType::Slot);
+                let pick = Pick {
+                    frontend,
+                    set,
+                    sticky: false,
+                    ways: 1,
+                };
+                self.out.map(Map {
+                    name: pick.endpoint_map().into(),
+                    key_type: slot_key,
+                    value_type: endpoint.clone(),
+                    flags: vec![],
+                    timeout: None,
+                    size: None,
+                    comment: None,
+                });
+                self.out.map(Map {
+                    name: picks_map(frontend, set).into(),
+                    key_type: key.clone(),
+                    value_type: vec![DataType::Verdict],
+                    flags: vec![],
+                    timeout: None,
+                    size: None,
+                    comment: None,
+                });
+            }
+        }
+        self.out.map(Map {
+            name: AFFINITY.into(),
+            key_type: vec![addr, addr, DataType::InetProto, DataType::InetService],
+            value_type: endpoint,
+            flags: vec![SetFlag::Dynamic, SetFlag::Timeout],
+            timeout: None,
+            size: Some(AFFINITY_SIZE),
+            comment: Some("ClientIP affinity: client . frontend : endpoint".into()),
+        });
+        for (name, key) in [
+            (AFFINITY_TIMEOUTS, service_key),
+            (NODEPORT_AFFINITY_TIMEOUTS, nodeport_key),
+        ] {
+            self.out.map(Map {
+                name: name.into(),
+                key_type: key,
+                value_type: vec![DataType::Verdict],
+                flags: vec![],
+                timeout: None,
+                size: None,
+                comment: None,
+            });
+        }
+
+        // External traffic: masquerade and short-circuit as kube-proxy's external chains do.
+        for frontend in [Frontend::Address, Frontend::NodePort] {
+            let picks = |set| {
+                vec![Statement::VerdictMap {
+                    key: frontend.fields().to_vec(),
+                    map: picks_map(frontend, set).into(),
+                }]
+            };
+            let (cluster, local) = match frontend {
+                Frontend::Address => (EXTERNAL, EXTERNAL_LOCAL),
+                Frontend::NodePort => (NODEPORT_EXTERNAL, NODEPORT_EXTERNAL_LOCAL),
+            };
+            let mark_or = || Statement::MarkOr(self.mark.clone());
+            self.out.rule(
+                cluster,
+                Rule::new(vec![], vec![mark_or()]).with_comment("masquerade"),
+            );
+            self.out
+                .rule(cluster, Rule::new(vec![], picks(EndpointSet::Cluster)));
+            if let Some(cidr) = self.pod_cidr {
+                self.out.rule(
+                    local,
+                    Rule::new(
+                        vec![compare(Field::SourceAddr, false, Value::Net(cidr))],
+                        picks(EndpointSet::Cluster),
+                    )
+                    .with_comment("short-circuit pod traffic"),
+                );
+            }
+            self.out.rule(
+                local,
+                Rule::new(vec![Match::FibLocal(Direction::Source)], vec![mark_or()])
+                    .with_comment("masquerade local traffic"),
+            );
+            self.out.rule(
+                local,
+                Rule::new(
+                    vec![Match::FibLocal(Direction::Source)],
+                    picks(EndpointSet::Cluster),
+                )
+                .with_comment("short-circuit local traffic"),
+            );
+            self.out
+                .rule(local, Rule::new(vec![], picks(EndpointSet::Local)));
+        }
+
+        // Affinity: record the endpoint a new connection was sent to, right after DNAT.
+        for (chain, hook) in [
+            (REMEMBER_PREROUTING, Hook::Prerouting),
+            (REMEMBER_OUTPUT, Hook::Output),
+        ] {
+            self.out.chain(
+                chain,
+                Some(BaseChain {
+                    kind: ChainType::Filter,
+                    hook,
+                    priority: -99,
+                }),
+                None,
+            );
+            self.out.rule(
+                chain,
+                Rule::new(
+                    vec![Match::CtStateNew, Match::CtStatusDnat],
+                    vec![verdict(Verdict::Jump(REMEMBER.into()))],
+                ),
+            );
+        }
+        // `ct original proto-dst` needs the protocol first (nft's type dependency).
+        for protocol in PROTOCOLS {
+            self.out.rule(
+                REMEMBER,
+                Rule::new(
+                    vec![compare(Field::L4Proto, false, Value::Protocol(protocol))],
+                    vec![Statement::VerdictMap {
+                        key: vec![
+                            Field::OriginalDestinationAddr,
+                            Field::L4Proto,
+                            Field::OriginalDestinationPort,
+                        ],
+                        map: AFFINITY_TIMEOUTS.into(),
+                    }],
+                ),
+            );
+        }
+        for protocol in PROTOCOLS {
+            let mut matches = vec![compare(Field::L4Proto, false, Value::Protocol(protocol))];
+            if self.nodeport_networks.is_some() {
+                matches.push(Match::InSet {
+                    key: vec![Field::OriginalDestinationAddr],
+                    set: NODEPORT_IPS.into(),
+                    negated: false,
+                });
+            }
+            self.out.rule(
+                REMEMBER,
+                Rule::new(
+                    matches,
+                    vec![Statement::VerdictMap {
+                        key: vec![Field::L4Proto, Field::OriginalDestinationPort],
+                        map: NODEPORT_AFFINITY_TIMEOUTS.into(),
+                    }],
+                ),
+            );
+        }
+    }
+
+    /// The rules of the shared chains the service ports declared: pick-N and remember-T.
+    pub(super) fn maps_shared_chain_rules(&mut self) {
+        let names: Vec<Name> = self
+            .out
+            .chains
+            .iter()
+            .filter(|c| c.rules.is_empty())
+            .map(|c| c.name.clone())
+            .collect();
+        for name in names {
+            if let Some(pick) = Pick::parse(&name) {
+                for rule in pick.rules() {
+                    self.out.rule(&name, rule);
+                }
+            } else if let Some(timeout) = name
+                .strip_prefix(REMEMBER_PREFIX)
+                .and_then(|t| t.parse::<u32>().ok())
+            {
+                for protocol in PROTOCOLS {
+                    self.out.rule(
+                        &name,
+                        Rule::new(
+                            vec![compare(Field::L4Proto, false, Value::Protocol(protocol))],
+                            vec![Statement::UpdateMap {
+                                map: AFFINITY.into(),
+                                key: vec![
+                                    Field::SourceAddr,
+                                    Field::OriginalDestinationAddr,
+                                    Field::L4Proto,
+                                    Field::OriginalDestinationPort,
+                                ],
+                                timeout,
+                                value: vec![Field::DestinationAddr, Field::DestinationPort],
+                            }],
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    /// One service port, as elements (and the shared chains it needs, declared).
+    pub(super) fn maps_service_port(&mut self, port: &ServicePort) {
+        let protocol = Value::Protocol(port.name.protocol);
+        let address_key =
+            |ip: IpAddr| vec![Value::Addr(ip), protocol.clone(), Value::Port(port.port)];
+        let comment: Name = truncate_comment(&port.name.to_string()).into();
+        let has_any = port.has_any_endpoints();
+        let external_refusal = port.external_refusal().map(|v| self.refusal(v));
+        let cluster: Vec<SocketAddr> = port.cluster_endpoints().map(|e| e.addr).collect();
+        let local: Vec<SocketAddr> = port.local_endpoints().map(|e| e.addr).collect();
+        let remember = port
+            .affinity_timeout
+            .map(|timeout| Verdict::Goto(format!("{REMEMBER_PREFIX}{timeout}").into()));
+
+        for endpoint in port.reachable_endpoints().filter(|e| e.local) {
+            let ip = Value::Addr(endpoint.ip());
+            self.out.element(
+                HAIRPIN_CONNECTIONS,
+                vec![
+                    ip.clone(),
+                    ip,
+                    protocol.clone(),
+                    Value::Port(endpoint.addr.port()),
+                ],
+                None,
+                None,
+            );
+        }
+
+        // The cluster IP: straight to the pick chain of its policy's endpoints.
+        self.out
+            .element(CLUSTER_IPS, vec![Value::Addr(port.cluster_ip)], None, None);
+        let key = address_key(port.cluster_ip);
+        match port.internal_refusal() {
+            None => {
+                let (set, endpoints) = if port.internal_policy_local {
+                    (EndpointSet::Local, &local)
+                } else {
+                    (EndpointSet::Cluster, &cluster)
+                };
+                let pick = self.frontend_endpoints(port, Frontend::Address, set, &key, endpoints);
+                self.out.element(SERVICE_IPS, key.clone(), Some(pick), None);
+                self.remember(AFFINITY_TIMEOUTS, key, &remember);
+            }
+            Some(refusal) => {
+                let refusal = self.refusal(refusal);
+                self.out.element(
+                    NO_ENDPOINT_SERVICES,
+                    key,
+                    Some(refusal),
+                    Some(comment.clone()),
+                );
+            }
+        }
+
+        // External and load-balancer IPs, and the NodePort: through the handler of the
+        // external policy.
+        let (handler, nodeport_handler) = if port.external_policy_local {
+            (EXTERNAL_LOCAL, NODEPORT_EXTERNAL_LOCAL)
+        } else {
+            (EXTERNAL, NODEPORT_EXTERNAL)
+        };
+        let mut frontends: Vec<(Frontend, Vec<Value>)> = port
+            .external_ips
+            .iter()
+            .chain(&port.load_balancer_ips)
+            .map(|&ip| (Frontend::Address, address_key(ip)))
+            .collect();
+        if let Some(node_port) = port.node_port {
+            frontends.push((
+                Frontend::NodePort,
+                vec![protocol.clone(), Value::Port(node_port)],
+            ));
+        }
+        for (frontend, key) in frontends {
+            let (dispatch, no_endpoints, timeouts, handler) = match frontend {
+                Frontend::Address => (
+                    SERVICE_IPS,
+                    NO_ENDPOINT_SERVICES,
+                    AFFINITY_TIMEOUTS,
+                    handler,
+                ),
+                Frontend::NodePort => (
+                    SERVICE_NODEPORTS,
+                    NO_ENDPOINT_NODEPORTS,
+                    NODEPORT_AFFINITY_TIMEOUTS,
+                    nodeport_handler,
+                ),
+            };
+            if has_any {
+                self.out.element(
+                    dispatch,
+                    key.clone(),
+                    Some(Verdict::Goto(handler.into())),
+                    None,
+                );
+                // Cluster endpoints: the Cluster policy, and Local's short-circuits.
+                let pick =
+                    self.frontend_endpoints(port, frontend, EndpointSet::Cluster, &key, &cluster);
+                self.out.element(
+                    picks_map(frontend, EndpointSet::Cluster),
+                    key.clone(),
+                    Some(pick),
+                    None,
+                );
+                if port.external_policy_local && !local.is_empty() {
+                    let pick =
+                        self.frontend_endpoints(port, frontend, EndpointSet::Local, &key, &local);
+                    self.out.element(
+                        picks_map(frontend, EndpointSet::Local),
+                        key.clone(),
+                        Some(pick),
+                        None,
+                    );
+                }
+                self.remember(timeouts, key.clone(), &remember);
+            }
+            if let Some(refusal) = &external_refusal {
+                self.out.element(
+                    no_endpoints,
+                    key,
+                    Some(refusal.clone()),
+                    Some(comment.clone()),
+                );
+            }
+        }
+
+        // Source ranges: checked whenever they apply, endpoints or not.
+        if uses_firewall(port) {
+            let node_ip = self.config.primary_node_ip(self.family);
+            let mut sources: Vec<IpNet> = port.source_ranges.clone();
+            if node_ip.is_some_and(|ip| port.source_ranges.iter().any(|r| r.contains(&ip))) {
+                sources.extend(port.load_balancer_ips.iter().map(|&ip| IpNet::from(ip)));
+            }
+            for &ip in &port.load_balancer_ips {
+                self.out.element(FIREWALL_IPS, address_key(ip), None, None);
+                for source in &sources {
+                    let mut key = address_key(ip);
+                    key.push(Value::Net(*source));
+                    self.out.element(FIREWALL_ALLOW, key, None, None);
+                }
+            }
+        }
+    }
+
+    /// The endpoint elements of one frontend and endpoint set; returns the `goto` of its pick
+    /// chain (declared here, filled by [`Translator::maps_shared_chain_rules`]).
+    fn frontend_endpoints(
+        &mut self,
+        port: &ServicePort,
+        frontend: Frontend,
+        set: EndpointSet,
+        key: &[Value],
+        endpoints: &[SocketAddr],
+    ) -> Verdict {
+        let pick = Pick {
+            frontend,
+            set,
+            sticky: port.affinity_timeout.is_some(),
+            ways: u32::try_from(endpoints.len()).unwrap_or(u32::MAX),
+        };
+        for (slot, endpoint) in endpoints.iter().enumerate() {
+            let mut slot_key = key.to_vec();
+            slot_key.push(Value::Integer(u32::try_from(slot).unwrap_or(u32::MAX)));
+            self.out.insert_element(Element {
+                container: pick.endpoint_map().into(),
+                key: slot_key,
+                value: Some(ElementValue::Data(vec![
+                    Value::Addr(endpoint.ip()),
+                    Value::Port(endpoint.port()),
+                ])),
+                comment: None,
+            });
+        }
+        let name = pick.name();
+        self.out.chain(&name, None, None);
+        Verdict::Goto(name.into())
+    }
+
+    /// With affinity: the frontend's `remember-T` (declared here).
+    fn remember(&mut self, timeouts: &str, key: Vec<Value>, remember: &Option<Verdict>) {
+        if let Some(verdict) = remember {
+            if let Verdict::Goto(chain) = verdict {
+                self.out.chain(chain, None, None);
+            }
+            self.out.element(timeouts, key, Some(verdict.clone()), None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pick_chain_names_read_back() {
+        for frontend in [Frontend::Address, Frontend::NodePort] {
+            for set in [EndpointSet::Cluster, EndpointSet::Local] {
+                for sticky in [false, true] {
+                    let pick = Pick {
+                        frontend,
+                        set,
+                        sticky,
+                        ways: 7,
+                    };
+                    assert_eq!(Pick::parse(&pick.name()), Some(pick), "{}", pick.name());
+                }
+            }
+        }
+        assert_eq!(Pick::parse("remember-600"), None);
+        assert_eq!(Pick::parse("cluster-pick-x"), None);
+    }
+}
