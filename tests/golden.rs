@@ -1,6 +1,7 @@
 //! Golden files: `rules-golden/<case>/` holds `input.yaml`, the render flags in `flags`, and
-//! the expected output of each mode (`iptables.txt`, `nftables.txt`). The real `kproxy render`
-//! binary renders each case; any change in output fails with a diff.
+//! the expected output of each mode (`iptables.txt`, `nftables.txt`, and `nftables-maps.txt` for
+//! the `maps` nftables layout). The real `kproxy render` binary renders each case; any change in
+//! output fails with a diff.
 //!
 //! To accept intended changes: `KPROXY_UPDATE_GOLDEN=1 cargo test --test golden`, then review
 //! the diff of `rules-golden/` like any other change.
@@ -11,22 +12,30 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-const MODES: [&str; 2] = ["iptables", "nftables"];
+/// Each golden file's name and the flags that select its mode.
+const MODES: [(&str, &[&str]); 3] = [
+    ("iptables", &["--mode", "iptables"]),
+    ("nftables", &["--mode", "nftables"]),
+    (
+        "nftables-maps",
+        &["--mode", "nftables", "--nftables-layout", "maps"],
+    ),
+];
 
-fn render(case: &Path, mode: &str) -> String {
+fn render(case: &Path, mode: &[&str]) -> String {
     let flags = fs::read_to_string(case.join("flags")).unwrap_or_default();
     let output = Command::new(env!("CARGO_BIN_EXE_kproxy"))
         .arg("render")
-        .arg("--mode")
-        .arg(mode)
+        .args(mode)
         .args(flags.split_whitespace())
         .arg(case.join("input.yaml"))
         .output()
         .expect("kproxy runs");
     assert!(
         output.status.success(),
-        "{}: kproxy render --mode {mode} failed: {}",
+        "{}: kproxy render {} failed: {}",
         case.display(),
+        mode.join(" "),
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout).expect("output is UTF-8")
@@ -47,12 +56,12 @@ fn golden_cases_render_unchanged() {
     let mut checked = 0;
     for case in &cases {
         let name = case.file_name().unwrap().to_string_lossy().to_string();
-        for mode in MODES {
+        for (mode, flags) in MODES {
             let expected_path = case.join(format!("{mode}.txt"));
             if !expected_path.exists() && !update {
                 continue;
             }
-            let actual = render(case, mode);
+            let actual = render(case, flags);
             if update {
                 fs::write(&expected_path, &actual).expect("write golden file");
                 continue;
