@@ -132,10 +132,11 @@ const fn probe(proto: &'static str, client: u8, target: &'static str, port: u16)
 }
 
 /// `kproxy trace --output json` over the manifests.
-fn trace(topology: &Topology, mode: &str, file: &str, probe: &Probe) -> Value {
+fn trace(topology: &Topology, mode: &[&str], file: &str, probe: &Probe) -> Value {
     let src = format!("10.100.0.{}", probe.client);
     let dst = format!("{}:{}", probe.target, probe.port);
-    let mut args = vec!["trace", "--mode", mode, "--output", "json"];
+    let mut args = vec!["trace", "--output", "json"];
+    args.extend_from_slice(mode);
     args.extend_from_slice(&COMMON);
     args.extend_from_slice(&["--src", &src, "--dst", &dst, "--proto", probe.proto, file]);
     let out = topology.kproxy(&args);
@@ -152,23 +153,46 @@ fn backend_of(address: &str) -> Option<String> {
     Some(format!("backend-{n}"))
 }
 
-fn agrees(topology: &Topology, mode: &str) {
+/// How the rules get into the node namespace.
+enum Load {
+    /// `kproxy sync --once`.
+    Sync,
+    /// `kproxy render | nft -f -` (the maps layout has no syncer yet).
+    RenderAndNft,
+}
+
+fn agrees(topology: &Topology, mode_flags: &[&str], load: Load) {
+    let mode = mode_flags.join(" ");
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("cluster.yaml");
     std::fs::write(&file, manifests()).expect("write manifests");
     let file = file.to_str().expect("utf-8 path");
-    let mut sync = vec!["sync", "--once", "--mode", mode];
-    sync.extend_from_slice(&COMMON);
-    sync.push(file);
-    let out = topology.kproxy(&sync);
+    let verb = match load {
+        Load::Sync => vec!["sync", "--once"],
+        Load::RenderAndNft => vec!["render"],
+    };
+    let mut args = verb;
+    args.extend_from_slice(mode_flags);
+    args.extend_from_slice(&COMMON);
+    args.push(file);
+    let out = topology.kproxy(&args);
     assert!(
         out.status.success(),
-        "sync: {}",
+        "{args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    if let Load::RenderAndNft = load {
+        let script = String::from_utf8_lossy(&out.stdout).to_string();
+        let loaded = topology.node.run(&["nft", "-f", "-"], Some(&script));
+        assert!(
+            loaded.status.success(),
+            "nft -f: {}",
+            String::from_utf8_lossy(&loaded.stderr)
+        );
+    }
     let mut verdicts = BTreeSet::new();
     for probe in &PROBES {
-        let traced = trace(topology, mode, file, probe);
+        let traced = trace(topology, mode_flags, file, probe);
         let what = format!(
             "{mode}: {} 10.100.0.{} -> {}:{}",
             probe.proto, probe.client, probe.target, probe.port
@@ -229,7 +253,7 @@ fn agrees(topology: &Topology, mode: &str) {
     // A cluster IP's unused port: nftables mode rejects it (`cluster-ips-check`), iptables
     // mode lets it pass (spec §5.5 vs §4.5).
     let mut expected: BTreeSet<String> = ["dnat", "drop", "reject"].map(String::from).into();
-    if mode == "iptables" {
+    if mode.contains("iptables") {
         expected.insert("no-match".into());
     }
     assert_eq!(
@@ -245,7 +269,7 @@ fn the_tracer_agrees_with_real_traffic_in_iptables_mode() {
     }
     let topology = Topology::new(3);
     topology.add_node_default_route();
-    agrees(&topology, "iptables");
+    agrees(&topology, &["--mode", "iptables"], Load::Sync);
 }
 
 #[test]
@@ -255,5 +279,19 @@ fn the_tracer_agrees_with_real_traffic_in_nftables_mode() {
     }
     let topology = Topology::new(3);
     topology.add_node_default_route();
-    agrees(&topology, "nftables");
+    agrees(&topology, &["--mode", "nftables"], Load::Sync);
+}
+
+#[test]
+fn the_tracer_agrees_with_real_traffic_in_the_maps_layout() {
+    if !kernel_tests_possible(&["nft", "python3"]) {
+        return;
+    }
+    let topology = Topology::new(3);
+    topology.add_node_default_route();
+    agrees(
+        &topology,
+        &["--mode", "nftables", "--nftables-layout", "maps"],
+        Load::RenderAndNft,
+    );
 }
