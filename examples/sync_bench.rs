@@ -62,7 +62,7 @@ struct Timed {
 impl Applier for Timed {
     fn apply(&mut self, family: IpFamily, commands: &[Command<'_>]) -> Result<usize, SyncError> {
         self.entered = Some(Instant::now());
-        let text = render_transaction(family, commands)?;
+        let text = render_transaction(family, kproxy::nftables::TABLE_NAME, commands)?;
         let start = Instant::now();
         self.inner.apply_text(family, &text)?;
         self.nft_time += start.elapsed();
@@ -93,7 +93,7 @@ struct Null {
 
 impl Applier for Null {
     fn apply(&mut self, family: IpFamily, commands: &[Command<'_>]) -> Result<usize, SyncError> {
-        self.last_text = render_transaction(family, commands)?;
+        self.last_text = render_transaction(family, kproxy::nftables::TABLE_NAME, commands)?;
         Ok(self.last_text.len())
     }
     fn read(&mut self, _: IpFamily) -> Result<Option<KernelTable>, SyncError> {

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use crate::config::NodeConfig;
+use crate::config::{NftablesLayout, NodeConfig};
 use crate::family::IpFamily;
 use crate::model::ProxyModel;
 use crate::sync::iptables::{self as ipt_sync, BackendChoice, IptablesSyncer, SystemApplier};
@@ -121,6 +121,19 @@ pub fn cleanup(modes: &[Mode], options: BackendOptions) -> Result<Cleaned, SyncE
     ordered.dedup();
     let mut cleaned = Cleaned::default();
     for mode in ordered {
+        if mode == Mode::Nftables {
+            // Both layouts' tables: whichever a node holds.
+            for layout in [NftablesLayout::KubeProxy, NftablesLayout::Maps] {
+                let options = BackendOptions {
+                    nftables_layout: layout,
+                    ..options
+                };
+                cleaned
+                    .removed
+                    .extend(system(mode, options).cleanup()?.removed);
+            }
+            continue;
+        }
         cleaned
             .removed
             .extend(system(mode, options).cleanup()?.removed);
@@ -135,6 +148,8 @@ pub struct BackendOptions {
     pub iptables: BackendChoice,
     /// A process that syncs once and exits (`sync --once`).
     pub one_shot: bool,
+    /// nftables: the table layout written (the other layout's table is replaced).
+    pub nftables_layout: NftablesLayout,
 }
 
 impl Default for BackendOptions {
@@ -142,6 +157,7 @@ impl Default for BackendOptions {
         BackendOptions {
             iptables: BackendChoice::Auto,
             one_shot: false,
+            nftables_layout: NftablesLayout::KubeProxy,
         }
     }
 }
@@ -155,13 +171,27 @@ pub fn system(mode: Mode, options: BackendOptions) -> Box<dyn Backend> {
             choice: Some(options.iptables),
         }),
         Mode::Nftables => Box::new(NftablesBackend::new(
-            NftApplier::new(),
+            nft_applier(options.nftables_layout),
             if options.one_shot {
                 SyncOptions::one_shot()
             } else {
                 SyncOptions::default()
             },
         )),
+    }
+}
+
+/// The nft applier of a layout: it writes that layout's table and replaces the other's.
+fn nft_applier(layout: NftablesLayout) -> NftApplier {
+    let (table, other) = layout_tables(layout);
+    NftApplier::new().with_table(table, Some(other))
+}
+
+/// The table a layout writes, and the other layout's.
+fn layout_tables(layout: NftablesLayout) -> (&'static str, &'static str) {
+    match layout {
+        NftablesLayout::KubeProxy => (nftables::TABLE_NAME, nftables::MAPS_TABLE_NAME),
+        NftablesLayout::Maps => (nftables::MAPS_TABLE_NAME, nftables::TABLE_NAME),
     }
 }
 
@@ -302,7 +332,7 @@ impl<A: nft_sync::Applier + Send> Backend for NftablesBackend<A> {
                 FamilySync {
                     family: model.family,
                     result,
-                    programmed: vec![(nftables::TABLE_NAME, objects)],
+                    programmed: vec![(layout_tables(config.nftables_layout).0, objects)],
                     translate,
                     attempted_partial: false,
                 }

@@ -438,6 +438,10 @@ impl Common {
         BackendOptions {
             iptables: self.iptables_backend.choice(),
             one_shot,
+            nftables_layout: match self.nftables_layout {
+                LayoutArg::KubeProxy => NftablesLayout::KubeProxy,
+                LayoutArg::Maps => NftablesLayout::Maps,
+            },
         }
     }
 }
@@ -692,6 +696,7 @@ fn run(cli: Cli) -> Result<()> {
             BackendOptions {
                 iptables: iptables_backend.choice(),
                 one_shot: true,
+                ..BackendOptions::default()
             },
             lock.lock_timeout,
         ),

@@ -563,7 +563,11 @@ struct Recording {
 
 impl Applier for Recording {
     fn apply(&mut self, family: IpFamily, commands: &[Command<'_>]) -> Result<usize, SyncError> {
-        let text = kproxy::sync::nftables::render_transaction(family, commands)?;
+        let text = kproxy::sync::nftables::render_transaction(
+            family,
+            kproxy::nftables::TABLE_NAME,
+            commands,
+        )?;
         self.sent.extend(text.lines().map(str::to_string));
         self.inner.apply(family, commands)
     }

@@ -337,6 +337,11 @@ fn declared_types(
         } else if w.peek() == Some("verdict") {
             w.next("verdict")?;
             DataType::Verdict
+        } else if w.peek() == Some("tcp") {
+            // `tcp dport`: a port in a map's data (see the renderer's `type_expression`).
+            w.next("tcp")?;
+            w.expect("dport")?;
+            DataType::InetService
         } else {
             let field = field(w, family, true)?.ok_or("an expression of a type")?;
             field_type(field, family)

@@ -138,7 +138,7 @@ fn write_add(out: &mut String, family: IpFamily, table: &str, object: &Object) -
         }
         Object::Set(set) => {
             write!(out, "add set {f} {table} {} {{ ", set.name)?;
-            write_declaration(out, family, &set.key_type, None)?;
+            write_declaration(out, &set.key_type, None)?;
             write_set_options(out, &set.flags, set.timeout, set.size)?;
             if let Some(comment) = &set.comment {
                 write!(out, " comment {} ;", quoted(comment))?;
@@ -147,7 +147,7 @@ fn write_add(out: &mut String, family: IpFamily, table: &str, object: &Object) -
         }
         Object::Map(map) => {
             write!(out, "add map {f} {table} {} {{ ", map.name)?;
-            write_declaration(out, family, &map.key_type, Some(&map.value_type))?;
+            write_declaration(out, &map.key_type, Some(&map.value_type))?;
             write_set_options(out, &map.flags, map.timeout, map.size)?;
             if let Some(comment) = &map.comment {
                 write!(out, " comment {} ;", quoted(comment))?;
@@ -243,22 +243,25 @@ fn data_type(t: DataType) -> &'static str {
     }
 }
 
-/// An expression of the type, for `typeof` declarations.
-fn type_expression(family: IpFamily, t: DataType) -> &'static str {
-    match (t, family) {
-        (DataType::Ipv4Addr, _) => "ip daddr",
-        (DataType::Ipv6Addr, _) => "ip6 daddr",
-        (DataType::InetProto, _) => "meta l4proto",
-        (DataType::InetService, _) => "th dport",
-        (DataType::Verdict, _) => "verdict",
-        (DataType::Slot, _) => "numgen random mod 1",
+/// An expression of the type, for `typeof` declarations of a key or (`value`) a map's data.
+/// A port in the data is written `tcp dport`, not `th dport`: nft 1.0.6 refuses rules that use
+/// a map in the kernel declared with `ip daddr . th dport` data ("conflicting protocols
+/// specified: ip vs. th") — the type is the same.
+fn type_expression(t: DataType, value: bool) -> &'static str {
+    match t {
+        DataType::Ipv4Addr => "ip daddr",
+        DataType::Ipv6Addr => "ip6 daddr",
+        DataType::InetProto => "meta l4proto",
+        DataType::InetService if value => "tcp dport",
+        DataType::InetService => "th dport",
+        DataType::Verdict => "verdict",
+        DataType::Slot => "numgen random mod 1",
     }
 }
 
 /// `type K . K [: V . V] ;`, or `typeof …` when a part has no type name (a slot number).
 fn write_declaration(
     out: &mut String,
-    family: IpFamily,
     key: &[DataType],
     value: Option<&Vec<DataType>>,
 ) -> fmt::Result {
@@ -266,13 +269,13 @@ fn write_declaration(
         .iter()
         .chain(value.into_iter().flatten())
         .any(|t| *t == DataType::Slot);
-    let write_parts = |out: &mut String, types: &[DataType]| -> fmt::Result {
+    let write_parts = |out: &mut String, types: &[DataType], value: bool| -> fmt::Result {
         for (i, t) in types.iter().enumerate() {
             if i > 0 {
                 out.write_str(" . ")?;
             }
             out.write_str(if by_expression {
-                type_expression(family, *t)
+                type_expression(*t, value)
             } else {
                 data_type(*t)
             })?;
@@ -280,10 +283,10 @@ fn write_declaration(
         Ok(())
     };
     out.write_str(if by_expression { "typeof " } else { "type " })?;
-    write_parts(out, key)?;
+    write_parts(out, key, false)?;
     if let Some(value) = value {
         out.write_str(" : ")?;
-        write_parts(out, value)?;
+        write_parts(out, value, true)?;
     }
     out.write_str(" ;")
 }

@@ -339,7 +339,7 @@ pub fn cleanup_with(
             format!(
                 "table {} {}",
                 applier::family_word(family),
-                crate::nftables::TABLE_NAME
+                applier.table_name()
             )
         })
         .collect())
@@ -374,12 +374,14 @@ impl<'a> Index<'a> {
     /// Elements of this container are live state written by the packet path (affinity sets):
     /// the syncer never writes or removes them.
     fn is_live(&self, container: &str) -> bool {
-        self.sets.get(container).is_some_and(|s| is_live_set(s))
+        self.sets.get(container).is_some_and(|s| is_live(&s.flags))
+            || self.maps.get(container).is_some_and(|m| is_live(&m.flags))
     }
 }
 
-fn is_live_set(set: &Set) -> bool {
-    set.flags.contains(&SetFlag::Dynamic) || set.flags.contains(&SetFlag::Timeout)
+/// Affinity sets (and the maps layout's affinity map) are filled from the packet path.
+fn is_live(flags: &[SetFlag]) -> bool {
+    flags.contains(&SetFlag::Dynamic) || flags.contains(&SetFlag::Timeout)
 }
 
 /// The parts of a transaction, in the order nft needs them: a chain exists before a rule or

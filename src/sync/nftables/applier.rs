@@ -26,6 +26,12 @@ pub trait Applier {
     /// Whether `family`'s table exists.
     fn table_exists(&mut self, family: IpFamily) -> Result<bool, SyncError>;
 
+    /// The name of the table this applier writes (`kube-proxy`, or `kproxy` for the maps
+    /// layout).
+    fn table_name(&self) -> &str {
+        TABLE_NAME
+    }
+
     /// Deletes the table of every family in `families` (each must exist). The real tool does
     /// it in one transaction; this default, one family after the other, serves the fakes.
     fn delete_tables(&mut self, families: &[IpFamily]) -> Result<(), SyncError> {
@@ -49,6 +55,9 @@ impl<A: Applier + ?Sized> Applier for &mut A {
     fn table_exists(&mut self, family: IpFamily) -> Result<bool, SyncError> {
         (**self).table_exists(family)
     }
+    fn table_name(&self) -> &str {
+        (**self).table_name()
+    }
     fn delete_tables(&mut self, families: &[IpFamily]) -> Result<(), SyncError> {
         (**self).delete_tables(families)
     }
@@ -67,13 +76,20 @@ impl<A: Applier + ?Sized> Applier for crate::sync::Timed<'_, A> {
     fn table_exists(&mut self, family: IpFamily) -> Result<bool, SyncError> {
         self.time(|a| a.table_exists(family))
     }
+    fn table_name(&self) -> &str {
+        self.inner.table_name()
+    }
 }
 
-/// The text of a transaction for `nft -f`: one command per line.
-pub fn render_transaction(family: IpFamily, commands: &[Command<'_>]) -> Result<String, SyncError> {
+/// The text of a transaction on `table` for `nft -f`: one command per line.
+pub fn render_transaction(
+    family: IpFamily,
+    table: &str,
+    commands: &[Command<'_>],
+) -> Result<String, SyncError> {
     let mut text = String::with_capacity(commands.len() * 100);
     for command in commands {
-        write_command(&mut text, family, TABLE_NAME, command).map_err(|_| SyncError::Refused {
+        write_command(&mut text, family, table, command).map_err(|_| SyncError::Refused {
             tool: "kproxy".into(),
             family,
             object: Some(format!("{command:?}")),
@@ -93,6 +109,13 @@ pub struct NftApplier {
     /// `Some(Some(name))` in a named one, `None` when unknown (a custom command line; the
     /// check then lists the chain with nft).
     netns: Option<Option<String>>,
+    /// The table written.
+    table: String,
+    /// The other layout's table: deleted in the first transaction of each family that finds
+    /// it, so that switching layouts replaces one table by the other atomically.
+    replaces: Option<String>,
+    /// Families whose `replaces` table is known to be gone.
+    replaced: Vec<IpFamily>,
 }
 
 impl Default for NftApplier {
@@ -112,12 +135,27 @@ impl NftApplier {
         NftApplier {
             argv: vec![TOOL.into()],
             netns: Some(None),
+            table: TABLE_NAME.into(),
+            replaces: None,
+            replaced: Vec::new(),
         }
+    }
+
+    /// Writes `table` instead of `kube-proxy`, replacing `replaces` (the other layout's table)
+    /// where it exists.
+    pub fn with_table(mut self, table: &str, replaces: Option<&str>) -> NftApplier {
+        self.table = table.into();
+        self.replaces = replaces.map(str::to_string);
+        self
     }
 
     /// Another command line for nft, e.g. `["ip", "netns", "exec", "ns1", "nft"]`.
     pub fn with_command(argv: Vec<String>) -> NftApplier {
-        NftApplier { argv, netns: None }
+        NftApplier {
+            argv,
+            netns: None,
+            ..NftApplier::new()
+        }
     }
 
     /// nft inside the named network namespace (`ip netns exec NAME nft`).
@@ -128,6 +166,7 @@ impl NftApplier {
                 .map(|s| s.to_string())
                 .collect(),
             netns: Some(Some(name.to_string())),
+            ..NftApplier::new()
         }
     }
 
@@ -141,7 +180,7 @@ impl NftApplier {
                 "list",
                 "chain",
                 family_word(family),
-                TABLE_NAME,
+                &self.table,
                 chain,
             ],
             None,
@@ -182,7 +221,7 @@ impl NftApplier {
     /// does not exist.
     pub fn list_table(&self, family: IpFamily) -> Result<Option<Vec<u8>>, SyncError> {
         let output = self.run(
-            &["-j", "list", "table", family_word(family), TABLE_NAME],
+            &["-j", "list", "table", family_word(family), &self.table],
             None,
         )?;
         if !output.status.success() {
@@ -230,6 +269,7 @@ impl Applier for NftApplier {
         for &family in families {
             text.push_str(&render_transaction(
                 family,
+                &self.table,
                 &[Command::Delete(&ObjectId::Table)],
             )?);
         }
@@ -240,8 +280,23 @@ impl Applier for NftApplier {
     }
 
     fn apply(&mut self, family: IpFamily, commands: &[Command<'_>]) -> Result<usize, SyncError> {
-        let text = render_transaction(family, commands)?;
+        let mut text = String::new();
+        let replacing = match &self.replaces {
+            Some(other) if !self.replaced.contains(&family) => {
+                let other = other.clone();
+                if self.table_named_exists(family, &other)? {
+                    text =
+                        render_transaction(family, &other, &[Command::Delete(&ObjectId::Table)])?;
+                }
+                true
+            }
+            _ => false,
+        };
+        text.push_str(&render_transaction(family, &self.table, commands)?);
         self.apply_text(family, &text)?;
+        if replacing {
+            self.replaced.push(family);
+        }
         Ok(text.len())
     }
 
@@ -262,7 +317,7 @@ impl Applier for NftApplier {
         if let Some(netns) = &self.netns {
             // A missing table or chain counts 0 rules, which never matches what kproxy wrote.
             let count = NetfilterSocket::open_in(netns.as_deref())
-                .and_then(|mut socket| socket.rule_count(family, TABLE_NAME, chain));
+                .and_then(|mut socket| socket.rule_count(family, &self.table, chain));
             if let Ok(count) = count {
                 return Ok(Some(count));
             }
@@ -271,6 +326,17 @@ impl Applier for NftApplier {
     }
 
     fn table_exists(&mut self, family: IpFamily) -> Result<bool, SyncError> {
+        let table = self.table.clone();
+        self.table_named_exists(family, &table)
+    }
+
+    fn table_name(&self) -> &str {
+        &self.table
+    }
+}
+
+impl NftApplier {
+    fn table_named_exists(&self, family: IpFamily, table: &str) -> Result<bool, SyncError> {
         let output = self.run(&["list", "tables", family_word(family)], None)?;
         if !output.status.success() {
             return Err(SyncError::Read {
@@ -279,7 +345,7 @@ impl Applier for NftApplier {
                 message: String::from_utf8_lossy(&output.stderr).trim().to_string(),
             });
         }
-        let wanted = format!("table {} {TABLE_NAME}", family_word(family));
+        let wanted = format!("table {} {table}", family_word(family));
         Ok(String::from_utf8_lossy(&output.stdout)
             .lines()
             .any(|l| l.trim() == wanted))

@@ -475,7 +475,7 @@ fn rule_containers(rule: &Rule) -> Vec<Name> {
 
 impl Applier for FakeKernel {
     fn apply(&mut self, family: IpFamily, commands: &[Command<'_>]) -> Result<usize, SyncError> {
-        let text = super::applier::render_transaction(family, commands)?;
+        let text = super::applier::render_transaction(family, TABLE_NAME, commands)?;
         let lines: Vec<String> = text.lines().map(str::to_string).collect();
         let refuse = |object: Option<String>, message: &str| SyncError::Refused {
             tool: "fake-nft".into(),

@@ -103,11 +103,24 @@ impl ContainerDecl {
         }
     }
 
-    /// Whether `add map` of `map` over this declaration is accepted: same key and value types.
+    /// Whether `add map` of `map` over this declaration is accepted: same key and value types
+    /// and flags (`dynamic` aside, as for sets).
     pub fn accepts_map(&self, map: &Map) -> bool {
+        let flags = |flags: &[SetFlag]| {
+            let mut f: Vec<SetFlag> = flags
+                .iter()
+                .copied()
+                .filter(|f| *f != SetFlag::Dynamic)
+                .collect();
+            f.sort();
+            f.dedup();
+            f
+        };
         match self {
             ContainerDecl::Map(have) => {
-                have.key_type == map.key_type && have.value_type == map.value_type
+                have.key_type == map.key_type
+                    && have.value_type == map.value_type
+                    && flags(&have.flags) == flags(&map.flags)
             }
             _ => false,
         }
@@ -227,6 +240,8 @@ pub(crate) fn data_type(text: &str) -> Option<DataType> {
         "inet_proto" => DataType::InetProto,
         "inet_service" => DataType::InetService,
         "verdict" => DataType::Verdict,
+        // A `typeof … numgen …` key part (the maps layout's endpoint slot).
+        "integer" => DataType::Slot,
         _ => return None,
     })
 }
@@ -255,6 +270,7 @@ pub(crate) fn parse_container(json: &Json, is_map: bool) -> Result<KernelContain
         match flag.as_str() {
             Some("dynamic") => flags.push(SetFlag::Dynamic),
             Some("timeout") => flags.push(SetFlag::Timeout),
+            Some("interval") => flags.push(SetFlag::Interval),
             _ => known_flags = false,
         }
     }
@@ -262,24 +278,35 @@ pub(crate) fn parse_container(json: &Json, is_map: bool) -> Result<KernelContain
         .get("timeout")
         .and_then(Json::as_u64)
         .and_then(|t| u32::try_from(t).ok());
-    let live_state = !flags.is_empty();
+    let size = json
+        .get("size")
+        .and_then(Json::as_u64)
+        .and_then(|t| u32::try_from(t).ok());
+    // Timeout sets and maps are filled from the packet path (affinity).
+    let live_state = flags.contains(&SetFlag::Timeout) || flags.contains(&SetFlag::Dynamic);
     let decl = match (key, is_map, known_flags) {
         (Some(key_type), false, true) => ContainerDecl::Set(Set {
             name: name.clone(),
             key_type,
             flags,
             timeout,
-            size: None,
+            size,
             comment,
         }),
-        (Some(key_type), true, true) => match json.get("map").and_then(Json::as_str) {
-            Some("verdict") if timeout.is_none() => ContainerDecl::Map(Map {
+        // `"map": "verdict"`, or data such as `"ipv4_addr . inet_service"`.
+        (Some(key_type), true, true) => match json.get("map").and_then(Json::as_str).map(|value| {
+            value
+                .split(" . ")
+                .map(data_type)
+                .collect::<Option<Vec<_>>>()
+        }) {
+            Some(Some(value_type)) => ContainerDecl::Map(Map {
                 name: name.clone(),
                 key_type,
-                value_type: vec![DataType::Verdict],
-                flags: Vec::new(),
-                timeout: None,
-                size: None,
+                value_type,
+                flags,
+                timeout,
+                size,
                 comment,
             }),
             _ => ContainerDecl::Other,
@@ -287,8 +314,10 @@ pub(crate) fn parse_container(json: &Json, is_map: bool) -> Result<KernelContain
         _ => ContainerDecl::Other,
     };
     let elements = match &decl {
-        ContainerDecl::Set(set) if !live_state => parse_elements(&name, &set.key_type, json, false),
-        ContainerDecl::Map(map) => parse_elements(&name, &map.key_type, json, true),
+        ContainerDecl::Set(set) if !live_state => parse_elements(&name, &set.key_type, json, None),
+        ContainerDecl::Map(map) if !live_state => {
+            parse_elements(&name, &map.key_type, json, Some(&map.value_type))
+        }
         _ => None,
     };
     Ok(KernelContainer {
@@ -299,12 +328,13 @@ pub(crate) fn parse_container(json: &Json, is_map: bool) -> Result<KernelContain
     })
 }
 
-/// Every element of a set or map, or `None` if one of them is not understood.
+/// Every element of a set or map (`value_type` given), or `None` if one of them is not
+/// understood.
 fn parse_elements(
     container: &Name,
     key_type: &[DataType],
     json: &Json,
-    is_map: bool,
+    value_type: Option<&[DataType]>,
 ) -> Option<Vec<Element>> {
     let Some(list) = json.get("elem") else {
         return Some(Vec::new());
@@ -312,12 +342,16 @@ fn parse_elements(
     list.as_array()?
         .iter()
         .map(|entry| {
-            let (key, value) = if is_map {
+            let (key, value) = if let Some(value_type) = value_type {
                 let pair = entry.as_array()?;
-                match pair.as_slice() {
-                    [key, value] => (key, Some(ElementValue::Verdict(parse_verdict(value)?))),
-                    _ => return None,
-                }
+                let [key, value] = pair.as_slice() else {
+                    return None;
+                };
+                let value = match value_type {
+                    [DataType::Verdict] => ElementValue::Verdict(parse_verdict(value)?),
+                    types => ElementValue::Data(parse_key(value, types)?),
+                };
+                (key, Some(value))
             } else {
                 (entry, None)
             };
