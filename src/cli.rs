@@ -261,6 +261,15 @@ pub enum LayoutArg {
     Maps,
 }
 
+impl LayoutArg {
+    fn layout(self) -> NftablesLayout {
+        match self {
+            LayoutArg::KubeProxy => NftablesLayout::KubeProxy,
+            LayoutArg::Maps => NftablesLayout::Maps,
+        }
+    }
+}
+
 /// `kproxy run`'s own flags (kube-proxy's names are accepted where they mean the same).
 #[derive(Args)]
 #[command(group = clap::ArgGroup::new("source").args(["kubeconfig", "master", "from_dir"]).multiple(true))]
@@ -427,10 +436,7 @@ impl Common {
                 .and_then(|f| f.conntrack.as_ref())
                 .and_then(|c| c.tcp_be_liberal)
                 .unwrap_or(false);
-        config.nftables_layout = match self.nftables_layout {
-            LayoutArg::KubeProxy => NftablesLayout::KubeProxy,
-            LayoutArg::Maps => NftablesLayout::Maps,
-        };
+        config.nftables_layout = self.nftables_layout.layout();
         Ok(config)
     }
 
@@ -438,10 +444,7 @@ impl Common {
         BackendOptions {
             iptables: self.iptables_backend.choice(),
             one_shot,
-            nftables_layout: match self.nftables_layout {
-                LayoutArg::KubeProxy => NftablesLayout::KubeProxy,
-                LayoutArg::Maps => NftablesLayout::Maps,
-            },
+            nftables_layout: self.nftables_layout.layout(),
         }
     }
 }
@@ -863,7 +866,9 @@ fn trace(args: &TraceArgs) -> Result<()> {
     };
     let mode = args.common.mode();
     let (rules, host, affinity, notes) = if args.live {
-        let live = trace::live::read_with(mode, family, args.common.iptables_backend.choice())?;
+        let layout = args.common.nftables_layout.layout();
+        let live =
+            trace::live::read_with(mode, family, args.common.iptables_backend.choice(), layout)?;
         (live.rules, live.host, live.affinity, live.notes)
     } else {
         let (config, input) = read_plan(&args.common, &args.inputs)?;

@@ -85,6 +85,52 @@ fn maps_layout_syncs_keeps_affinity_switches_and_cleans_up() {
     let endpoints = nft(&ns, &["list", "map", "ip", "kproxy", "cluster-endpoints"]);
     assert_eq!(endpoints.matches(" : 10.244.").count(), 3, "{endpoints}");
 
+    // `trace --live` reads the maps layout's table and its affinity map.
+    let live = |client: &str| -> serde_json::Value {
+        let out = kproxy(
+            &ns,
+            &[
+                "trace",
+                "--live",
+                "--mode",
+                "nftables",
+                "--nftables-layout",
+                "maps",
+                "--output",
+                "json",
+                "--src",
+                client,
+                "--dst",
+                "172.30.0.41:80",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    };
+    let pinned = live("10.0.0.9");
+    assert_eq!(
+        pinned["affinity"]["sticky_endpoint"]["address"], "10.244.2.7",
+        "{pinned}"
+    );
+    assert_eq!(
+        pinned["endpoints"].as_array().map(Vec::len),
+        Some(1),
+        "{pinned}"
+    );
+    assert_eq!(pinned["affinity"]["timeout_seconds"], 10000, "{pinned}");
+    let fresh = live("10.0.0.8");
+    assert_eq!(
+        fresh["endpoints"].as_array().map(Vec::len),
+        Some(3),
+        "{fresh}"
+    );
+    assert!(fresh["affinity"]["sticky_endpoint"].is_null(), "{fresh}");
+    assert_eq!(fresh["uninterpreted"], serde_json::json!([]), "{fresh}");
+
     // Switching layouts replaces the table, in both directions.
     sync(&ns, "kube-proxy");
     assert_eq!(tables(&ns).trim(), "table ip kube-proxy");

@@ -136,6 +136,13 @@ impl NftablesRules {
         self.chains.get(name).map(Vec::as_slice)
     }
 
+    /// Marks a map as filled from the packet path (its elements are affinity state).
+    pub fn set_dynamic_map(&mut self, name: &str) {
+        if !self.dynamic_maps.iter().any(|m| m == name) {
+            self.dynamic_maps.push(name.to_string());
+        }
+    }
+
     /// The affinity sets: dynamic sets with a timeout.
     pub fn affinity_sets(&self) -> Vec<String> {
         let mut names: Vec<String> = self

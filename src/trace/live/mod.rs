@@ -8,6 +8,7 @@ pub mod nft_json;
 pub mod xt_recent;
 
 use crate::backend::Mode;
+use crate::config::NftablesLayout;
 use crate::family::IpFamily;
 use crate::sync::iptables::BackendChoice;
 
@@ -26,14 +27,16 @@ pub struct LiveRules {
 /// Reads this network namespace's rules of one mode and family (iptables: the backend the
 /// node uses, detected as the syncer does).
 pub fn read(mode: Mode, family: IpFamily) -> anyhow::Result<LiveRules> {
-    read_with(mode, family, BackendChoice::Auto)
+    read_with(mode, family, BackendChoice::Auto, NftablesLayout::KubeProxy)
 }
 
-/// [`read`] with the iptables backend given (`--iptables-backend`).
+/// [`read`] with the iptables backend (`--iptables-backend`) and the nftables layout
+/// (`--nftables-layout`) given.
 pub fn read_with(
     mode: Mode,
     family: IpFamily,
     backend: BackendChoice,
+    layout: NftablesLayout,
 ) -> anyhow::Result<LiveRules> {
     let host = Host::new(crate::host::addresses());
     match mode {
@@ -51,7 +54,11 @@ pub fn read_with(
             })
         }
         Mode::Nftables => {
-            let listed = nft_json::read(family)?;
+            let table = match layout {
+                NftablesLayout::KubeProxy => crate::nftables::TABLE_NAME,
+                NftablesLayout::Maps => crate::nftables::MAPS_TABLE_NAME,
+            };
+            let listed = nft_json::read(family, table)?;
             Ok(LiveRules {
                 rules: Box::new(listed.rules),
                 affinity: listed.affinity,

@@ -21,7 +21,7 @@ use crate::nftables::{
     DataType, Direction, Field, Joining, Match, Name, Rule, SetFlag, Statement, Value, Verdict,
 };
 use crate::sync::nftables::kernel::{
-    parse_chain, parse_container, parse_value, parse_verdict, ChainKind, ContainerDecl,
+    parse_chain, parse_container, parse_key, parse_value, parse_verdict, ChainKind, ContainerDecl,
 };
 use crate::trace::{AffinityState, Entry, NftablesRules, SetContent};
 
@@ -152,6 +152,21 @@ pub fn read_listing(listing: &[u8], family: IpFamily) -> Result<ListedTable, Lis
                     }
                 }
             }
+            // The maps layout's affinity map: its elements are live state.
+            ContainerDecl::Map(map)
+                if map.flags.contains(&SetFlag::Timeout)
+                    || map.flags.contains(&SetFlag::Dynamic) =>
+            {
+                walker.insert_map(&name);
+                walker.set_dynamic_map(&name);
+                let skipped =
+                    affinity_mappings(json, &map.key_type, &map.value_type, &name, &mut affinity);
+                if skipped > 0 {
+                    notes.push(format!(
+                        "affinity map {name}: {skipped} element(s) not understood"
+                    ));
+                }
+            }
             ContainerDecl::Map(_) => match &container.elements {
                 Some(elements) => {
                     walker.insert_map(&name);
@@ -245,6 +260,39 @@ fn affinity_elements(
     skipped
 }
 
+/// Puts a dynamic map's elements (client . frontend : endpoint) into `affinity`; returns how
+/// many were not understood.
+fn affinity_mappings(
+    json: &Json,
+    key_type: &[DataType],
+    value_type: &[DataType],
+    name: &str,
+    affinity: &mut AffinityState,
+) -> usize {
+    let mut skipped = 0;
+    for element in json
+        .get("elem")
+        .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+    {
+        // `[{"elem": {"val": KEY, "timeout": …, "expires": …}}, VALUE]` or `[KEY, VALUE]`.
+        let pair = element.as_array().map(Vec::as_slice).unwrap_or_default();
+        let parsed = match pair {
+            [key, value] => {
+                let key = key.get("elem").and_then(|e| e.get("val")).unwrap_or(key);
+                parse_key(key, key_type).zip(parse_key(value, value_type))
+            }
+            _ => None,
+        };
+        match parsed {
+            Some((key, value)) => affinity.insert_mapping(name, key, value),
+            None => skipped += 1,
+        }
+    }
+    skipped
+}
+
 struct Context<'a> {
     family: IpFamily,
     unreadable: &'a HashSet<String>,
@@ -261,6 +309,12 @@ impl Context<'_> {
         let mut matches = Vec::new();
         let mut statements = Vec::new();
         for e in expr {
+            if let Some(text) = e.as_str() {
+                // nft 1.0.6 prints statements it has no JSON form for as their text, e.g.
+                // `update @affinity { … : … }`: read that with the script reader.
+                statements.extend(self.statement_text(text)?);
+                continue;
+            }
             let (key, value) = single(e).ok_or("an expression of another form")?;
             if key == "match" {
                 if !statements.is_empty() {
@@ -280,6 +334,47 @@ impl Context<'_> {
             statements,
             comment,
         })
+    }
+
+    /// Statements nft printed as text, read with kproxy's script reader.
+    fn statement_text(&self, text: &str) -> Result<Vec<Statement>, String> {
+        let family = match self.family {
+            IpFamily::V4 => "ip",
+            IpFamily::V6 => "ip6",
+        };
+        // The listing prints timeouts as `2h46m40s`; the script form wants seconds. It names
+        // the port of an update's data by the rule's protocol (`ip daddr . udp dport`): data
+        // is bytes, so that is the transport header's port, as kproxy writes it.
+        let text = seconds_timeouts(text).ok_or(format!("a timeout in {text:?}"))?;
+        let text = match text.split_once(" : ") {
+            Some((key, data)) => {
+                let mut data = data.to_string();
+                for protocol in ["tcp", "udp", "sctp"] {
+                    data = data.replace(&format!("{protocol} dport"), "th dport");
+                }
+                format!("{key} : {data}")
+            }
+            None => text,
+        };
+        let script =
+            format!("add table {family} t\nadd chain {family} t c\nadd rule {family} t c {text}\n");
+        let ruleset = crate::nftables::Ruleset::from_nft_script(&script)
+            .map_err(|e| format!("{text:?}: {}", e.message))?;
+        let rule = ruleset
+            .chain("c")
+            .and_then(|c| c.rules.first())
+            .ok_or("no rule")?;
+        if !rule.matches.is_empty() {
+            return Err(format!("matches in a statement: {text:?}"));
+        }
+        for statement in &rule.statements {
+            if let Statement::UpdateMap { map, .. } | Statement::UpdateSet { set: map, .. } =
+                statement
+            {
+                self.container(&Json::String(format!("@{map}")))?;
+            }
+        }
+        Ok(rule.statements.clone())
     }
 
     /// A container a rule names (`@name`), which must be declared and readable.
@@ -377,9 +472,57 @@ impl Context<'_> {
         }
     }
 
+    /// The key of a map lookup. nft lists kproxy's `th dport` there as `tcp dport` when the map
+    /// declares its data with `tcp dport` (the renderer does, for nft 1.0.6): in a key that is
+    /// the transport header's port, with no protocol match implied.
+    fn lookup_key(&self, json: &Json) -> Result<Vec<Field>, String> {
+        let parts: Vec<&Json> = match json.get("concat") {
+            Some(parts) => parts
+                .as_array()
+                .ok_or("concat of another form")?
+                .iter()
+                .collect(),
+            None => vec![json],
+        };
+        parts
+            .into_iter()
+            .map(|part| {
+                let tcp_port = part.get("payload").is_some_and(|p| {
+                    p.get("protocol").and_then(Json::as_str) == Some("tcp")
+                        && p.get("field").and_then(Json::as_str) == Some("dport")
+                });
+                if tcp_port {
+                    Ok(Field::DestinationPort)
+                } else {
+                    self.field(part)
+                }
+            })
+            .collect()
+    }
+
     fn field(&self, json: &Json) -> Result<Field, String> {
         if is_meta(json, "l4proto") {
             return Ok(Field::L4Proto);
+        }
+        if let Some(n) = random_modulus(json)? {
+            return Ok(Field::RandomNumber(
+                u32::try_from(n).map_err(|_| format!("numgen mod {n}"))?,
+            ));
+        }
+        if let Some(ct) = json.get("ct") {
+            let ct = only_keys(ct, &["key", "dir"])?;
+            let ip = match self.family {
+                IpFamily::V4 => "ip daddr",
+                IpFamily::V6 => "ip6 daddr",
+            };
+            return match (
+                ct.get("key").and_then(Json::as_str),
+                ct.get("dir").and_then(Json::as_str),
+            ) {
+                (Some(key), Some("original")) if key == ip => Ok(Field::OriginalDestinationAddr),
+                (Some("proto-dst"), Some("original")) => Ok(Field::OriginalDestinationPort),
+                _ => Err(format!("ct {json}")),
+            };
         }
         let payload = json.get("payload").ok_or("a field kproxy does not use")?;
         let payload = only_keys(payload, &["protocol", "field"])?;
@@ -565,6 +708,14 @@ impl Context<'_> {
                 return Err("dnat map with a port".into());
             }
             let map = only_keys(map, &["key", "data"])?;
+            let data = map.get("data").ok_or("map without data")?;
+            if data.is_string() {
+                // `dnat ip addr . port to KEY map @map` (the maps layout).
+                return Ok(Statement::DnatMap {
+                    key: self.lookup_key(map.get("key").ok_or("map without key")?)?,
+                    map: self.container(data)?,
+                });
+            }
             let n = random_modulus(map.get("key").ok_or("map without key")?)?
                 .ok_or("a dnat map not keyed by numgen")?;
             let targets = numbered(map.get("data").ok_or("map without data")?, n)?
@@ -601,6 +752,45 @@ impl Context<'_> {
             .ok_or(format!("port {port}"))?;
         Ok(SocketAddr::new(ip, port))
     }
+}
+
+/// `timeout 2h46m40s` (as nft lists it) → `timeout 10000s`; text without timeouts unchanged.
+fn seconds_timeouts(text: &str) -> Option<String> {
+    let mut words: Vec<String> = Vec::new();
+    let mut after_timeout = false;
+    for word in text.split(' ') {
+        if after_timeout {
+            words.push(format!("{}s", duration_seconds(word)?));
+        } else {
+            words.push(word.to_string());
+        }
+        after_timeout = word == "timeout";
+    }
+    Some(words.join(" "))
+}
+
+/// `2h46m40s`, `10m`, `5s`, `1d` → seconds.
+fn duration_seconds(text: &str) -> Option<u64> {
+    let mut total: u64 = 0;
+    let mut number = String::new();
+    let mut seen = false;
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let unit = match c {
+            'd' => 86_400,
+            'h' => 3_600,
+            'm' => 60,
+            's' => 1,
+            _ => return None,
+        };
+        total = total.checked_add(number.parse::<u64>().ok()?.checked_mul(unit)?)?;
+        number.clear();
+        seen = true;
+    }
+    (seen && number.is_empty()).then_some(total)
 }
 
 /// `{"numgen": {"mode": "random", "mod": N, "offset": 0}}` → `Some(N)`; another key → `None`.
@@ -683,13 +873,15 @@ fn only_keys<'j>(json: &'j Json, allowed: &[&str]) -> Result<&'j JsonObject<Stri
     }
 }
 
-/// Runs `nft -j list table <family> kube-proxy` in this network namespace and reads it.
-pub fn read(family: IpFamily) -> anyhow::Result<ListedTable> {
-    let listing = crate::sync::nftables::NftApplier::new().list_table(family)?;
+/// Runs `nft -j list table <family> <table>` in this network namespace and reads it.
+pub fn read(family: IpFamily, table: &str) -> anyhow::Result<ListedTable> {
+    let listing = crate::sync::nftables::NftApplier::new()
+        .with_table(table, None)
+        .list_table(family)?;
     let Some(listing) = listing else {
         anyhow::bail!(
-            "no kube-proxy table ({} family) in this network namespace: is kproxy running in \
-             nftables mode here?",
+            "no {table} table ({} family) in this network namespace: is kproxy running in \
+             nftables mode here, with this --nftables-layout?",
             crate::sync::nftables::family_word(family)
         );
     };
