@@ -167,9 +167,7 @@ impl NetfilterSocket {
             ));
         }
         batch.sent = true;
-        let Batch {
-            buffer, starts, ..
-        } = batch;
+        let Batch { buffer, starts, .. } = batch;
         let Some(&last_start) = starts.last() else {
             return Ok(Vec::new());
         };
@@ -383,8 +381,14 @@ mod tests {
     fn a_batch_is_begin_then_the_messages_each_four_byte_aligned() {
         let mut batch = Batch::new();
         assert!(batch.is_empty());
-        assert_eq!(batch.push(NetfilterProtoFamily::IPv4, 0, flush("a")), Some(0));
-        assert_eq!(batch.push(NetfilterProtoFamily::IPv6, 0, flush("bcdef")), Some(1));
+        assert_eq!(
+            batch.push(NetfilterProtoFamily::IPv4, 0, flush("a")),
+            Some(0)
+        );
+        assert_eq!(
+            batch.push(NetfilterProtoFamily::IPv6, 0, flush("bcdef")),
+            Some(1)
+        );
         // Begin: header and nfgenmsg with res_id 10 in network order.
         let begin = NetlinkBuffer::new_checked(&batch.buffer[..]).expect("begin");
         assert_eq!(begin.message_type(), 16);

@@ -27,7 +27,8 @@
 //! to [`MESSAGE_ELEMENT_BYTES`] (the element list is one netlink attribute, whose length is
 //! 16 bits). Adds are `NLM_F_CREATE` without `NLM_F_EXCL`, like `nft add element`: adding
 //! an element that exists with the same data changes nothing, with other data is refused
-//! (`EBUSY`). Deleting a missing element is refused (`ENOENT`). A flush
+//! (`EEXIST`; `EBUSY` on older kernels), so changing an element's data is a delete and an
+//! add in the same batch. Deleting a missing element is refused (`ENOENT`). A flush
 //! (`NFT_MSG_DELSETELEM` without elements) empties a set or map in one message.
 //!
 //! **Errors.** The kernel refuses a batch as a whole and reports each refused message; with
@@ -397,7 +398,10 @@ pub enum ElementError {
 
 fn refused_what(element: &Option<RefusedElement>) -> String {
     match element {
-        Some(element) => format!("element {} (#{} of the batch) of ", element.key, element.index),
+        Some(element) => format!(
+            "element {} (#{} of the batch) of ",
+            element.key, element.index
+        ),
         None => String::new(),
     }
 }
@@ -816,17 +820,16 @@ mod tests {
 
     #[test]
     fn concatenations_pad_each_part_to_four_bytes_in_nfts_byte_orders() {
-        let key = Value::concat([v4("10.96.0.1"), Part::Proto(6), Part::Port(80), Part::Integer(1)]);
+        let key = Value::concat([
+            v4("10.96.0.1"),
+            Part::Proto(6),
+            Part::Port(80),
+            Part::Integer(1),
+        ]);
         let one = 1u32.to_ne_bytes();
         assert_eq!(
             key.encode(),
-            [
-                &[10, 96, 0, 1][..],
-                &[6, 0, 0, 0],
-                &[0, 80, 0, 0],
-                &one
-            ]
-            .concat()
+            [&[10, 96, 0, 1][..], &[6, 0, 0, 0], &[0, 80, 0, 0], &one].concat()
         );
         let data = Value::concat([v4("10.1.0.1"), Part::Port(8080)]);
         assert_eq!(data.encode(), vec![10, 1, 0, 1, 0x1f, 0x90, 0, 0]);
@@ -839,7 +842,12 @@ mod tests {
 
     #[test]
     fn values_decode_back_and_display_as_nft_does() {
-        let key = Value::concat([v4("10.96.0.1"), Part::Proto(6), Part::Port(80), Part::Integer(0)]);
+        let key = Value::concat([
+            v4("10.96.0.1"),
+            Part::Proto(6),
+            Part::Port(80),
+            Part::Integer(0),
+        ]);
         assert_eq!(decode(&key.layout(), &key.encode()), Some(key.clone()));
         assert_eq!(key.to_string(), "10.96.0.1 . tcp . 80 . 0");
         assert_eq!(decode(&key.layout(), &key.encode()[..12]), None);
@@ -851,7 +859,11 @@ mod tests {
     fn elements_of_one_set_share_messages_up_to_the_size_limit() {
         let mut batch = ElementBatch::new(IpFamily::V4, "t");
         for i in 0..5000u32 {
-            let key = Value::concat([Part::Ipv4(Ipv4Addr::from(i)), Part::Proto(6), Part::Port(80)]);
+            let key = Value::concat([
+                Part::Ipv4(Ipv4Addr::from(i)),
+                Part::Proto(6),
+                Part::Port(80),
+            ]);
             batch
                 .add("m", &Element::new(key).verdict(Verdict::Goto("c".into())))
                 .expect("valid");
@@ -863,12 +875,20 @@ mod tests {
         batch.close();
         assert_eq!(batch.len(), 5001);
         // 5000 elements of ~52 bytes: several messages, each under the attribute limit.
-        let adds = batch.messages.iter().filter(|m| m.operation == Operation::Add).count();
+        let adds = batch
+            .messages
+            .iter()
+            .filter(|m| m.operation == Operation::Add)
+            .count();
         assert!(adds >= 4, "{adds} add messages");
         assert_eq!(batch.messages.len(), adds + 2);
         for index in 0..batch.batch.len() {
             let bytes = batch.batch.message(index).expect("message");
-            assert!(bytes.len() < 65_535, "message {index} is {} bytes", bytes.len());
+            assert!(
+                bytes.len() < 65_535,
+                "message {index} is {} bytes",
+                bytes.len()
+            );
         }
         // Every element can be found again by its offset.
         let message = batch.batch.message(1).expect("second message");
@@ -900,7 +920,9 @@ mod tests {
         let ok = Element::new(Part::Port(1));
         assert!(batch.add("", &ok).is_err());
         assert!(batch.add("a\0b", &ok).is_err());
-        assert!(batch.add("m", &ok.clone().comment("x".repeat(129))).is_err());
+        assert!(batch
+            .add("m", &ok.clone().comment("x".repeat(129)))
+            .is_err());
         assert!(batch
             .add("m", &ok.clone().verdict(Verdict::Jump(String::new())))
             .is_err());
