@@ -17,7 +17,7 @@ use serde_json::Value as Json;
 use kproxy::family::IpFamily;
 use kproxy::sync::netlink::NetfilterSocket;
 use kproxy::sync::nftables::elements::{
-    Element, ElementBatch, ElementError, Operation, Part, Value, Verdict,
+    self, Element, ElementBatch, ElementError, Operation, Part, Value, Verdict,
 };
 
 fn possible() -> bool {
@@ -671,6 +671,24 @@ fn nft_get_element_finds_what_netlink_wrote(f: Family) {
         out.contains(&format!("{s1} . tcp . 80 . 0 : {e1} . 8080")),
         "{out}"
     );
+    // The kernel's own lookup agrees.
+    let mut socket = socket(&ns);
+    let mut found = |key: Value| {
+        elements::contains(&mut socket, f.family, TABLE, "svc_dnat", &Element::new(key))
+            .expect("lookup")
+    };
+    assert!(found(Value::concat([
+        addr(&s1),
+        TCP,
+        Part::Port(80),
+        Part::Integer(0)
+    ])));
+    assert!(!found(Value::concat([
+        addr(&s1),
+        TCP,
+        Part::Port(80),
+        Part::Integer(1)
+    ])));
     for other in [
         format!("{{ {s1} . tcp . 80 . 1 }}"),
         format!("{{ {s1} . udp . 80 . 0 }}"),
