@@ -3,20 +3,24 @@
 //! (default 1000000 100000; root and `nft` needed; about a minute at the defaults, most of it
 //! nft's).
 //!
-//! Each path runs in a process of its own (this program run again with `--path netlink|nft`),
+//! Each path runs in a process of its own (this program run again with `--path PATH`),
 //! so that each one's peak memory is its own, in a fresh network namespace with the same table:
 //! a dnat map `typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr .
 //! th dport` and a verdict map `ipv4_addr . inet_proto . inet_service : verdict` whose
 //! elements go to 100 chains. Each path then
 //!
 //! 1. loads DNAT_ELEMENTS dnat elements and VMAP_ELEMENTS verdict elements in one transaction:
-//!    (a) `ElementBatch` (encoded, then sent in one netlink batch), or (b) the text kproxy's
+//!    (a) `ElementBatch` (encoded, then sent in one netlink batch), (b) the text kproxy's
 //!    applier writes today, one `add element … { key : value }` command per element, piped
-//!    to `nft -f -`;
+//!    to `nft -f -`, or (c) the same elements as one `add element` command per map (nft's
+//!    cheapest text for them); the small changes of (b) and (c) are the same text;
 //! 2. makes a small change against the full maps 5 times (each: 10 dnat elements deleted, 10
 //!    added, one transaction) and reports the median, min and max;
 //! 3. checks with lookups over netlink that a deleted key is gone and a loaded and an added key
 //!    are there.
+//!
+//! With `MAP_SIZE=N` in the environment both maps are declared with `size N` (a limit on
+//! their elements, which also makes the kernel size their hash tables up front).
 //!
 //! Printed: wall times (encode or render, and the kernel's or nft's share), the peak resident
 //! memory of the benchmark process (`VmHWM`) and of nft (`getrusage(RUSAGE_CHILDREN)`), and
@@ -51,7 +55,7 @@ fn main() {
     println!("{dnat} dnat elements, {vmap} verdict map elements; small change: {CHANGE} adds + {CHANGE} deletes, {ROUNDS} rounds");
     let exe = std::env::current_exe().expect("own path");
     let mut results = Vec::new();
-    for path in ["netlink", "nft"] {
+    for path in ["netlink", "nft", "nft-grouped"] {
         let out = Command::new(&exe)
             .args(["--path", path, &dnat.to_string(), &vmap.to_string()])
             .stderr(Stdio::inherit())
@@ -67,12 +71,11 @@ fn main() {
         results.push(rows);
     }
     println!(
-        "{:<44} {:>22} {:>22}",
-        "", "(a) netlink batch", "(b) nft -f text"
+        "{:<40} {:>20} {:>20} {:>20}",
+        "", "(a) netlink batch", "(b) nft -f, per elem", "(c) nft -f, grouped"
     );
-    let (netlink, nft) = (&results[0], &results[1]);
-    let mut names: Vec<&String> = netlink.iter().map(|(k, _)| k).collect();
-    for (k, _) in nft.iter() {
+    let mut names: Vec<&String> = Vec::new();
+    for (k, _) in results.iter().flatten() {
         if !names.contains(&k) {
             names.push(k);
         }
@@ -83,7 +86,12 @@ fn main() {
                 .find(|(k, _)| k == name)
                 .map_or("-".to_string(), |(_, v)| v.clone())
         };
-        println!("{name:<44} {:>22} {:>22}", find(netlink), find(nft));
+        println!(
+            "{name:<40} {:>20} {:>20} {:>20}",
+            find(&results[0]),
+            find(&results[1]),
+            find(&results[2])
+        );
     }
 }
 
@@ -137,6 +145,42 @@ fn change(r: u32, dnat_count: u32) -> (Vec<Element>, Vec<Element>) {
         .map(|j| dnat(dnat_count + r * CHANGE + j))
         .collect();
     (deleted, added)
+}
+
+/// The load as kproxy's applier writes elements: one `add element` command each.
+fn load_text_per_element(dnat_count: u32, vmap_count: u32) -> String {
+    use std::fmt::Write as _;
+    let mut text = String::new();
+    for i in 0..dnat_count {
+        let _ = writeln!(
+            text,
+            "add element ip {TABLE} svc_dnat {{ {} }}",
+            nft_text(&dnat(i))
+        );
+    }
+    for i in 0..vmap_count {
+        let _ = writeln!(
+            text,
+            "add element ip {TABLE} svc_vmap {{ {} }}",
+            nft_text(&vmap(i))
+        );
+    }
+    text
+}
+
+/// The load as one `add element` command per map, nft's cheapest text for it.
+fn load_text_grouped(dnat_count: u32, vmap_count: u32) -> String {
+    use std::fmt::Write as _;
+    let mut text = format!("add element ip {TABLE} svc_dnat {{\n");
+    for i in 0..dnat_count {
+        let _ = writeln!(text, "  {},", nft_text(&dnat(i)));
+    }
+    let _ = write!(text, "}}\nadd element ip {TABLE} svc_vmap {{\n");
+    for i in 0..vmap_count {
+        let _ = writeln!(text, "  {},", nft_text(&vmap(i)));
+    }
+    text.push_str("}\n");
+    text
 }
 
 struct Netns(String);
@@ -240,7 +284,7 @@ fn row(name: &str, value: String) {
 }
 
 fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
 fn mib(kib: u64) -> String {
@@ -252,8 +296,13 @@ fn run_path(path: &str, dnat_count: u32, vmap_count: u32) {
     let chains: String = (0..CHAINS)
         .map(|c| format!("  chain svc{c} {{ }}\n"))
         .collect();
+    // `size N`: the maps' element limit, which also sizes the kernel's hash table up front.
+    let size = std::env::var("MAP_SIZE")
+        .ok()
+        .map(|n| format!(" size {n};"))
+        .unwrap_or_default();
     let table = format!(
-        "table ip {TABLE} {{\n{chains}  map svc_dnat {{ typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport; }}\n  map svc_vmap {{ type ipv4_addr . inet_proto . inet_service : verdict; }}\n}}\n"
+        "table ip {TABLE} {{\n{chains}  map svc_dnat {{ typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport;{size} }}\n  map svc_vmap {{ type ipv4_addr . inet_proto . inet_service : verdict;{size} }}\n}}\n"
     );
     ns.nft_ok(&["-f", "-"], Some(table.as_bytes()));
     let rss_before = vm_hwm_kib();
@@ -295,24 +344,13 @@ fn run_path(path: &str, dnat_count: u32, vmap_count: u32) {
                 small.push(started.elapsed());
             }
         }
-        "nft" => {
+        "nft" | "nft-grouped" => {
             let started = Instant::now();
-            let mut text = String::new();
-            use std::fmt::Write as _;
-            for i in 0..dnat_count {
-                let _ = writeln!(
-                    text,
-                    "add element ip {TABLE} svc_dnat {{ {} }}",
-                    nft_text(&dnat(i))
-                );
-            }
-            for i in 0..vmap_count {
-                let _ = writeln!(
-                    text,
-                    "add element ip {TABLE} svc_vmap {{ {} }}",
-                    nft_text(&vmap(i))
-                );
-            }
+            let text = if path == "nft" {
+                load_text_per_element(dnat_count, vmap_count)
+            } else {
+                load_text_grouped(dnat_count, vmap_count)
+            };
             let rendered = started.elapsed();
             let took = ns.nft_ok(&["-f", "-"], Some(text.as_bytes()));
             let total = started.elapsed();
@@ -346,7 +384,7 @@ fn run_path(path: &str, dnat_count: u32, vmap_count: u32) {
     row(
         "small change: min / max",
         format!(
-            "{:.1} / {:.1} ms",
+            "{:.2} / {:.2} ms",
             sorted[0].as_secs_f64() * 1e3,
             sorted[sorted.len() - 1].as_secs_f64() * 1e3
         ),
