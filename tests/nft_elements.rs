@@ -459,10 +459,10 @@ fn a_refused_batch_changes_nothing_and_names_the_element(f: Family) {
     let error = batch
         .send(&mut socket)
         .expect_err("the short key is refused");
+    eprintln!("{error}");
     match &error {
         ElementError::Refused {
-            set,
-            operation,
+            refused: Some((set, operation)),
             element: Some(element),
             errno,
             refused_messages,
@@ -493,10 +493,10 @@ fn a_refused_batch_changes_nothing_and_names_the_element(f: Family) {
     let error = batch
         .send(&mut socket)
         .expect_err("deleting a missing element is refused");
+    eprintln!("{error}");
     match &error {
         ElementError::Refused {
-            set,
-            operation: Operation::Delete,
+            refused: Some((set, Operation::Delete)),
             element: Some(element),
             errno,
             ..
@@ -515,8 +515,7 @@ fn a_refused_batch_changes_nothing_and_names_the_element(f: Family) {
     batch.flush("nope").expect("valid name");
     match batch.send(&mut socket) {
         Err(ElementError::Refused {
-            set,
-            operation: Operation::Flush,
+            refused: Some((set, Operation::Flush)),
             element: None,
             errno,
             ..
@@ -568,8 +567,7 @@ fn deleting_a_missing_element_names_it() {
         .expect_err("deleting a missing element is refused");
     match &error {
         ElementError::Refused {
-            set,
-            operation: Operation::Delete,
+            refused: Some((set, Operation::Delete)),
             element: Some(element),
             errno,
             ..

@@ -378,17 +378,17 @@ pub enum ElementError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the kernel refused the {family_word} element batch of table {table}, nothing was changed: {operation} {what}{set}: {reason}{more}",
+    #[error("the kernel refused the {family_word} element batch of table {table}, nothing was changed: {what}: {reason}{more}",
         family_word = family_word(*.family),
-        what = refused_what(.element),
+        what = refused_what(.refused, .element),
         reason = refusal_reason(*.errno, .kernel_message),
         more = more_refused(*.refused_messages))]
     Refused {
         family: IpFamily,
         table: String,
-        /// The set or map of the first refused message ("" when the batch as a whole was).
-        set: String,
-        operation: Operation,
+        /// The set or map of the first refused message and what was done to it; `None` when
+        /// the kernel refused the batch as a whole (no permission, out of memory).
+        refused: Option<(String, Operation)>,
         /// The first refused element, when the kernel named one.
         element: Option<RefusedElement>,
         /// The error number (`libc::ENOENT`, …).
@@ -400,13 +400,14 @@ pub enum ElementError {
     },
 }
 
-fn refused_what(element: &Option<RefusedElement>) -> String {
-    match element {
-        Some(element) => format!(
-            "element {} (#{} of the batch) of ",
+fn refused_what(refused: &Option<(String, Operation)>, element: &Option<RefusedElement>) -> String {
+    match (refused, element) {
+        (None, _) => "the batch as a whole".to_string(),
+        (Some((set, operation)), Some(element)) => format!(
+            "{operation} element {} (#{} of the batch) of {set}",
             element.key, element.index
         ),
-        None => String::new(),
+        (Some((set, operation)), None) => format!("{operation} of {set}"),
     }
 }
 
@@ -729,8 +730,7 @@ impl ElementBatch {
         ElementError::Refused {
             family: self.family,
             table: self.table.clone(),
-            set: info.map(|i| i.set.clone()).unwrap_or_default(),
-            operation: info.map_or(Operation::Add, |i| i.operation),
+            refused: info.map(|i| (i.set.clone(), i.operation)),
             element,
             errno: nack.errno,
             kernel_message: nack.text.clone(),
@@ -977,8 +977,7 @@ mod tests {
         let error = ElementError::Refused {
             family: IpFamily::V4,
             table: "t".into(),
-            set: "m".into(),
-            operation: Operation::Delete,
+            refused: Some(("m".into(), Operation::Delete)),
             element: Some(RefusedElement {
                 index: 3,
                 key: "10.0.0.1 . tcp . 80".into(),
@@ -991,6 +990,34 @@ mod tests {
         assert!(
             text.contains("delete element 10.0.0.1 . tcp . 80 (#3 of the batch) of m: No such file or directory (os error 2) (1 more messages refused)"),
             "{text}"
+        );
+        let whole = ElementError::Refused {
+            family: IpFamily::V6,
+            table: "t".into(),
+            refused: None,
+            element: None,
+            errno: libc::EPERM,
+            kernel_message: None,
+            refused_messages: 1,
+        };
+        assert_eq!(
+            whole.to_string(),
+            "the kernel refused the ip6 element batch of table t, nothing was changed: the batch as a whole: Operation not permitted (os error 1)"
+        );
+        let flush = ElementError::Refused {
+            family: IpFamily::V4,
+            table: "t".into(),
+            refused: Some(("s".into(), Operation::Flush)),
+            element: None,
+            errno: libc::ENOENT,
+            kernel_message: Some("no such set".into()),
+            refused_messages: 1,
+        };
+        assert!(
+            flush.to_string().ends_with(
+                "nothing was changed: flush of s: No such file or directory (os error 2) (no such set)"
+            ),
+            "{flush}"
         );
     }
 }
