@@ -13,6 +13,8 @@
 //! A batch must reach the kernel in one datagram (a batch split over two `send`s is two
 //! incomplete batches), so the socket's send buffer is raised to the batch's size first
 //! (`SO_SNDBUFFORCE`, as `nft` does; CAP_NET_ADMIN is needed for nf_tables writes anyway).
+//! The kernel takes a send buffer of up to 1 GiB, so that bounds a batch (about 20 million
+//! dnat map elements); the kernel also holds a copy of the batch while it processes it.
 
 use std::io;
 use std::os::fd::AsRawFd;
