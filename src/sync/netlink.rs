@@ -5,7 +5,10 @@
 //! return just the chain or rules asked for, in well under a millisecond.
 //!
 //! Messages are the typed ones of `netlink-packet-netfilter`; this module only drives the
-//! socket and answers yes/no questions about what the kernel holds.
+//! socket and answers yes/no questions about what the kernel holds. Writes go in atomic
+//! batches ([`batch`]).
+
+pub mod batch;
 
 use std::fs::File;
 use std::io;
@@ -33,6 +36,11 @@ const NFT_GET_RULE: u16 = (10 << 8) | 7;
 pub struct NetfilterSocket {
     socket: Socket,
     sequence: u32,
+    /// Capped, extended acknowledgements were asked for ([`batch`]).
+    batch_ready: bool,
+    /// The buffer sizes last set for a batch (0: the defaults).
+    send_buffer: usize,
+    receive_buffer: usize,
 }
 
 impl NetfilterSocket {
@@ -44,6 +52,9 @@ impl NetfilterSocket {
         Ok(NetfilterSocket {
             socket,
             sequence: 0,
+            batch_ready: false,
+            send_buffer: 0,
+            receive_buffer: 0,
         })
     }
 
