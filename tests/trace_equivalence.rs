@@ -33,12 +33,14 @@ use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestR
 use serde_json::json;
 
 use kproxy::backend::Mode;
-use kproxy::config::{MasqueradeMark, NodeConfig, NodePortAddresses};
+use kproxy::config::{MasqueradeMark, NftablesLayout, NodeConfig, NodePortAddresses};
 use kproxy::family::{FamilyMode, IpFamily};
 use kproxy::model::{Endpoint, NoEndpointVerdict, Protocol, ProxyModel, ServicePort};
 use kproxy::pipeline;
 use kproxy::source::{ClusterState, Note};
-use kproxy::trace::{self, AffinityState, Host, ModeDifference, Origin, Probe, Rules, Trace};
+use kproxy::trace::{
+    self, AffinityState, Host, MapsDifference, ModeDifference, Origin, Probe, Rules, Trace,
+};
 
 /// Clusters per run, each walked with 8 to 24 probes: about 32,000 probes (64,000 traces) in
 /// some 15 s in a debug build on 2 cores. `PROPTEST_CASES` overrides the count.
@@ -648,7 +650,28 @@ impl Node {
     }
 }
 
-/// One case's rendered world: the models, and each mode's rules per family, read back from
+/// Where a trace runs: iptables mode, nftables mode in kube-proxy's layout, or nftables mode
+/// in kproxy's `maps` layout (docs/maps-layout.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    Iptables,
+    Nftables,
+    Maps,
+}
+
+impl Layout {
+    const ALL: [Layout; 3] = [Layout::Iptables, Layout::Nftables, Layout::Maps];
+
+    fn name(self) -> &'static str {
+        match self {
+            Layout::Iptables => "iptables",
+            Layout::Nftables => "nftables",
+            Layout::Maps => "nftables (maps layout)",
+        }
+    }
+}
+
+/// One case's rendered world: the models, and each layout's rules per family, read back from
 /// the rendered text.
 struct World {
     config: NodeConfig,
@@ -656,6 +679,7 @@ struct World {
     host: Host,
     iptables: Vec<Box<dyn Rules>>,
     nftables: Vec<Box<dyn Rules>>,
+    maps: Vec<Box<dyn Rules>>,
 }
 
 impl World {
@@ -677,14 +701,17 @@ impl World {
                 "the generator made objects kproxy does not take whole: {refused:?}"
             )));
         }
-        let render = |mode| {
-            trace::rendered_rules(mode, &plan.models, &config)
+        let render = |mode, config: &NodeConfig| {
+            trace::rendered_rules(mode, &plan.models, config)
                 .map_err(|e| TestCaseError::fail(e.to_string()))
         };
+        let mut maps_config = config.clone();
+        maps_config.nftables_layout = NftablesLayout::Maps;
         Ok(World {
             host: Host::new(config.node_ips.iter().copied()),
-            iptables: render(Mode::Iptables)?,
-            nftables: render(Mode::Nftables)?,
+            iptables: render(Mode::Iptables, &config)?,
+            nftables: render(Mode::Nftables, &config)?,
+            maps: render(Mode::Nftables, &maps_config)?,
             models: plan.models,
             config,
         })
@@ -694,11 +721,12 @@ impl World {
         self.models.iter().position(|m| m.family == family)
     }
 
-    fn rules(&self, mode: Mode, family: IpFamily) -> Option<&dyn Rules> {
+    fn rules(&self, layout: Layout, family: IpFamily) -> Option<&dyn Rules> {
         let i = self.family_index(family)?;
-        match mode {
-            Mode::Iptables => self.iptables.get(i).map(|r| r.as_ref()),
-            Mode::Nftables => self.nftables.get(i).map(|r| r.as_ref()),
+        match layout {
+            Layout::Iptables => self.iptables.get(i).map(|r| r.as_ref()),
+            Layout::Nftables => self.nftables.get(i).map(|r| r.as_ref()),
+            Layout::Maps => self.maps.get(i).map(|r| r.as_ref()),
         }
     }
 
@@ -941,28 +969,34 @@ impl Expected {
 }
 
 /// The model's intent in both modes; they differ only where kube-proxy's modes do, and then
-/// the difference is named.
+/// the difference is named. The `maps` layout routes as nftables mode, but where its design
+/// cannot (a named [`MapsDifference`]).
 #[derive(Debug, Clone)]
 struct Intent {
     iptables: Expected,
     nftables: Expected,
     difference: Option<ModeDifference>,
+    maps: Expected,
+    maps_difference: Option<MapsDifference>,
 }
 
 impl Intent {
     fn same(expected: Expected) -> Intent {
-        Intent {
-            iptables: expected.clone(),
-            nftables: expected,
-            difference: None,
-        }
+        Intent::modes(expected.clone(), expected, None)
     }
 
     fn differs(difference: ModeDifference, iptables: Expected, nftables: Expected) -> Intent {
+        Intent::modes(iptables, nftables, Some(difference))
+    }
+
+    /// Each mode's intent; the `maps` layout as nftables mode.
+    fn modes(iptables: Expected, nftables: Expected, difference: Option<ModeDifference>) -> Intent {
         Intent {
             iptables,
+            maps: nftables.clone(),
             nftables,
-            difference: Some(difference),
+            difference,
+            maps_difference: None,
         }
     }
 }
@@ -1120,11 +1154,7 @@ fn intent_of(world: &World, probe: &Probe) -> Intent {
             } else {
                 Some(ModeDifference::NodePortAddresses)
             };
-            Intent {
-                iptables,
-                nftables,
-                difference,
-            }
+            Intent::modes(iptables, nftables, difference)
         }
     }
 }
@@ -1289,6 +1319,7 @@ struct Stats {
     sticky: usize,
     classes: BTreeMap<String, usize>,
     differences: BTreeMap<ModeDifference, usize>,
+    maps_differences: BTreeMap<MapsDifference, usize>,
 }
 
 fn describe(probe: &Probe) -> String {
@@ -1309,70 +1340,96 @@ fn trace_text(trace: &Trace) -> String {
     out
 }
 
-/// Traces the probe in both modes, each with its affinity state, and checks each against the
-/// intent, and the two against each other where kube-proxy's modes agree.
+/// Traces the probe in the three layouts, each with its affinity state, and checks each
+/// against the intent, iptables and nftables against each other where kube-proxy's modes agree,
+/// and the two nftables layouts against each other where no [`MapsDifference`] applies.
 fn check_against(
     world: &World,
     probe: &Probe,
-    affinity: [&AffinityState; 2],
+    affinity: [&AffinityState; 3],
     intent: &Intent,
-) -> Result<[Trace; 2], TestCaseError> {
+) -> Result<[Trace; 3], TestCaseError> {
     let family = probe.family();
-    let traced = |mode, affinity| -> Result<Trace, TestCaseError> {
+    let traced = |layout, affinity| -> Result<Trace, TestCaseError> {
         let rules = world
-            .rules(mode, family)
+            .rules(layout, family)
             .ok_or_else(|| TestCaseError::fail(format!("no {family} rules")))?;
         Ok(trace::trace(rules, probe, &world.host, affinity))
     };
-    let ipt = traced(Mode::Iptables, affinity[0])?;
-    let nft = traced(Mode::Nftables, affinity[1])?;
-    for (mode, t) in [("iptables", &ipt), ("nftables", &nft)] {
+    let traces = [
+        traced(Layout::Iptables, affinity[0])?,
+        traced(Layout::Nftables, affinity[1])?,
+        traced(Layout::Maps, affinity[2])?,
+    ];
+    for (layout, t) in Layout::ALL.iter().zip(&traces) {
         if !t.uninterpreted.is_empty() {
             return Err(TestCaseError::fail(format!(
-                "{}: the {mode} walker did not understand {:?}",
+                "{}: the {} walker did not understand {:?}",
                 describe(probe),
+                layout.name(),
                 t.uninterpreted
             )));
         }
     }
-    let (o_ipt, o_nft) = (Outcome::of(&ipt), Outcome::of(&nft));
+    let outcomes = traces.each_ref().map(Outcome::of);
+    let [o_ipt, o_nft, o_maps] = &outcomes;
     let report = |what: &str| {
-        format!(
-            "{}: {what}\n  intent: {intent:?}\n  iptables: {o_ipt:?}\n{}  nftables: {o_nft:?}\n{}",
-            describe(probe),
-            trace_text(&ipt),
-            trace_text(&nft)
-        )
+        let mut text = format!("{}: {what}\n  intent: {intent:?}\n", describe(probe));
+        for ((layout, outcome), trace) in Layout::ALL.iter().zip(&outcomes).zip(&traces) {
+            let _ = write!(
+                text,
+                "  {}: {outcome:?}\n{}",
+                layout.name(),
+                trace_text(trace)
+            );
+        }
+        text
     };
     if (intent.iptables != intent.nftables) != intent.difference.is_some() {
         return Err(TestCaseError::fail(report(
             "the oracle names a mode difference exactly when it predicts one (oracle bug)",
         )));
     }
-    if !o_ipt.same_as(&intent.iptables.outcome()) {
+    if (intent.maps != intent.nftables) != intent.maps_difference.is_some() {
         return Err(TestCaseError::fail(report(
-            "iptables mode does not route as the model intends",
+            "the oracle names a maps-layout difference exactly when it predicts one (oracle bug)",
         )));
     }
-    if !o_nft.same_as(&intent.nftables.outcome()) {
-        return Err(TestCaseError::fail(report(
-            "nftables mode does not route as the model intends",
-        )));
+    for ((layout, outcome), expected) in
+        Layout::ALL
+            .iter()
+            .zip(&outcomes)
+            .zip([&intent.iptables, &intent.nftables, &intent.maps])
+    {
+        if !outcome.same_as(&expected.outcome()) {
+            return Err(TestCaseError::fail(report(&format!(
+                "{} does not route as the model intends",
+                layout.name()
+            ))));
+        }
     }
-    if intent.difference.is_none() && !o_ipt.same_as(&o_nft) {
+    if intent.difference.is_none() && !o_ipt.same_as(o_nft) {
         return Err(TestCaseError::fail(report(
             "the two modes route differently",
         )));
     }
-    Ok([ipt, nft])
+    if intent.maps_difference.is_none() && !o_maps.same_as(o_nft) {
+        return Err(TestCaseError::fail(report(
+            "the two nftables layouts route differently",
+        )));
+    }
+    Ok(traces)
 }
 
 fn check_probe(world: &World, probe: &Probe, stats: &mut Stats) -> Result<(), TestCaseError> {
     let intent = intent_of(world, probe);
     let none = AffinityState::default();
-    let traces = check_against(world, probe, [&none, &none], &intent)?;
+    let traces = check_against(world, probe, [&none, &none, &none], &intent)?;
     if let Some(difference) = intent.difference {
         *stats.differences.entry(difference).or_default() += 1;
+    }
+    if let Some(difference) = intent.maps_difference {
+        *stats.maps_differences.entry(difference).or_default() += 1;
     }
     let class = format!("{:?}", intent.iptables)
         .split([' ', '{'])
@@ -1390,12 +1447,14 @@ fn check_probe(world: &World, probe: &Probe, stats: &mut Stats) -> Result<(), Te
 /// §2.3: affinity is keyed on the client address alone, whatever address of the service port
 /// the client used. After a first connection through an external address (external IP,
 /// load-balancer IP, NodePort) reached an endpoint, the same client's connection to the
-/// cluster IP goes to that endpoint too, when the cluster IP's endpoints include it.
+/// cluster IP goes to that endpoint too, when the cluster IP's endpoints include it. The
+/// `maps` layout keys affinity by frontend ([`MapsDifference::AffinityPerFrontend`]): there
+/// the second connection is not pinned.
 fn check_sticky_across_frontends(
     world: &World,
     probe: &Probe,
     intent: &Intent,
-    traces: &[Trace; 2],
+    traces: &[Trace; 3],
     stats: &mut Stats,
 ) -> Result<(), TestCaseError> {
     let Expected::Dnat {
@@ -1414,27 +1473,32 @@ fn check_sticky_across_frontends(
     let Some(first) = traces[0].endpoints.first().map(|e| e.endpoint) else {
         return Ok(());
     };
-    // Each mode's record of the first connection: the stores its branch to `first` set.
+    // Each layout's record of the first connection: the stores its branch to `first` set.
     let recorded = |trace: &Trace| {
         let mut state = AffinityState::default();
         if let Some(branch) = trace.branches.iter().find(|b| b.dnat == Some(first)) {
             for event in &branch.affinity {
-                if let trace::AffinityEvent::Recorded { store } = event {
-                    state.insert(store, probe.src);
+                match event {
+                    trace::AffinityEvent::Recorded { store } => state.insert(store, probe.src),
+                    trace::AffinityEvent::RecordedMapping {
+                        store, key, value, ..
+                    } => state.insert_mapping(store, key.clone(), value.clone()),
+                    trace::AffinityEvent::Checked { .. } => {}
                 }
             }
         }
         state
     };
-    let (ipt_state, nft_state) = (recorded(&traces[0]), recorded(&traces[1]));
+    let states = traces.each_ref().map(recorded);
     let second = Probe {
         dst: SocketAddr::new(port.cluster_ip, port.port),
         ..*probe
     };
     let mut pinned = intent_of(world, &second);
-    if pinned.difference.is_some() {
+    if pinned.difference.is_some() || pinned.maps_difference.is_some() {
         return Ok(());
     }
+    let unpinned = pinned.nftables.clone();
     let pin = |expected: &mut Expected| {
         if let Expected::Dnat { endpoints, .. } = expected {
             if let Some(&entry) = endpoints.iter().find(|(e, _)| *e == first) {
@@ -1444,7 +1508,17 @@ fn check_sticky_across_frontends(
     };
     pin(&mut pinned.iptables);
     pin(&mut pinned.nftables);
-    check_against(world, &second, [&ipt_state, &nft_state], &pinned).map_err(|err| {
+    pin(&mut pinned.maps);
+    if unpinned != pinned.nftables {
+        pinned.maps = unpinned;
+        pinned.maps_difference = Some(MapsDifference::AffinityPerFrontend);
+        *stats
+            .maps_differences
+            .entry(MapsDifference::AffinityPerFrontend)
+            .or_default() += 1;
+    }
+    let [ipt, nft, maps] = &states;
+    check_against(world, &second, [ipt, nft, maps], &pinned).map_err(|err| {
         TestCaseError::fail(format!("after {} reached {first}: {err}", describe(probe)))
     })?;
     stats.sticky += 1;
@@ -1716,6 +1790,16 @@ fn both_modes_route_alike() {
             stats.differences.get(&difference).copied().unwrap_or(0)
         );
     }
+    for difference in MapsDifference::ALL {
+        eprintln!(
+            "  documented maps-layout difference \"{difference}\": {} probes",
+            stats
+                .maps_differences
+                .get(&difference)
+                .copied()
+                .unwrap_or(0)
+        );
+    }
     if let Err(err) = result {
         panic!("{err}");
     }
@@ -1728,6 +1812,12 @@ fn both_modes_route_alike() {
         assert!(
             stats.differences.contains_key(&difference),
             "no probe met the documented difference \"{difference}\""
+        );
+    }
+    for difference in MapsDifference::ALL {
+        assert!(
+            stats.maps_differences.contains_key(&difference),
+            "no probe met the documented maps-layout difference \"{difference}\""
         );
     }
 }
