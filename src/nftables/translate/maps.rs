@@ -556,6 +556,7 @@ impl Translator<'_> {
             if node_ip.is_some_and(|ip| port.source_ranges.iter().any(|r| r.contains(&ip))) {
                 sources.extend(port.load_balancer_ips.iter().map(|&ip| IpNet::from(ip)));
             }
+            let sources = outermost(&sources);
             for &ip in &port.load_balancer_ips {
                 self.out.element(FIREWALL_IPS, address_key(ip), None, None);
                 for source in &sources {
@@ -612,9 +613,57 @@ impl Translator<'_> {
     }
 }
 
+/// The networks not inside another one of the list, each once, in list order. The kernel
+/// refuses overlapping elements in a concatenated interval set (`firewall-allow`: "File
+/// exists"), where kube-proxy's anonymous set merges them; dropping the inner ones (CIDRs
+/// either nest or are disjoint) allows the same sources.
+fn outermost(nets: &[IpNet]) -> Vec<IpNet> {
+    let mut kept: Vec<IpNet> = Vec::new();
+    for (i, net) in nets.iter().enumerate() {
+        let inside_another = nets
+            .iter()
+            .enumerate()
+            .any(|(j, other)| other.contains(net) && (other != net || j < i));
+        if !inside_another {
+            kept.push(*net);
+        }
+    }
+    kept
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outermost_drops_nested_and_repeated_ranges() {
+        let nets: Vec<IpNet> = [
+            "203.0.113.200/32",
+            "203.0.113.0/24",
+            "10.0.0.0/8",
+            "203.0.113.0/24",
+            "198.51.100.0/25",
+            "198.51.100.128/25",
+        ]
+        .iter()
+        .map(|n| n.parse().expect("a network"))
+        .collect();
+        let kept: Vec<String> = outermost(&nets).iter().map(|n| n.to_string()).collect();
+        assert_eq!(
+            kept,
+            [
+                "203.0.113.0/24",
+                "10.0.0.0/8",
+                "198.51.100.0/25",
+                "198.51.100.128/25"
+            ]
+        );
+        let everything: Vec<IpNet> = ["::/0", "2001:db8::1/128", "::/0"]
+            .iter()
+            .map(|n| n.parse().expect("a network"))
+            .collect();
+        assert_eq!(outermost(&everything), vec![everything[0]]);
+    }
 
     #[test]
     fn pick_chain_names_read_back() {
