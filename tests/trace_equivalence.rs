@@ -19,6 +19,8 @@
 //! Each documented difference is kept as a named regression test at the end of the file, with
 //! its minimal cluster and probes; a translator or walker bug this test finds belongs there too.
 
+mod common;
+
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -29,6 +31,7 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use proptest::prelude::*;
+use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestRunner};
 use serde_json::json;
 
@@ -1820,6 +1823,54 @@ fn both_modes_route_alike() {
             "no probe met the documented maps-layout difference \"{difference}\""
         );
     }
+}
+
+/// Clusters the kernel check loads (`nft -c`): the generator's shapes, from a fixed seed.
+const KERNEL_CASES: usize = 150;
+
+/// The kernel takes the `maps` layout of the generator's clusters (the tracer reads rules
+/// semantically and cannot see what nft or the kernel would refuse, e.g. overlapping intervals
+/// in a concatenated set). Where this nft cannot write the IPv6 affinity updates
+/// (tests/common/nft.rs), they are left out and counted.
+#[test]
+fn maps_layout_of_random_clusters_loads() {
+    if !common::netns::kernel_tests_possible(&["nft"]) {
+        return;
+    }
+    let ns = common::netns::Netns::new("maps-random");
+    let ipv6_updates = common::nft::writes_ipv6_affinity_updates(&ns);
+    let mut runner = TestRunner::deterministic();
+    let strategy = case_strategy();
+    let (mut loaded, mut without_updates) = (0, 0);
+    while loaded < KERNEL_CASES {
+        let case = strategy.new_tree(&mut runner).expect("a case").current();
+        let mut config = case.cluster.node.config();
+        config.nftables_layout = NftablesLayout::Maps;
+        let plan = pipeline::plan(&case.cluster.state(), &config);
+        let script: String = pipeline::nftables_rulesets(&plan, &config)
+            .iter()
+            .map(|r| r.to_nft_script())
+            .collect();
+        let (stripped, updates) = common::nft::without_ipv6_affinity_updates(&script);
+        let script = if ipv6_updates || updates == 0 {
+            script
+        } else {
+            without_updates += 1;
+            stripped
+        };
+        let out = ns.run(&["nft", "-c", "-f", "-"], Some(&script));
+        assert!(
+            out.status.success(),
+            "nft refused the maps layout of {:#?}:\n{}\n{script}",
+            case.cluster,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        loaded += 1;
+    }
+    eprintln!(
+        "maps layout: {loaded} random clusters checked by the kernel ({without_updates} without \
+         their IPv6 affinity updates, which this nft cannot write)"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
