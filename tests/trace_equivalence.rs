@@ -1629,13 +1629,22 @@ fn endpoint_strategy() -> impl Strategy<Value = Ep> {
         })
 }
 
-const PORTS: [(Protocol, u16); 5] = [
+/// Service ports; the last two ([`NODEPORT_LIKE`]) are NodePorts of other Services
+/// ([`node_port`]: the first port of Service 1, the second of Service 0), so that a frontend may
+/// share its protocol and port with a NodePort. Such a Service gets no frontend on a node
+/// address (`on_node`): there a NodePort of the same protocol and port competes with the
+/// frontend, which kube-proxy's two modes settle differently when the frontend's Service has
+/// no (local) endpoints, and the oracle does not model that.
+const PORTS: [(Protocol, u16); 7] = [
     (Protocol::Tcp, 80),
     (Protocol::Udp, 80),
     (Protocol::Sctp, 80),
     (Protocol::Tcp, 443),
     (Protocol::Udp, 53),
+    (Protocol::Tcp, 30010),
+    (Protocol::Udp, 30001),
 ];
+const NODEPORT_LIKE: [(Protocol, u16); 2] = [(Protocol::Tcp, 30010), (Protocol::Udp, 30001)];
 
 fn service_strategy() -> impl Strategy<Value = Svc> {
     (
@@ -1681,10 +1690,10 @@ fn service_strategy() -> impl Strategy<Value = Svc> {
             )| Svc {
                 kind,
                 stack,
+                on_node: on_node.filter(|_| !ports.iter().any(|p| NODEPORT_LIKE.contains(p))),
                 ports,
                 external_ips,
                 lb_ips,
-                on_node,
                 source_ranges,
                 external_local,
                 internal_local,
@@ -2174,4 +2183,51 @@ fn difference_remote_endpoint_hairpin() {
         masquerade(&intent.iptables),
         vec![("10.244.1.1:8080".parse().expect("an address"), true)]
     );
+}
+
+/// Regression (maps layout): a cluster IP without affinity on the protocol and port of another
+/// Service's NodePort with affinity, where every local address takes NodePorts (IPv6 with
+/// IPv4-only `--nodeport-addresses`). `remember` found no `affinity-timeouts` element for the
+/// cluster IP and went on to `nodeport-affinity-timeouts`, which matched the port: the
+/// connection was recorded in `@affinity` and the trace showed affinity (timeout 100) where
+/// kube-proxy has none. The frontend now has an element that ends the lookup.
+#[test]
+fn maps_cluster_ip_port_of_an_affinity_nodeport() {
+    let mut node = plain_node();
+    node.stack = Stack::V6;
+    node.nodeport_addresses = NodePorts::NodeNetworkV4Only;
+    let mut plain = plain_service(Kind::ClusterIp, vec![ready(EpHost::OtherNode, 1)]);
+    plain.ports = vec![(Protocol::Tcp, 30010)];
+    let mut sticky = plain_service(Kind::NodePort, vec![ready(EpHost::OtherNode, 2)]);
+    sticky.affinity = Some(100);
+    let cluster = Cluster {
+        node,
+        services: vec![plain, sticky],
+    };
+    let intent = regression(
+        cluster,
+        probe("2001:db8:c::200", "[fd00:30::10]:30010", Origin::Outside),
+    );
+    assert_eq!(intent.maps_difference, None);
+    assert!(matches!(intent.maps, Expected::Dnat { affinity: None, .. }));
+    // A load-balancer IP on a node address that takes NodePorts (the `nodeport-ips` guard of
+    // `remember` lets it through too).
+    let mut node = plain_node();
+    node.secondary_ip = true;
+    node.nodeport_addresses = NodePorts::NodeNetwork;
+    let mut plain = plain_service(Kind::LoadBalancer, vec![ready(EpHost::OtherNode, 1)]);
+    plain.ports = vec![(Protocol::Tcp, 30010)];
+    plain.on_node = Some(true);
+    let mut sticky = plain_service(Kind::NodePort, vec![ready(EpHost::OtherNode, 2)]);
+    sticky.affinity = Some(100);
+    let cluster = Cluster {
+        node,
+        services: vec![plain, sticky],
+    };
+    let intent = regression(
+        cluster,
+        probe("100.64.0.1", "192.168.0.11:30010", Origin::Outside),
+    );
+    assert_eq!(intent.maps_difference, None);
+    assert!(matches!(intent.maps, Expected::Dnat { affinity: None, .. }));
 }

@@ -36,6 +36,9 @@ const REMEMBER_PREROUTING: &str = "remember-prerouting";
 const REMEMBER_OUTPUT: &str = "remember-output";
 const REMEMBER: &str = "remember";
 const REMEMBER_PREFIX: &str = "remember-";
+/// An empty chain: `affinity-timeouts` sends a frontend without affinity here, so that the
+/// NodePort rules of `remember` do not record it (see [`Translator::maps_shadowed_nodeports`]).
+const REMEMBER_NOTHING: &str = "remember-nothing";
 const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
 
 use crate::model::Protocol;
@@ -377,6 +380,58 @@ impl Translator<'_> {
                         map: NODEPORT_AFFINITY_TIMEOUTS.into(),
                     }],
                 ),
+            );
+        }
+    }
+
+    /// `remember` looks a connection's frontend up in `affinity-timeouts`, then its protocol
+    /// and port in `nodeport-affinity-timeouts`. A cluster, external or load-balancer IP
+    /// without affinity on the protocol and port of a NodePort with affinity would be recorded
+    /// by the second lookup (with every local address taking NodePorts nothing else tells them
+    /// apart at priority -99): junk entries, and a trace that shows affinity where there is
+    /// none. Such a frontend gets an `affinity-timeouts` element of its own that ends the
+    /// lookup (`goto remember-nothing`). Across service ports, so done once they are all in.
+    pub(super) fn maps_shadowed_nodeports(&mut self) {
+        let sticky_nodeports: Vec<Vec<Value>> = self
+            .out
+            .elements
+            .iter()
+            .filter(|e| *e.container == *NODEPORT_AFFINITY_TIMEOUTS)
+            .map(|e| e.key.clone())
+            .collect();
+        if sticky_nodeports.is_empty() {
+            return;
+        }
+        let remembered: std::collections::HashSet<&[Value]> = self
+            .out
+            .elements
+            .iter()
+            .filter(|e| *e.container == *AFFINITY_TIMEOUTS)
+            .map(|e| e.key.as_slice())
+            .collect();
+        let shadowed: Vec<Vec<Value>> = self
+            .out
+            .elements
+            .iter()
+            .filter(|e| *e.container == *SERVICE_IPS)
+            .filter(|e| !remembered.contains(e.key.as_slice()))
+            .filter(|e| {
+                e.key
+                    .get(1..)
+                    .is_some_and(|np| sticky_nodeports.iter().any(|k| k.as_slice() == np))
+            })
+            .map(|e| e.key.clone())
+            .collect();
+        if shadowed.is_empty() {
+            return;
+        }
+        self.out.chain(REMEMBER_NOTHING, None, None);
+        for key in shadowed {
+            self.out.element(
+                AFFINITY_TIMEOUTS,
+                key,
+                Some(Verdict::Goto(REMEMBER_NOTHING.into())),
+                None,
             );
         }
     }
