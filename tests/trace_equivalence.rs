@@ -2242,3 +2242,52 @@ fn maps_cluster_ip_port_of_an_affinity_nodeport() {
     assert_eq!(intent.maps_difference, None);
     assert!(matches!(intent.maps, Expected::Dnat { affinity: None, .. }));
 }
+
+/// The documented maps-layout difference: after a first connection through a load-balancer IP,
+/// the client's connection to the cluster IP of the same service port is pinned to the same
+/// endpoint in kube-proxy's two modes, and picked at random (and pinned anew) in the `maps`
+/// layout, whose affinity entries are keyed by frontend.
+#[test]
+fn maps_difference_affinity_per_frontend() {
+    let mut svc = plain_service(
+        Kind::LoadBalancer,
+        vec![ready(EpHost::OtherNode, 1), ready(EpHost::OtherNode, 2)],
+    );
+    svc.lb_ips = 1;
+    svc.affinity = Some(600);
+    let cluster = Cluster {
+        node: plain_node(),
+        services: vec![svc],
+    };
+    let world = World::build(&cluster).expect("the cluster builds");
+    let mut stats = Stats::default();
+    let first = probe("100.64.0.1", "198.51.100.1:80", Origin::Outside);
+    if let Err(err) = check_probe(&world, &first, &mut stats) {
+        panic!("{err}");
+    }
+    // Both endpoints can be the first one reached; each second connection differs so.
+    assert_eq!(stats.sticky, 1);
+    assert_eq!(
+        stats
+            .maps_differences
+            .get(&MapsDifference::AffinityPerFrontend),
+        Some(&1)
+    );
+    // The first connection itself, and the next one through the same frontend, agree.
+    assert_eq!(intent_of(&world, &first).maps_difference, None);
+    // With one endpoint there is nothing to differ on.
+    let mut svc = plain_service(Kind::LoadBalancer, vec![ready(EpHost::OtherNode, 1)]);
+    svc.lb_ips = 1;
+    svc.affinity = Some(600);
+    let world = World::build(&Cluster {
+        node: plain_node(),
+        services: vec![svc],
+    })
+    .expect("the cluster builds");
+    let mut stats = Stats::default();
+    if let Err(err) = check_probe(&world, &first, &mut stats) {
+        panic!("{err}");
+    }
+    assert_eq!(stats.sticky, 1);
+    assert!(stats.maps_differences.is_empty());
+}
