@@ -255,3 +255,107 @@ fn golden_nftables_outputs_load() {
         "only {checked} golden nftables outputs found"
     );
 }
+
+/// Every golden case's input, rendered in the `maps` layout with the case's own flags (through
+/// the `kproxy` binary, as tests/golden.rs renders it), is checked and loaded by the kernel.
+/// Where this nft cannot write the IPv6 affinity updates (common::nft), a case that has them
+/// must be refused, and loads without them.
+#[test]
+fn golden_inputs_load_in_the_maps_layout() {
+    if !possible() {
+        return;
+    }
+    let probe = Netns::new("nft-probe");
+    let ipv6_updates = common::nft::writes_ipv6_affinity_updates(&probe);
+    drop(probe);
+    let root = common::repo_dir().join("rules-golden");
+    let mut cases: Vec<_> = fs::read_dir(root)
+        .expect("rules-golden")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("input.yaml").is_file())
+        .collect();
+    cases.sort();
+    let mut without_updates = Vec::new();
+    for case in &cases {
+        let name = case.display().to_string();
+        let flags = fs::read_to_string(case.join("flags")).unwrap_or_default();
+        let out = Command::new(env!("CARGO_BIN_EXE_kproxy"))
+            .args(["render", "--mode", "nftables", "--nftables-layout", "maps"])
+            .args(flags.split_whitespace())
+            .arg(case.join("input.yaml"))
+            .output()
+            .expect("kproxy runs");
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let script = String::from_utf8(out.stdout).expect("utf-8");
+        let (stripped, updates) = common::nft::without_ipv6_affinity_updates(&script);
+        let listing = if ipv6_updates || updates == 0 {
+            load(&script, &name)
+        } else {
+            let refusal = try_load(&script).expect_err("this nft cannot write the updates");
+            assert!(refusal.contains("reg_low"), "{name}: {refusal}");
+            without_updates.push(name.clone());
+            load(&stripped, &name)
+        };
+        assert!(listing.contains(" kproxy {"), "{listing}");
+        assert!(!listing.contains("kube-proxy"), "{listing}");
+    }
+    assert!(cases.len() >= 10, "only {} golden cases found", cases.len());
+    if !without_updates.is_empty() {
+        eprintln!(
+            "this nft cannot write IPv6 affinity map updates (nft < 1.0.6.1 / 1.1.0); loaded \
+             without them: {}",
+            without_updates.join(", ")
+        );
+    }
+}
+
+/// Regression: source ranges that nest or repeat (and a load-balancer IP inside a range that
+/// holds the node IP) were separate `firewall-allow` elements in the `maps` layout, and the
+/// kernel refuses overlapping intervals in a concatenated set ("File exists"). The inner ones
+/// are left out; the allowed sources are the same.
+#[test]
+fn maps_layout_nested_source_ranges_load() {
+    if !possible() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let input = dir.path().join("ranges.yaml");
+    fs::write(
+        &input,
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: ns}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.50
+  ports: [{name: http, protocol: TCP, port: 80, nodePort: 30080}]
+  loadBalancerSourceRanges: [203.0.113.200/32, 203.0.113.0/24, 203.0.113.0/24, 192.168.0.0/16, 0.0.0.0/0]
+status:
+  loadBalancer:
+    ingress: [{ip: 192.168.7.7}, {ip: 198.51.100.7}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb-1, namespace: ns, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{name: http, protocol: TCP, port: 8080}]
+endpoints:
+- {addresses: [10.244.1.5], nodeName: other-node}
+"#,
+    )
+    .expect("write input");
+    let mut config = NodeConfig::new("this-node");
+    config.node_ips = vec!["192.168.0.2".parse().unwrap()];
+    config.cluster_cidrs = vec!["10.244.0.0/16".parse().unwrap()];
+    config.nftables_layout = kproxy::config::NftablesLayout::Maps;
+    let listing = load(&render(&config, &input), "nested source ranges");
+    assert!(
+        listing.contains("198.51.100.7 . tcp . 80 . 0.0.0.0/0"),
+        "{listing}"
+    );
+    assert!(!listing.contains("203.0.113.0/24"), "{listing}");
+}

@@ -18,6 +18,18 @@
 //!
 //! Each documented difference is kept as a named regression test at the end of the file, with
 //! its minimal cluster and probes; a translator or walker bug this test finds belongs there too.
+//!
+//! Three layouts (issue 11): every case is also rendered in nftables mode with
+//! `--nftables-layout maps` (docs/maps-layout.md) and traced. That trace must equal the
+//! kube-proxy-layout nftables trace — verdict class, endpoints and odds, masquerade per
+//! endpoint, affinity timeout and next-connection pinning — and the oracle's nftables intent
+//! (where kube-proxy's modes differ, `maps` routes as its nftables mode), except where the
+//! `maps` design cannot, listed once in `kproxy::trace::MapsDifference`: the oracle names it,
+//! the probe is counted and held to the layout's own behaviour, and a full-size run fails if it
+//! meets none. `maps_layout_of_random_clusters_loads` has the kernel check the `maps` layout of
+//! generated clusters, which the tracer cannot (what nft or the kernel refuses).
+
+mod common;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -29,19 +41,23 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use proptest::prelude::*;
+use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestRunner};
 use serde_json::json;
 
 use kproxy::backend::Mode;
-use kproxy::config::{MasqueradeMark, NodeConfig, NodePortAddresses};
+use kproxy::config::{MasqueradeMark, NftablesLayout, NodeConfig, NodePortAddresses};
 use kproxy::family::{FamilyMode, IpFamily};
 use kproxy::model::{Endpoint, NoEndpointVerdict, Protocol, ProxyModel, ServicePort};
 use kproxy::pipeline;
 use kproxy::source::{ClusterState, Note};
-use kproxy::trace::{self, AffinityState, Host, ModeDifference, Origin, Probe, Rules, Trace};
+use kproxy::trace::{
+    self, AffinityState, Host, MapsDifference, ModeDifference, Origin, Probe, Rules, Trace,
+};
 
-/// Clusters per run, each walked with 8 to 24 probes: about 32,000 probes (64,000 traces) in
-/// some 15 s in a debug build on 2 cores. `PROPTEST_CASES` overrides the count.
+/// Clusters per run, each walked with 8 to 24 probes: about 32,000 probes (96,000 traces, three
+/// layouts) in some 24 s in a debug build on 2 cores (16 s with two layouts).
+/// `PROPTEST_CASES` overrides the count.
 const CASES: u32 = 2000;
 const PROBES: std::ops::RangeInclusive<usize> = 8..=24;
 
@@ -648,7 +664,28 @@ impl Node {
     }
 }
 
-/// One case's rendered world: the models, and each mode's rules per family, read back from
+/// Where a trace runs: iptables mode, nftables mode in kube-proxy's layout, or nftables mode
+/// in kproxy's `maps` layout (docs/maps-layout.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    Iptables,
+    Nftables,
+    Maps,
+}
+
+impl Layout {
+    const ALL: [Layout; 3] = [Layout::Iptables, Layout::Nftables, Layout::Maps];
+
+    fn name(self) -> &'static str {
+        match self {
+            Layout::Iptables => "iptables",
+            Layout::Nftables => "nftables",
+            Layout::Maps => "nftables (maps layout)",
+        }
+    }
+}
+
+/// One case's rendered world: the models, and each layout's rules per family, read back from
 /// the rendered text.
 struct World {
     config: NodeConfig,
@@ -656,6 +693,7 @@ struct World {
     host: Host,
     iptables: Vec<Box<dyn Rules>>,
     nftables: Vec<Box<dyn Rules>>,
+    maps: Vec<Box<dyn Rules>>,
 }
 
 impl World {
@@ -677,14 +715,17 @@ impl World {
                 "the generator made objects kproxy does not take whole: {refused:?}"
             )));
         }
-        let render = |mode| {
-            trace::rendered_rules(mode, &plan.models, &config)
+        let render = |mode, config: &NodeConfig| {
+            trace::rendered_rules(mode, &plan.models, config)
                 .map_err(|e| TestCaseError::fail(e.to_string()))
         };
+        let mut maps_config = config.clone();
+        maps_config.nftables_layout = NftablesLayout::Maps;
         Ok(World {
             host: Host::new(config.node_ips.iter().copied()),
-            iptables: render(Mode::Iptables)?,
-            nftables: render(Mode::Nftables)?,
+            iptables: render(Mode::Iptables, &config)?,
+            nftables: render(Mode::Nftables, &config)?,
+            maps: render(Mode::Nftables, &maps_config)?,
             models: plan.models,
             config,
         })
@@ -694,11 +735,12 @@ impl World {
         self.models.iter().position(|m| m.family == family)
     }
 
-    fn rules(&self, mode: Mode, family: IpFamily) -> Option<&dyn Rules> {
+    fn rules(&self, layout: Layout, family: IpFamily) -> Option<&dyn Rules> {
         let i = self.family_index(family)?;
-        match mode {
-            Mode::Iptables => self.iptables.get(i).map(|r| r.as_ref()),
-            Mode::Nftables => self.nftables.get(i).map(|r| r.as_ref()),
+        match layout {
+            Layout::Iptables => self.iptables.get(i).map(|r| r.as_ref()),
+            Layout::Nftables => self.nftables.get(i).map(|r| r.as_ref()),
+            Layout::Maps => self.maps.get(i).map(|r| r.as_ref()),
         }
     }
 
@@ -941,28 +983,34 @@ impl Expected {
 }
 
 /// The model's intent in both modes; they differ only where kube-proxy's modes do, and then
-/// the difference is named.
+/// the difference is named. The `maps` layout routes as nftables mode, but where its design
+/// cannot (a named [`MapsDifference`]).
 #[derive(Debug, Clone)]
 struct Intent {
     iptables: Expected,
     nftables: Expected,
     difference: Option<ModeDifference>,
+    maps: Expected,
+    maps_difference: Option<MapsDifference>,
 }
 
 impl Intent {
     fn same(expected: Expected) -> Intent {
-        Intent {
-            iptables: expected.clone(),
-            nftables: expected,
-            difference: None,
-        }
+        Intent::modes(expected.clone(), expected, None)
     }
 
     fn differs(difference: ModeDifference, iptables: Expected, nftables: Expected) -> Intent {
+        Intent::modes(iptables, nftables, Some(difference))
+    }
+
+    /// Each mode's intent; the `maps` layout as nftables mode.
+    fn modes(iptables: Expected, nftables: Expected, difference: Option<ModeDifference>) -> Intent {
         Intent {
             iptables,
+            maps: nftables.clone(),
             nftables,
-            difference: Some(difference),
+            difference,
+            maps_difference: None,
         }
     }
 }
@@ -1120,11 +1168,7 @@ fn intent_of(world: &World, probe: &Probe) -> Intent {
             } else {
                 Some(ModeDifference::NodePortAddresses)
             };
-            Intent {
-                iptables,
-                nftables,
-                difference,
-            }
+            Intent::modes(iptables, nftables, difference)
         }
     }
 }
@@ -1289,6 +1333,7 @@ struct Stats {
     sticky: usize,
     classes: BTreeMap<String, usize>,
     differences: BTreeMap<ModeDifference, usize>,
+    maps_differences: BTreeMap<MapsDifference, usize>,
 }
 
 fn describe(probe: &Probe) -> String {
@@ -1309,70 +1354,96 @@ fn trace_text(trace: &Trace) -> String {
     out
 }
 
-/// Traces the probe in both modes, each with its affinity state, and checks each against the
-/// intent, and the two against each other where kube-proxy's modes agree.
+/// Traces the probe in the three layouts, each with its affinity state, and checks each
+/// against the intent, iptables and nftables against each other where kube-proxy's modes agree,
+/// and the two nftables layouts against each other where no [`MapsDifference`] applies.
 fn check_against(
     world: &World,
     probe: &Probe,
-    affinity: [&AffinityState; 2],
+    affinity: [&AffinityState; 3],
     intent: &Intent,
-) -> Result<[Trace; 2], TestCaseError> {
+) -> Result<[Trace; 3], TestCaseError> {
     let family = probe.family();
-    let traced = |mode, affinity| -> Result<Trace, TestCaseError> {
+    let traced = |layout, affinity| -> Result<Trace, TestCaseError> {
         let rules = world
-            .rules(mode, family)
+            .rules(layout, family)
             .ok_or_else(|| TestCaseError::fail(format!("no {family} rules")))?;
         Ok(trace::trace(rules, probe, &world.host, affinity))
     };
-    let ipt = traced(Mode::Iptables, affinity[0])?;
-    let nft = traced(Mode::Nftables, affinity[1])?;
-    for (mode, t) in [("iptables", &ipt), ("nftables", &nft)] {
+    let traces = [
+        traced(Layout::Iptables, affinity[0])?,
+        traced(Layout::Nftables, affinity[1])?,
+        traced(Layout::Maps, affinity[2])?,
+    ];
+    for (layout, t) in Layout::ALL.iter().zip(&traces) {
         if !t.uninterpreted.is_empty() {
             return Err(TestCaseError::fail(format!(
-                "{}: the {mode} walker did not understand {:?}",
+                "{}: the {} walker did not understand {:?}",
                 describe(probe),
+                layout.name(),
                 t.uninterpreted
             )));
         }
     }
-    let (o_ipt, o_nft) = (Outcome::of(&ipt), Outcome::of(&nft));
+    let outcomes = traces.each_ref().map(Outcome::of);
+    let [o_ipt, o_nft, o_maps] = &outcomes;
     let report = |what: &str| {
-        format!(
-            "{}: {what}\n  intent: {intent:?}\n  iptables: {o_ipt:?}\n{}  nftables: {o_nft:?}\n{}",
-            describe(probe),
-            trace_text(&ipt),
-            trace_text(&nft)
-        )
+        let mut text = format!("{}: {what}\n  intent: {intent:?}\n", describe(probe));
+        for ((layout, outcome), trace) in Layout::ALL.iter().zip(&outcomes).zip(&traces) {
+            let _ = write!(
+                text,
+                "  {}: {outcome:?}\n{}",
+                layout.name(),
+                trace_text(trace)
+            );
+        }
+        text
     };
     if (intent.iptables != intent.nftables) != intent.difference.is_some() {
         return Err(TestCaseError::fail(report(
             "the oracle names a mode difference exactly when it predicts one (oracle bug)",
         )));
     }
-    if !o_ipt.same_as(&intent.iptables.outcome()) {
+    if (intent.maps != intent.nftables) != intent.maps_difference.is_some() {
         return Err(TestCaseError::fail(report(
-            "iptables mode does not route as the model intends",
+            "the oracle names a maps-layout difference exactly when it predicts one (oracle bug)",
         )));
     }
-    if !o_nft.same_as(&intent.nftables.outcome()) {
-        return Err(TestCaseError::fail(report(
-            "nftables mode does not route as the model intends",
-        )));
+    for ((layout, outcome), expected) in
+        Layout::ALL
+            .iter()
+            .zip(&outcomes)
+            .zip([&intent.iptables, &intent.nftables, &intent.maps])
+    {
+        if !outcome.same_as(&expected.outcome()) {
+            return Err(TestCaseError::fail(report(&format!(
+                "{} does not route as the model intends",
+                layout.name()
+            ))));
+        }
     }
-    if intent.difference.is_none() && !o_ipt.same_as(&o_nft) {
+    if intent.difference.is_none() && !o_ipt.same_as(o_nft) {
         return Err(TestCaseError::fail(report(
             "the two modes route differently",
         )));
     }
-    Ok([ipt, nft])
+    if intent.maps_difference.is_none() && !o_maps.same_as(o_nft) {
+        return Err(TestCaseError::fail(report(
+            "the two nftables layouts route differently",
+        )));
+    }
+    Ok(traces)
 }
 
 fn check_probe(world: &World, probe: &Probe, stats: &mut Stats) -> Result<(), TestCaseError> {
     let intent = intent_of(world, probe);
     let none = AffinityState::default();
-    let traces = check_against(world, probe, [&none, &none], &intent)?;
+    let traces = check_against(world, probe, [&none, &none, &none], &intent)?;
     if let Some(difference) = intent.difference {
         *stats.differences.entry(difference).or_default() += 1;
+    }
+    if let Some(difference) = intent.maps_difference {
+        *stats.maps_differences.entry(difference).or_default() += 1;
     }
     let class = format!("{:?}", intent.iptables)
         .split([' ', '{'])
@@ -1390,12 +1461,14 @@ fn check_probe(world: &World, probe: &Probe, stats: &mut Stats) -> Result<(), Te
 /// §2.3: affinity is keyed on the client address alone, whatever address of the service port
 /// the client used. After a first connection through an external address (external IP,
 /// load-balancer IP, NodePort) reached an endpoint, the same client's connection to the
-/// cluster IP goes to that endpoint too, when the cluster IP's endpoints include it.
+/// cluster IP goes to that endpoint too, when the cluster IP's endpoints include it. The
+/// `maps` layout keys affinity by frontend ([`MapsDifference::AffinityPerFrontend`]): there
+/// the second connection is not pinned.
 fn check_sticky_across_frontends(
     world: &World,
     probe: &Probe,
     intent: &Intent,
-    traces: &[Trace; 2],
+    traces: &[Trace; 3],
     stats: &mut Stats,
 ) -> Result<(), TestCaseError> {
     let Expected::Dnat {
@@ -1414,27 +1487,32 @@ fn check_sticky_across_frontends(
     let Some(first) = traces[0].endpoints.first().map(|e| e.endpoint) else {
         return Ok(());
     };
-    // Each mode's record of the first connection: the stores its branch to `first` set.
+    // Each layout's record of the first connection: the stores its branch to `first` set.
     let recorded = |trace: &Trace| {
         let mut state = AffinityState::default();
         if let Some(branch) = trace.branches.iter().find(|b| b.dnat == Some(first)) {
             for event in &branch.affinity {
-                if let trace::AffinityEvent::Recorded { store } = event {
-                    state.insert(store, probe.src);
+                match event {
+                    trace::AffinityEvent::Recorded { store } => state.insert(store, probe.src),
+                    trace::AffinityEvent::RecordedMapping {
+                        store, key, value, ..
+                    } => state.insert_mapping(store, key.clone(), value.clone()),
+                    trace::AffinityEvent::Checked { .. } => {}
                 }
             }
         }
         state
     };
-    let (ipt_state, nft_state) = (recorded(&traces[0]), recorded(&traces[1]));
+    let states = traces.each_ref().map(recorded);
     let second = Probe {
         dst: SocketAddr::new(port.cluster_ip, port.port),
         ..*probe
     };
     let mut pinned = intent_of(world, &second);
-    if pinned.difference.is_some() {
+    if pinned.difference.is_some() || pinned.maps_difference.is_some() {
         return Ok(());
     }
+    let unpinned = pinned.nftables.clone();
     let pin = |expected: &mut Expected| {
         if let Expected::Dnat { endpoints, .. } = expected {
             if let Some(&entry) = endpoints.iter().find(|(e, _)| *e == first) {
@@ -1444,7 +1522,17 @@ fn check_sticky_across_frontends(
     };
     pin(&mut pinned.iptables);
     pin(&mut pinned.nftables);
-    check_against(world, &second, [&ipt_state, &nft_state], &pinned).map_err(|err| {
+    pin(&mut pinned.maps);
+    if unpinned != pinned.nftables {
+        pinned.maps = unpinned;
+        pinned.maps_difference = Some(MapsDifference::AffinityPerFrontend);
+        *stats
+            .maps_differences
+            .entry(MapsDifference::AffinityPerFrontend)
+            .or_default() += 1;
+    }
+    let [ipt, nft, maps] = &states;
+    check_against(world, &second, [ipt, nft, maps], &pinned).map_err(|err| {
         TestCaseError::fail(format!("after {} reached {first}: {err}", describe(probe)))
     })?;
     stats.sticky += 1;
@@ -1552,13 +1640,22 @@ fn endpoint_strategy() -> impl Strategy<Value = Ep> {
         })
 }
 
-const PORTS: [(Protocol, u16); 5] = [
+/// Service ports; the last two ([`NODEPORT_LIKE`]) are NodePorts of other Services
+/// ([`node_port`]: the first port of Service 1, the second of Service 0), so that a frontend may
+/// share its protocol and port with a NodePort. Such a Service gets no frontend on a node
+/// address (`on_node`): there a NodePort of the same protocol and port competes with the
+/// frontend, which kube-proxy's two modes settle differently when the frontend's Service has
+/// no (local) endpoints, and the oracle does not model that.
+const PORTS: [(Protocol, u16); 7] = [
     (Protocol::Tcp, 80),
     (Protocol::Udp, 80),
     (Protocol::Sctp, 80),
     (Protocol::Tcp, 443),
     (Protocol::Udp, 53),
+    (Protocol::Tcp, 30010),
+    (Protocol::Udp, 30001),
 ];
+const NODEPORT_LIKE: [(Protocol, u16); 2] = [(Protocol::Tcp, 30010), (Protocol::Udp, 30001)];
 
 fn service_strategy() -> impl Strategy<Value = Svc> {
     (
@@ -1604,10 +1701,10 @@ fn service_strategy() -> impl Strategy<Value = Svc> {
             )| Svc {
                 kind,
                 stack,
+                on_node: on_node.filter(|_| !ports.iter().any(|p| NODEPORT_LIKE.contains(p))),
                 ports,
                 external_ips,
                 lb_ips,
-                on_node,
                 source_ranges,
                 external_local,
                 internal_local,
@@ -1716,6 +1813,16 @@ fn both_modes_route_alike() {
             stats.differences.get(&difference).copied().unwrap_or(0)
         );
     }
+    for difference in MapsDifference::ALL {
+        eprintln!(
+            "  documented maps-layout difference \"{difference}\": {} probes",
+            stats
+                .maps_differences
+                .get(&difference)
+                .copied()
+                .unwrap_or(0)
+        );
+    }
     if let Err(err) = result {
         panic!("{err}");
     }
@@ -1730,6 +1837,60 @@ fn both_modes_route_alike() {
             "no probe met the documented difference \"{difference}\""
         );
     }
+    for difference in MapsDifference::ALL {
+        assert!(
+            stats.maps_differences.contains_key(&difference),
+            "no probe met the documented maps-layout difference \"{difference}\""
+        );
+    }
+}
+
+/// Clusters the kernel check loads (`nft -c`): the generator's shapes, from a fixed seed.
+const KERNEL_CASES: usize = 150;
+
+/// The kernel takes the `maps` layout of the generator's clusters (the tracer reads rules
+/// semantically and cannot see what nft or the kernel would refuse, e.g. overlapping intervals
+/// in a concatenated set). Where this nft cannot write the IPv6 affinity updates
+/// (tests/common/nft.rs), they are left out and counted.
+#[test]
+fn maps_layout_of_random_clusters_loads() {
+    if !common::netns::kernel_tests_possible(&["nft"]) {
+        return;
+    }
+    let ns = common::netns::Netns::new("maps-random");
+    let ipv6_updates = common::nft::writes_ipv6_affinity_updates(&ns);
+    let mut runner = TestRunner::deterministic();
+    let strategy = case_strategy();
+    let (mut loaded, mut without_updates) = (0, 0);
+    while loaded < KERNEL_CASES {
+        let case = strategy.new_tree(&mut runner).expect("a case").current();
+        let mut config = case.cluster.node.config();
+        config.nftables_layout = NftablesLayout::Maps;
+        let plan = pipeline::plan(&case.cluster.state(), &config);
+        let script: String = pipeline::nftables_rulesets(&plan, &config)
+            .iter()
+            .map(|r| r.to_nft_script())
+            .collect();
+        let (stripped, updates) = common::nft::without_ipv6_affinity_updates(&script);
+        let script = if ipv6_updates || updates == 0 {
+            script
+        } else {
+            without_updates += 1;
+            stripped
+        };
+        let out = ns.run(&["nft", "-c", "-f", "-"], Some(&script));
+        assert!(
+            out.status.success(),
+            "nft refused the maps layout of {:#?}:\n{}\n{script}",
+            case.cluster,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        loaded += 1;
+    }
+    eprintln!(
+        "maps layout: {loaded} random clusters checked by the kernel ({without_updates} without \
+         their IPv6 affinity updates, which this nft cannot write)"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2033,4 +2194,100 @@ fn difference_remote_endpoint_hairpin() {
         masquerade(&intent.iptables),
         vec![("10.244.1.1:8080".parse().expect("an address"), true)]
     );
+}
+
+/// Regression (maps layout): a cluster IP without affinity on the protocol and port of another
+/// Service's NodePort with affinity, where every local address takes NodePorts (IPv6 with
+/// IPv4-only `--nodeport-addresses`). `remember` found no `affinity-timeouts` element for the
+/// cluster IP and went on to `nodeport-affinity-timeouts`, which matched the port: the
+/// connection was recorded in `@affinity` and the trace showed affinity (timeout 100) where
+/// kube-proxy has none. The frontend now has an element that ends the lookup.
+#[test]
+fn maps_cluster_ip_port_of_an_affinity_nodeport() {
+    let mut node = plain_node();
+    node.stack = Stack::V6;
+    node.nodeport_addresses = NodePorts::NodeNetworkV4Only;
+    let mut plain = plain_service(Kind::ClusterIp, vec![ready(EpHost::OtherNode, 1)]);
+    plain.ports = vec![(Protocol::Tcp, 30010)];
+    let mut sticky = plain_service(Kind::NodePort, vec![ready(EpHost::OtherNode, 2)]);
+    sticky.affinity = Some(100);
+    let cluster = Cluster {
+        node,
+        services: vec![plain, sticky],
+    };
+    let intent = regression(
+        cluster,
+        probe("2001:db8:c::200", "[fd00:30::10]:30010", Origin::Outside),
+    );
+    assert_eq!(intent.maps_difference, None);
+    assert!(matches!(intent.maps, Expected::Dnat { affinity: None, .. }));
+    // A load-balancer IP on a node address that takes NodePorts (the `nodeport-ips` guard of
+    // `remember` lets it through too).
+    let mut node = plain_node();
+    node.secondary_ip = true;
+    node.nodeport_addresses = NodePorts::NodeNetwork;
+    let mut plain = plain_service(Kind::LoadBalancer, vec![ready(EpHost::OtherNode, 1)]);
+    plain.ports = vec![(Protocol::Tcp, 30010)];
+    plain.on_node = Some(true);
+    let mut sticky = plain_service(Kind::NodePort, vec![ready(EpHost::OtherNode, 2)]);
+    sticky.affinity = Some(100);
+    let cluster = Cluster {
+        node,
+        services: vec![plain, sticky],
+    };
+    let intent = regression(
+        cluster,
+        probe("100.64.0.1", "192.168.0.11:30010", Origin::Outside),
+    );
+    assert_eq!(intent.maps_difference, None);
+    assert!(matches!(intent.maps, Expected::Dnat { affinity: None, .. }));
+}
+
+/// The documented maps-layout difference: after a first connection through a load-balancer IP,
+/// the client's connection to the cluster IP of the same service port is pinned to the same
+/// endpoint in kube-proxy's two modes, and picked at random (and pinned anew) in the `maps`
+/// layout, whose affinity entries are keyed by frontend.
+#[test]
+fn maps_difference_affinity_per_frontend() {
+    let mut svc = plain_service(
+        Kind::LoadBalancer,
+        vec![ready(EpHost::OtherNode, 1), ready(EpHost::OtherNode, 2)],
+    );
+    svc.lb_ips = 1;
+    svc.affinity = Some(600);
+    let cluster = Cluster {
+        node: plain_node(),
+        services: vec![svc],
+    };
+    let world = World::build(&cluster).expect("the cluster builds");
+    let mut stats = Stats::default();
+    let first = probe("100.64.0.1", "198.51.100.1:80", Origin::Outside);
+    if let Err(err) = check_probe(&world, &first, &mut stats) {
+        panic!("{err}");
+    }
+    // Both endpoints can be the first one reached; each second connection differs so.
+    assert_eq!(stats.sticky, 1);
+    assert_eq!(
+        stats
+            .maps_differences
+            .get(&MapsDifference::AffinityPerFrontend),
+        Some(&1)
+    );
+    // The first connection itself, and the next one through the same frontend, agree.
+    assert_eq!(intent_of(&world, &first).maps_difference, None);
+    // With one endpoint there is nothing to differ on.
+    let mut svc = plain_service(Kind::LoadBalancer, vec![ready(EpHost::OtherNode, 1)]);
+    svc.lb_ips = 1;
+    svc.affinity = Some(600);
+    let world = World::build(&Cluster {
+        node: plain_node(),
+        services: vec![svc],
+    })
+    .expect("the cluster builds");
+    let mut stats = Stats::default();
+    if let Err(err) = check_probe(&world, &first, &mut stats) {
+        panic!("{err}");
+    }
+    assert_eq!(stats.sticky, 1);
+    assert!(stats.maps_differences.is_empty());
 }

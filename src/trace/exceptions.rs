@@ -5,6 +5,9 @@
 //!
 //! Every entry names the kube-proxy source that shows the behaviour of each mode
 //! (`kubernetes/kubernetes`, the revisions of the spec's §0 and §5A.1).
+//!
+//! A second list, [`MapsDifference`], holds where kproxy's own `maps` nftables layout cannot
+//! route as kube-proxy's nftables layout does (docs/maps-layout.md), each with the reason.
 
 use std::fmt;
 
@@ -162,6 +165,68 @@ impl fmt::Display for ModeDifference {
     }
 }
 
+/// One documented difference between kproxy's `maps` nftables layout (docs/maps-layout.md) and
+/// kube-proxy's nftables layout, inherent to the design: the `maps` layout keeps a fixed number
+/// of chains and sets, so what kube-proxy keys by service port it can only key by what a
+/// packet carries. The equivalence test expects the two nftables layouts to agree everywhere
+/// else (and `maps` to route as kube-proxy's nftables mode where kube-proxy's two modes
+/// differ, [`ModeDifference`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MapsDifference {
+    /// A client with ClientIP affinity that reaches one service port through a second frontend
+    /// (its cluster IP after an external IP, load-balancer IP or NodePort, or a NodePort on
+    /// another node address) within the timeout.
+    AffinityPerFrontend,
+}
+
+impl MapsDifference {
+    pub const ALL: [MapsDifference; 1] = [MapsDifference::AffinityPerFrontend];
+
+    /// What kube-proxy's nftables layout does there.
+    pub fn kube_proxy(self) -> &'static str {
+        match self {
+            MapsDifference::AffinityPerFrontend => {
+                "pins the second connection to the endpoint of the first: one affinity set per \
+                 endpoint (`affinity-<endpoint>`, keyed by the client address), checked by the \
+                 service port's cluster and local chains whatever frontend led there"
+            }
+        }
+    }
+
+    /// What the `maps` layout does there.
+    pub fn maps(self) -> &'static str {
+        match self {
+            MapsDifference::AffinityPerFrontend => {
+                "picks the second connection's endpoint at random (and pins the client anew): \
+                 the affinity map is keyed by client . frontend (`ip saddr . ip daddr . meta \
+                 l4proto . th dport`), so each frontend of a service port has its own entry"
+            }
+        }
+    }
+
+    /// Why the layout cannot do as kube-proxy does (docs/maps-layout.md, "Where it cannot
+    /// match kube-proxy exactly").
+    pub fn reason(self) -> &'static str {
+        match self {
+            MapsDifference::AffinityPerFrontend => {
+                "no service-port id is derivable from every frontend within the fixed chains: \
+                 nft refuses a map lookup inside a concatenation and as the data of `update`, \
+                 and marks and conntrack marks are not kproxy's to clobber; a per-service-port \
+                 remember chain would bring back a chain per service port"
+            }
+        }
+    }
+}
+
+impl fmt::Display for MapsDifference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            MapsDifference::AffinityPerFrontend => "affinity per frontend",
+        };
+        f.write_str(name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,6 +245,19 @@ mod tests {
                 source.contains("pkg/proxy/") && source.contains("spec §"),
                 "{source}"
             );
+        }
+    }
+
+    #[test]
+    fn every_maps_difference_is_documented_once() {
+        let mut names: Vec<String> = MapsDifference::ALL.iter().map(|d| d.to_string()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), MapsDifference::ALL.len());
+        for difference in MapsDifference::ALL {
+            assert!(!difference.kube_proxy().is_empty());
+            assert!(!difference.maps().is_empty());
+            assert!(!difference.reason().is_empty());
         }
     }
 }

@@ -23,7 +23,7 @@ mod outcome;
 mod packet;
 mod rendered;
 
-pub use exceptions::ModeDifference;
+pub use exceptions::{MapsDifference, ModeDifference};
 pub use iptables::IptablesRules;
 pub use nftables::{NftablesRules, SetContent};
 pub use outcome::{AffinitySummary, EndpointShare, NextConnection, Trace, Verdict};

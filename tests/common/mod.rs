@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod netns;
+pub mod nft;
 pub mod topology;
 pub mod vector;
 

@@ -36,6 +36,9 @@ const REMEMBER_PREROUTING: &str = "remember-prerouting";
 const REMEMBER_OUTPUT: &str = "remember-output";
 const REMEMBER: &str = "remember";
 const REMEMBER_PREFIX: &str = "remember-";
+/// An empty chain: `affinity-timeouts` sends a frontend without affinity here, so that the
+/// NodePort rules of `remember` do not record it (see [`Translator::maps_shadowed_nodeports`]).
+const REMEMBER_NOTHING: &str = "remember-nothing";
 const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
 
 use crate::model::Protocol;
@@ -381,6 +384,58 @@ impl Translator<'_> {
         }
     }
 
+    /// `remember` looks a connection's frontend up in `affinity-timeouts`, then its protocol
+    /// and port in `nodeport-affinity-timeouts`. A cluster, external or load-balancer IP
+    /// without affinity on the protocol and port of a NodePort with affinity would be recorded
+    /// by the second lookup (with every local address taking NodePorts nothing else tells them
+    /// apart at priority -99): junk entries, and a trace that shows affinity where there is
+    /// none. Such a frontend gets an `affinity-timeouts` element of its own that ends the
+    /// lookup (`goto remember-nothing`). Across service ports, so done once they are all in.
+    pub(super) fn maps_shadowed_nodeports(&mut self) {
+        let sticky_nodeports: Vec<Vec<Value>> = self
+            .out
+            .elements
+            .iter()
+            .filter(|e| *e.container == *NODEPORT_AFFINITY_TIMEOUTS)
+            .map(|e| e.key.clone())
+            .collect();
+        if sticky_nodeports.is_empty() {
+            return;
+        }
+        let remembered: std::collections::HashSet<&[Value]> = self
+            .out
+            .elements
+            .iter()
+            .filter(|e| *e.container == *AFFINITY_TIMEOUTS)
+            .map(|e| e.key.as_slice())
+            .collect();
+        let shadowed: Vec<Vec<Value>> = self
+            .out
+            .elements
+            .iter()
+            .filter(|e| *e.container == *SERVICE_IPS)
+            .filter(|e| !remembered.contains(e.key.as_slice()))
+            .filter(|e| {
+                e.key
+                    .get(1..)
+                    .is_some_and(|np| sticky_nodeports.iter().any(|k| k.as_slice() == np))
+            })
+            .map(|e| e.key.clone())
+            .collect();
+        if shadowed.is_empty() {
+            return;
+        }
+        self.out.chain(REMEMBER_NOTHING, None, None);
+        for key in shadowed {
+            self.out.element(
+                AFFINITY_TIMEOUTS,
+                key,
+                Some(Verdict::Goto(REMEMBER_NOTHING.into())),
+                None,
+            );
+        }
+    }
+
     /// The rules of the shared chains the service ports declared: pick-N and remember-T.
     pub(super) fn maps_shared_chain_rules(&mut self) {
         let names: Vec<Name> = self
@@ -556,6 +611,7 @@ impl Translator<'_> {
             if node_ip.is_some_and(|ip| port.source_ranges.iter().any(|r| r.contains(&ip))) {
                 sources.extend(port.load_balancer_ips.iter().map(|&ip| IpNet::from(ip)));
             }
+            let sources = outermost(&sources);
             for &ip in &port.load_balancer_ips {
                 self.out.element(FIREWALL_IPS, address_key(ip), None, None);
                 for source in &sources {
@@ -612,9 +668,57 @@ impl Translator<'_> {
     }
 }
 
+/// The networks not inside another one of the list, each once, in list order. The kernel
+/// refuses overlapping elements in a concatenated interval set (`firewall-allow`: "File
+/// exists"), where kube-proxy's anonymous set merges them; dropping the inner ones (CIDRs
+/// either nest or are disjoint) allows the same sources.
+fn outermost(nets: &[IpNet]) -> Vec<IpNet> {
+    let mut kept: Vec<IpNet> = Vec::new();
+    for (i, net) in nets.iter().enumerate() {
+        let inside_another = nets
+            .iter()
+            .enumerate()
+            .any(|(j, other)| other.contains(net) && (other != net || j < i));
+        if !inside_another {
+            kept.push(*net);
+        }
+    }
+    kept
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outermost_drops_nested_and_repeated_ranges() {
+        let nets: Vec<IpNet> = [
+            "203.0.113.200/32",
+            "203.0.113.0/24",
+            "10.0.0.0/8",
+            "203.0.113.0/24",
+            "198.51.100.0/25",
+            "198.51.100.128/25",
+        ]
+        .iter()
+        .map(|n| n.parse().expect("a network"))
+        .collect();
+        let kept: Vec<String> = outermost(&nets).iter().map(|n| n.to_string()).collect();
+        assert_eq!(
+            kept,
+            [
+                "203.0.113.0/24",
+                "10.0.0.0/8",
+                "198.51.100.0/25",
+                "198.51.100.128/25"
+            ]
+        );
+        let everything: Vec<IpNet> = ["::/0", "2001:db8::1/128", "::/0"]
+            .iter()
+            .map(|n| n.parse().expect("a network"))
+            .collect();
+        assert_eq!(outermost(&everything), vec![everything[0]]);
+    }
 
     #[test]
     fn pick_chain_names_read_back() {

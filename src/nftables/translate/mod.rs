@@ -192,6 +192,7 @@ impl<'a> Translator<'a> {
         let (name, comment) = match self.layout {
             NftablesLayout::KubeProxy => (TABLE_NAME, "rules for kube-proxy"),
             NftablesLayout::Maps => {
+                self.maps_shadowed_nodeports();
                 self.maps_shared_chain_rules();
                 (super::MAPS_TABLE_NAME, "rules for kproxy (maps layout)")
             }
