@@ -181,10 +181,15 @@ pub fn system(mode: Mode, options: BackendOptions) -> Box<dyn Backend> {
     }
 }
 
-/// The nft applier of a layout: it writes that layout's table and replaces the other's.
+/// The nft applier of a layout: it writes that layout's table and replaces the other's. The
+/// `maps` layout's elements go over netlink (src/sync/nftables/netlink_elements.rs).
 fn nft_applier(layout: NftablesLayout) -> NftApplier {
     let (table, other) = layout_tables(layout);
-    NftApplier::new().with_table(table, Some(other))
+    let applier = NftApplier::new().with_table(table, Some(other));
+    match layout {
+        NftablesLayout::KubeProxy => applier,
+        NftablesLayout::Maps => applier.with_netlink_elements(),
+    }
 }
 
 /// The table a layout writes, and the other layout's.

@@ -5,6 +5,7 @@
 mod common;
 
 use std::process::Output;
+use std::time::Duration;
 
 use common::netns::{kernel_tests_possible, Netns};
 
@@ -151,4 +152,99 @@ fn maps_layout_syncs_keeps_affinity_switches_and_cleans_up() {
         "{said}"
     );
     assert_eq!(tables(&ns).trim(), "");
+}
+
+/// The agent writes the `maps` layout's fixed chains as `nft -f` text and its elements over
+/// netlink (src/sync/nftables/netlink_elements.rs): an `nft` on `PATH` that logs what it is
+/// given sees the chains and no element, and an endpoint change that keeps the endpoint count
+/// reaches the kernel without running `nft` at all.
+#[test]
+fn the_agent_sends_elements_over_netlink_and_an_endpoint_change_runs_no_nft() {
+    if !kernel_tests_possible(&["nft"]) {
+        return;
+    }
+    let ns = Netns::new("maps-netlink");
+    let manifests = tempfile::tempdir().expect("temp dir");
+    let manifest = manifests.path().join("my-service.yaml");
+    std::fs::copy(EXAMPLE, &manifest).expect("copy the example");
+
+    // `nft` that appends its arguments and its standard input to nft.log, then runs the real
+    // one with the same arguments.
+    let bin = tempfile::tempdir().expect("temp dir");
+    let real = std::process::Command::new("sh")
+        .args(["-c", "command -v nft"])
+        .output()
+        .expect("sh runs");
+    let real = String::from_utf8_lossy(&real.stdout).trim().to_string();
+    assert!(!real.is_empty(), "nft is not on PATH");
+    let log = bin.path().join("nft.log");
+    let wrapper = format!(
+        "#!/bin/sh\necho \"nft $*\" >> {log}\nif [ \"$1 $2\" = \"-f -\" ]; then\n  tee -a {log} | exec {real} \"$@\"\nelse\n  exec {real} \"$@\"\nfi\n",
+        log = log.display()
+    );
+    let nft_path = bin.path().join("nft");
+    std::fs::write(&nft_path, wrapper).expect("write the wrapper");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&nft_path, std::fs::Permissions::from_mode(0o755))
+        .expect("make the wrapper executable");
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+
+    let dir_arg = manifests.path().display().to_string();
+    let agent = common::agent::AgentProcess::start_with_env(
+        &ns,
+        &[
+            "--mode",
+            "nftables",
+            "--nftables-layout",
+            "maps",
+            "--from-dir",
+            &dir_arg,
+            "--node-ip",
+            "10.0.0.1",
+        ],
+        &[("PATH", &path)],
+    );
+    let endpoints = || {
+        let out = ns.run(&["nft", "list", "map", "ip", "kproxy", "cluster-endpoints"], None);
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    common::agent::wait_until(
+        Duration::from_secs(20),
+        || endpoints().contains("10.244.3.9 . 80"),
+        || format!("no endpoints in the kernel; agent log:\n{}", agent.log_text()),
+    );
+    let first = std::fs::read_to_string(&log).expect("the wrapper ran");
+    assert!(
+        first.contains("add chain ip kproxy services"),
+        "the fixed chains are not nft text:\n{first}"
+    );
+    assert!(
+        !first.contains("element"),
+        "elements went to nft as text:\n{first}"
+    );
+    assert_eq!(endpoints().matches(" : 10.244.").count(), 3, "{}", endpoints());
+
+    // One endpoint replaced by another: a delete and an add in the endpoint map.
+    let text = std::fs::read_to_string(&manifest).expect("read the manifest");
+    std::fs::write(&manifest, text.replace("10.244.3.9", "10.244.3.10")).expect("edit");
+    common::agent::wait_until(
+        Duration::from_secs(20),
+        || {
+            let now = endpoints();
+            now.contains("10.244.3.10 . 80") && !now.contains("10.244.3.9 . 80")
+        },
+        || format!("the change did not arrive; agent log:\n{}", agent.log_text()),
+    );
+    assert_eq!(endpoints().matches(" : 10.244.").count(), 3, "{}", endpoints());
+    let second = std::fs::read_to_string(&log).expect("the wrapper's log");
+    assert_eq!(
+        second, first,
+        "the endpoint change ran nft; agent log:\n{}",
+        agent.log_text()
+    );
+    assert!(agent.stop().success());
 }

@@ -48,6 +48,7 @@ mod applier;
 pub mod elements;
 mod fake;
 pub(crate) mod kernel;
+pub mod netlink_elements;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -22,6 +22,12 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts `kproxy run ARGS` in `node`, logging to a file.
     pub fn start(node: &Netns, args: &[&str]) -> AgentProcess {
+        AgentProcess::start_with_env(node, args, &[])
+    }
+
+    /// [`AgentProcess::start`] with more environment variables (e.g. a `PATH` with a wrapped
+    /// `nft`).
+    pub fn start_with_env(node: &Netns, args: &[&str], env: &[(&str, &str)]) -> AgentProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = dir.path().join("agent.log");
         let file = std::fs::File::create(&log).expect("log file");
@@ -37,6 +43,7 @@ impl AgentProcess {
             .args(["--metrics-bind-address", METRICS])
             .args(args)
             .env("KPROXY_LOG", "kproxy=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)

@@ -4,7 +4,9 @@
 
 use std::process::Command as Process;
 
+use super::elements::ElementBatch;
 use super::kernel::{self, KernelTable};
+use super::netlink_elements::{wire_element, wire_key, ElementOp, ElementRoute};
 use crate::family::IpFamily;
 use crate::nftables::{write_command, Command, ObjectId, TABLE_NAME};
 use crate::sync::netlink::NetfilterSocket;
@@ -116,6 +118,9 @@ pub struct NftApplier {
     replaces: Option<String>,
     /// Families whose `replaces` table is known to be gone.
     replaced: Vec<IpFamily>,
+    /// Send set and map elements over netlink rather than as `nft -f` text
+    /// ([`super::netlink_elements`]); only where the namespace is known.
+    netlink_elements: bool,
 }
 
 impl Default for NftApplier {
@@ -125,6 +130,8 @@ impl Default for NftApplier {
 }
 
 const TOOL: &str = "nft";
+/// How errors name the netlink path.
+const NETLINK: &str = "nf_tables netlink";
 
 /// nft's message for a table or chain that does not exist.
 const NOT_FOUND: &str = "No such file or directory";
@@ -138,7 +145,17 @@ impl NftApplier {
             table: TABLE_NAME.into(),
             replaces: None,
             replaced: Vec::new(),
+            netlink_elements: false,
         }
+    }
+
+    /// Sends elements over netlink and the rest as `nft -f` text, in three atomic steps
+    /// ([`super::netlink_elements`]): for the `maps` layout, where elements are nearly all of
+    /// the table. Applies only where the network namespace is known (not with
+    /// [`NftApplier::with_command`]).
+    pub fn with_netlink_elements(mut self) -> NftApplier {
+        self.netlink_elements = true;
+        self
     }
 
     /// Writes `table` instead of `kube-proxy`, replacing `replaces` (the other layout's table)
@@ -280,24 +297,36 @@ impl Applier for NftApplier {
     }
 
     fn apply(&mut self, family: IpFamily, commands: &[Command<'_>]) -> Result<usize, SyncError> {
-        let mut text = String::new();
-        let replacing = match &self.replaces {
+        let replaced = match &self.replaces {
             Some(other) if !self.replaced.contains(&family) => {
                 let other = other.clone();
-                if self.table_named_exists(family, &other)? {
-                    text =
-                        render_transaction(family, &other, &[Command::Delete(&ObjectId::Table)])?;
-                }
-                true
+                Some(self.table_named_exists(family, &other)?.then_some(other))
             }
-            _ => false,
+            _ => None,
         };
-        text.push_str(&render_transaction(family, &self.table, commands)?);
-        self.apply_text(family, &text)?;
-        if replacing {
+        let delete_replaced = match replaced.as_ref().and_then(Option::as_deref) {
+            Some(other) => render_transaction(family, other, &[Command::Delete(&ObjectId::Table)])?,
+            None => String::new(),
+        };
+        let netns = match &self.netns {
+            Some(netns) if self.netlink_elements => Some(netns.clone()),
+            _ => None,
+        };
+        let bytes = match netns {
+            Some(netns) => {
+                self.apply_with_netlink_elements(family, commands, netns.as_deref(), delete_replaced)?
+            }
+            None => {
+                let mut text = delete_replaced;
+                text.push_str(&render_transaction(family, &self.table, commands)?);
+                self.apply_text(family, &text)?;
+                text.len()
+            }
+        };
+        if replaced.is_some() {
             self.replaced.push(family);
         }
-        Ok(text.len())
+        Ok(bytes)
     }
 
     fn read(&mut self, family: IpFamily) -> Result<Option<KernelTable>, SyncError> {
@@ -336,6 +365,48 @@ impl Applier for NftApplier {
 }
 
 impl NftApplier {
+    /// The three steps of [`super::netlink_elements`]; `delete_replaced` (the other layout's
+    /// table, as text) goes last, once this table routes.
+    fn apply_with_netlink_elements(
+        &self,
+        family: IpFamily,
+        commands: &[Command<'_>],
+        netns: Option<&str>,
+        delete_replaced: String,
+    ) -> Result<usize, SyncError> {
+        let route = ElementRoute::split(commands);
+        let mut bytes = 0;
+        if !route.before.is_empty() {
+            let text = render_transaction(family, &self.table, &route.before)?;
+            self.apply_text(family, &text)?;
+            bytes += text.len();
+        }
+        if !route.elements.is_empty() {
+            let batch = element_batch(family, &self.table, &route.elements)?;
+            let refused = |message: String| SyncError::Refused {
+                tool: NETLINK.into(),
+                family,
+                object: None,
+                message,
+            };
+            let mut socket = NetfilterSocket::open_in(netns)
+                .map_err(|e| refused(format!("cannot open a netlink socket: {e}")))?;
+            let committed = batch
+                .send(&mut socket)
+                .map_err(|e| refused(e.to_string()))?;
+            bytes += committed.bytes;
+        }
+        let mut after = delete_replaced;
+        if !route.after.is_empty() {
+            after.push_str(&render_transaction(family, &self.table, &route.after)?);
+        }
+        if !after.is_empty() {
+            self.apply_text(family, &after)?;
+            bytes += after.len();
+        }
+        Ok(bytes)
+    }
+
     fn table_named_exists(&self, family: IpFamily, table: &str) -> Result<bool, SyncError> {
         let output = self.run(&["list", "tables", family_word(family)], None)?;
         if !output.status.success() {
@@ -349,6 +420,45 @@ impl NftApplier {
         Ok(String::from_utf8_lossy(&output.stdout)
             .lines()
             .any(|l| l.trim() == wanted))
+    }
+}
+
+/// The element operations of a transaction as one netlink batch.
+fn element_batch(
+    family: IpFamily,
+    table: &str,
+    operations: &[ElementOp<'_>],
+) -> Result<ElementBatch, SyncError> {
+    let invalid = |object: String, message: String| SyncError::Refused {
+        tool: "kproxy".into(),
+        family,
+        object: Some(object),
+        message: format!("{message}; this element has no netlink form"),
+    };
+    let mut batch = ElementBatch::new(family, table);
+    for operation in operations {
+        let sent = match *operation {
+            ElementOp::Add(element) => {
+                let wire = wire_element(element)
+                    .map_err(|m| invalid(format!("element {:?}", element.key), m))?;
+                batch.add(&element.container, &wire)
+            }
+            ElementOp::Delete { container, key } => {
+                let wire = wire_key(key).map_err(|m| invalid(format!("element {key:?}"), m))?;
+                batch.delete(container, &wire)
+            }
+            ElementOp::Flush(container) => batch.flush(container),
+        };
+        sent.map_err(|e| invalid(operation_name(operation), e.to_string()))?;
+    }
+    Ok(batch)
+}
+
+fn operation_name(operation: &ElementOp<'_>) -> String {
+    match operation {
+        ElementOp::Add(element) => format!("add element to {}", element.container),
+        ElementOp::Delete { container, .. } => format!("delete element from {container}"),
+        ElementOp::Flush(container) => format!("flush {container}"),
     }
 }
 
