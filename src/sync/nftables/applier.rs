@@ -313,9 +313,12 @@ impl Applier for NftApplier {
             _ => None,
         };
         let bytes = match netns {
-            Some(netns) => {
-                self.apply_with_netlink_elements(family, commands, netns.as_deref(), delete_replaced)?
-            }
+            Some(netns) => self.apply_with_netlink_elements(
+                family,
+                commands,
+                netns.as_deref(),
+                delete_replaced,
+            )?,
             None => {
                 let mut text = delete_replaced;
                 text.push_str(&render_transaction(family, &self.table, commands)?);

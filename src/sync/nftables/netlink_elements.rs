@@ -32,7 +32,10 @@ use crate::nftables::{Command, Element, ElementValue, Object, ObjectId, Value, V
 #[derive(Debug, Clone, Copy)]
 pub enum ElementOp<'c> {
     Add(&'c Element),
-    Delete { container: &'c str, key: &'c [Value] },
+    Delete {
+        container: &'c str,
+        key: &'c [Value],
+    },
     Flush(&'c str),
 }
 
@@ -112,7 +115,10 @@ pub fn wire_key(key: &[Value]) -> Result<elements::Element, String> {
 }
 
 fn wire_data(values: &[Value]) -> Result<elements::Value, String> {
-    let parts = values.iter().map(scalar_part).collect::<Result<Vec<_>, _>>()?;
+    let parts = values
+        .iter()
+        .map(scalar_part)
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(elements::Value::concat(parts))
 }
 
