@@ -4,10 +4,11 @@
 //! only for session affinity, inline masquerade marks, a `hairpin-connections` set), with the
 //! shared facts of §5.
 
+pub mod affinity_pins;
 mod parse;
 mod render;
 mod ruleset;
-mod translate;
+pub(crate) mod translate;
 
 pub use parse::ParseError;
 pub use render::{write_command, write_rule, Command, Object};

@@ -7,17 +7,17 @@ use super::*;
 
 /// Frontend → endpoint slot → endpoint, for cluster-wide and node-local endpoint sets, keyed by
 /// `daddr . proto . port` or, for NodePorts, `proto . port`.
-const CLUSTER_ENDPOINTS: &str = "cluster-endpoints";
-const LOCAL_ENDPOINTS: &str = "local-endpoints";
-const NODEPORT_CLUSTER_ENDPOINTS: &str = "nodeport-cluster-endpoints";
-const NODEPORT_LOCAL_ENDPOINTS: &str = "nodeport-local-endpoints";
+pub(crate) const CLUSTER_ENDPOINTS: &str = "cluster-endpoints";
+pub(crate) const LOCAL_ENDPOINTS: &str = "local-endpoints";
+pub(crate) const NODEPORT_CLUSTER_ENDPOINTS: &str = "nodeport-cluster-endpoints";
+pub(crate) const NODEPORT_LOCAL_ENDPOINTS: &str = "nodeport-local-endpoints";
 /// Frontend → `goto` the pick chain of its endpoint count (for the handler chains).
 const CLUSTER_PICKS: &str = "cluster-picks";
 const LOCAL_PICKS: &str = "local-picks";
 const NODEPORT_CLUSTER_PICKS: &str = "nodeport-cluster-picks";
 const NODEPORT_LOCAL_PICKS: &str = "nodeport-local-picks";
 /// Client . frontend → the endpoint it is pinned to; elements added from the packet path.
-const AFFINITY: &str = "affinity";
+pub(crate) const AFFINITY: &str = "affinity";
 /// Most clients pinned at once, over all services (nft's default, 65535, is sized for one
 /// endpoint's set in kube-proxy's layout).
 const AFFINITY_SIZE: u32 = 1 << 20;

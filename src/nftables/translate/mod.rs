@@ -3,7 +3,7 @@
 //! `maps` layout (docs/maps-layout.md, [`maps`]) shares the table-wide part and writes every
 //! service port as elements.
 
-mod maps;
+pub(crate) mod maps;
 
 use rustc_hash::FxHashMap;
 use std::net::{IpAddr, SocketAddr};
