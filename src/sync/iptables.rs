@@ -288,6 +288,7 @@ impl<A: Applier> IptablesSyncer<A> {
             duration: Duration::ZERO,
             kernel: timed.spent,
             cleanup_failed: false,
+            pruned: 0,
         })
     }
 }

@@ -82,6 +82,9 @@ pub struct SyncReport {
     /// nftables: deleting stale chains was refused, so this sync was made a full one
     /// (kube-proxy's `nftables_cleanup_failures_total`).
     pub cleanup_failed: bool,
+    /// nftables `maps` layout: affinity entries removed after the commit because they pinned
+    /// clients to endpoints that are gone.
+    pub pruned: usize,
 }
 
 /// Why a sync or cleanup failed. The kernel keeps the rules it had before a failed transaction.

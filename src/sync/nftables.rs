@@ -191,6 +191,7 @@ impl<A: Applier> Syncer<A> {
             duration: Duration::ZERO,
             kernel: Duration::ZERO,
             cleanup_failed: false,
+            pruned: 0,
         };
 
         // Stale chains past their grace period go first, in a transaction of their own.
@@ -270,6 +271,9 @@ impl<A: Applier> Syncer<A> {
         };
 
         let commands = plan.transaction.commands();
+        let deletes_elements = commands
+            .iter()
+            .any(|c| matches!(c, Command::Delete(ObjectId::Element { .. })));
         if !commands.is_empty() {
             match applier.apply(family, &commands) {
                 Ok(bytes) => {
@@ -302,6 +306,17 @@ impl<A: Applier> Syncer<A> {
         match (&mut state.applied, full) {
             (Some(applied), false) => applied.update(&plan.changes),
             _ => state.applied = Some(Applied::new(desired)),
+        }
+        // Live state the commit made wrong (affinity pins to removed endpoints). A failure
+        // leaves the committed rules in place; the next full sync prunes again.
+        if full || deletes_elements {
+            match applier.prune_live_state(family, desired) {
+                Ok(pruned) => report.pruned = pruned,
+                Err(err) => {
+                    state.applied = None;
+                    return Err(err);
+                }
+            }
         }
         report.full = full;
         report.kernel = applier.spent;

@@ -34,6 +34,19 @@ pub trait Applier {
         TABLE_NAME
     }
 
+    /// Removes live state (elements the packet path wrote) that `desired`, now committed,
+    /// makes wrong: the `maps` layout's affinity entries that pin a client to an endpoint its
+    /// frontend no longer has ([`crate::nftables::affinity_pins`]). Returns how many entries
+    /// were removed. The syncer calls it after a commit that deleted or changed elements, and
+    /// after every full sync. By default there is none.
+    fn prune_live_state(
+        &mut self,
+        _family: IpFamily,
+        _desired: &crate::nftables::Ruleset,
+    ) -> Result<usize, SyncError> {
+        Ok(0)
+    }
+
     /// Deletes the table of every family in `families` (each must exist). The real tool does
     /// it in one transaction; this default, one family after the other, serves the fakes.
     fn delete_tables(&mut self, families: &[IpFamily]) -> Result<(), SyncError> {
@@ -60,6 +73,13 @@ impl<A: Applier + ?Sized> Applier for &mut A {
     fn table_name(&self) -> &str {
         (**self).table_name()
     }
+    fn prune_live_state(
+        &mut self,
+        family: IpFamily,
+        desired: &crate::nftables::Ruleset,
+    ) -> Result<usize, SyncError> {
+        (**self).prune_live_state(family, desired)
+    }
     fn delete_tables(&mut self, families: &[IpFamily]) -> Result<(), SyncError> {
         (**self).delete_tables(families)
     }
@@ -80,6 +100,13 @@ impl<A: Applier + ?Sized> Applier for crate::sync::Timed<'_, A> {
     }
     fn table_name(&self) -> &str {
         self.inner.table_name()
+    }
+    fn prune_live_state(
+        &mut self,
+        family: IpFamily,
+        desired: &crate::nftables::Ruleset,
+    ) -> Result<usize, SyncError> {
+        self.time(|a| a.prune_live_state(family, desired))
     }
 }
 
