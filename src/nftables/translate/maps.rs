@@ -42,6 +42,7 @@ const REMEMBER_NOTHING: &str = "remember-nothing";
 const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
 
 use crate::model::Protocol;
+use rustc_hash::FxHashSet;
 
 /// How a frontend is keyed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -392,7 +393,7 @@ impl Translator<'_> {
     /// none. Such a frontend gets an `affinity-timeouts` element of its own that ends the
     /// lookup (`goto remember-nothing`). Across service ports, so done once they are all in.
     pub(super) fn maps_shadowed_nodeports(&mut self) {
-        let sticky_nodeports: Vec<Vec<Value>> = self
+        let sticky_nodeports: FxHashSet<Vec<Value>> = self
             .out
             .elements
             .iter()
@@ -402,7 +403,7 @@ impl Translator<'_> {
         if sticky_nodeports.is_empty() {
             return;
         }
-        let remembered: std::collections::HashSet<&[Value]> = self
+        let remembered: FxHashSet<&[Value]> = self
             .out
             .elements
             .iter()
@@ -418,7 +419,7 @@ impl Translator<'_> {
             .filter(|e| {
                 e.key
                     .get(1..)
-                    .is_some_and(|np| sticky_nodeports.iter().any(|k| k.as_slice() == np))
+                    .is_some_and(|np| sticky_nodeports.contains(np))
             })
             .map(|e| e.key.clone())
             .collect();
