@@ -81,7 +81,8 @@ threading.Event().wait()
 "#;
 
 /// Connects `count` times from `source` to `target:port` and prints one answer (or `ERR:<why>`)
-/// per line. UDP sends one datagram per new socket (a new conntrack flow each time).
+/// per line. UDP sends one datagram per new socket (a new conntrack flow each time); the socket
+/// is connected, so that an ICMP refusal reaches it (`ERR:ConnectionRefusedError`).
 const CLIENT: &str = r#"
 import socket, sys
 proto, source, target, port, count, timeout = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
@@ -92,12 +93,10 @@ for i in range(count):
     s.settimeout(timeout)
     try:
         s.bind((source, 0))
-        if proto == "tcp":
-            s.connect((target, port))
-            data = s.recv(100)
-        else:
-            s.sendto(b"hi", (target, port))
-            data, _ = s.recvfrom(100)
+        s.connect((target, port))
+        if proto == "udp":
+            s.send(b"hi")
+        data = s.recv(100)
         print(data.decode().strip() or "ERR:empty", flush=True)
     except Exception as e:
         print("ERR:" + type(e).__name__, flush=True)
