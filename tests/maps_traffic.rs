@@ -433,8 +433,14 @@ fn refusals_and_drops_as_the_kube_proxy_layout() {
     .concat();
     let refused = vec!["ERR:ConnectionRefusedError".to_string()];
     let dropped = vec!["ERR:TimeoutError".to_string()];
-    for (layout, flags) in [("kube-proxy", &KUBE_PROXY_LAYOUT[..]), ("maps", &MAPS[..])] {
+    for (layout, flags, table) in [
+        ("kube-proxy", &KUBE_PROXY_LAYOUT[..], "table ip kube-proxy"),
+        ("maps", &MAPS[..], "table ip kproxy"),
+    ] {
         cluster::sync_once(&topology, flags, &manifests);
+        // The layout switch replaced the other table: this layout alone answers.
+        let tables = nft(&topology.node, &["list", "tables"]);
+        assert_eq!(tables.trim(), table, "{layout}");
         let start = Instant::now();
         let answers = refusal_probes(&topology);
         let elapsed = start.elapsed();
