@@ -8,6 +8,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use common::netns::{kernel_tests_possible, Netns};
+use common::nft::nft;
 
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/my-service.yaml");
 
@@ -41,18 +42,6 @@ fn sync(ns: &Netns, layout: &str) {
 
 fn tables(ns: &Netns) -> String {
     let out = ns.run(&["nft", "list", "tables"], None);
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-fn nft(ns: &Netns, args: &[&str]) -> String {
-    let mut argv = vec!["nft"];
-    argv.extend_from_slice(args);
-    let out = ns.run(&argv, None);
-    assert!(
-        out.status.success(),
-        "nft {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 

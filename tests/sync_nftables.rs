@@ -9,12 +9,13 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use common::cluster::{self, backend_names, placement, slice, Service};
 use common::netns::kernel_tests_possible;
-use common::topology::{Topology, BACKEND_PORT, CLUSTER_CIDR, NODE_IP};
+use common::nft::nft;
+use common::topology::{Topology, CLUSTER_CIDR, NODE_IP};
 
 use kproxy::config::NodeConfig;
 use kproxy::family::IpFamily;
@@ -33,70 +34,15 @@ const WEB_IP: &str = "10.96.0.10";
 /// A Service with TCP port 80 and UDP port 53 (both to 8080 on the backends), optionally with
 /// ClientIP affinity and a NodePort for the TCP port.
 fn service(name: &str, ip: &str, affinity: Option<u32>, node_port: Option<u16>) -> String {
-    let kind = if node_port.is_some() {
-        "NodePort"
-    } else {
-        "ClusterIP"
-    };
-    let node_port = node_port
-        .map(|p| format!(", nodePort: {p}"))
-        .unwrap_or_default();
-    let affinity = match affinity {
-        Some(t) => format!(
-            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {t}}}}}\n"
-        ),
-        None => String::new(),
-    };
-    format!(
-        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: test}}\nspec:\n  type: {kind}\n  clusterIP: {ip}\n  ports:\n  - {{name: http, protocol: TCP, port: 80{node_port}}}\n  - {{name: dns, protocol: UDP, port: 53}}\n{affinity}"
-    )
-}
-
-/// The EndpointSlice of `service` with the backends numbered in `backends` (10.244.N.2:8080).
-fn slice(service: &str, backends: &[usize]) -> String {
-    let endpoints: String = backends
-        .iter()
-        .map(|n| format!("- {{addresses: [10.244.{n}.2], nodeName: node-{n}}}\n"))
-        .collect();
-    let endpoints = if endpoints.is_empty() {
-        "[]\n".to_string()
-    } else {
-        format!("\n{endpoints}")
-    };
-    format!(
-        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-1, namespace: test, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports:\n- {{name: http, protocol: TCP, port: {BACKEND_PORT}}}\n- {{name: dns, protocol: UDP, port: {BACKEND_PORT}}}\nendpoints: {endpoints}"
-    )
-}
-
-/// Writes manifests to a file that lives as long as the returned directory.
-fn manifest_file(text: &str) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("cluster.yaml");
-    std::fs::write(&path, text).expect("write manifests");
-    (dir, path)
+    let mut service = Service::new(name, ip);
+    service.affinity = affinity;
+    service.node_port = node_port;
+    service.yaml()
 }
 
 /// `kproxy sync --once --mode nftables …` in the node namespace; panics when it fails.
 fn sync_once(topology: &Topology, manifests: &str) {
-    let (_dir, path) = manifest_file(manifests);
-    let out = topology.kproxy(&[
-        "sync",
-        "--once",
-        "--mode",
-        "nftables",
-        "--hostname",
-        "node-1",
-        "--node-ip",
-        NODE_IP,
-        "--cluster-cidr",
-        CLUSTER_CIDR,
-        &path.to_string_lossy(),
-    ]);
-    assert!(
-        out.status.success(),
-        "kproxy sync failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cluster::sync_once(topology, &["--mode", "nftables"], manifests);
 }
 
 /// The rulesets the binary would build, for driving the library syncer directly.
@@ -111,47 +57,9 @@ fn rulesets(manifests: &str) -> Vec<Ruleset> {
     pipeline::nftables_rulesets(&plan, &config)
 }
 
-fn nft(topology: &Topology, args: &[&str]) -> String {
-    let mut argv = vec!["nft"];
-    argv.extend_from_slice(args);
-    let out = topology.node.run(&argv, None);
-    assert!(
-        out.status.success(),
-        "nft {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-fn backend_names(n: &[usize]) -> BTreeSet<String> {
-    n.iter().map(|i| format!("backend-{i}")).collect()
-}
-
-/// Which backend each client address (10.100.0.2..=9) reaches, after checking that all of its
-/// `count` connections reach the same one.
-fn placement(topology: &Topology, proto: &str, port: u16, count: usize) -> BTreeMap<u8, String> {
-    (2..=9)
-        .map(|client| {
-            let answers = topology.connect(proto, client, WEB_IP, port, count);
-            assert_eq!(answers.len(), count, "client {client}: {answers:?}");
-            let first = answers[0].clone();
-            assert!(
-                first.starts_with("backend-"),
-                "client {client}: {answers:?}"
-            );
-            assert!(
-                answers.iter().all(|a| *a == first),
-                "client 10.100.0.{client} over {proto} was not kept on one endpoint: {answers:?}"
-            );
-            (client, first)
-        })
-        .collect()
-}
-
 /// Client addresses held in the table's affinity sets.
 fn affinity_clients(topology: &Topology) -> BTreeSet<String> {
-    let listing = nft(topology, &["-j", "list", "table", "ip", "kube-proxy"]);
+    let listing = nft(&topology.node, &["-j", "list", "table", "ip", "kube-proxy"]);
     let json: serde_json::Value = serde_json::from_str(&listing).expect("nft JSON");
     let mut clients = BTreeSet::new();
     for item in json["nftables"].as_array().into_iter().flatten() {
@@ -212,7 +120,7 @@ fn cluster_ip_nodeport_and_no_endpoints() {
         start.elapsed()
     );
     // Without kproxy's rules nothing answers there (the test above can fail).
-    nft(&topology, &["delete", "table", "ip", "kube-proxy"]);
+    nft(&topology.node, &["delete", "table", "ip", "kube-proxy"]);
     let answers = topology.connect("tcp", 2, WEB_IP, 80, 1);
     assert!(answers[0].starts_with("ERR:"), "{answers:?}");
 }
@@ -230,7 +138,7 @@ fn client_ip_affinity_keeps_clients_and_spreads_them() {
     .concat();
     sync_once(&topology, &manifests);
     for (proto, port) in [("tcp", 80), ("udp", 53)] {
-        let placed = placement(&topology, proto, port, 8);
+        let placed = placement(&topology, proto, WEB_IP, port, 8);
         let used: BTreeSet<&String> = placed.values().collect();
         // 8 clients on 4 endpoints all on one: probability 4 × (1/4)^8 ≈ 6e-5.
         assert!(
@@ -259,7 +167,7 @@ fn affinity_ends_after_its_timeout() {
     // (1/3)^24.
     let mut moved = false;
     for _ in 0..3 {
-        let before = placement(&topology, "tcp", 80, 3);
+        let before = placement(&topology, "tcp", WEB_IP, 80, 3);
         assert!(affinity_clients(&topology).contains("10.100.0.9"));
         std::thread::sleep(Duration::from_millis(3000));
         let clients = affinity_clients(&topology);
@@ -267,7 +175,7 @@ fn affinity_ends_after_its_timeout() {
             clients.is_empty(),
             "expired entries still listed: {clients:?}"
         );
-        let after = placement(&topology, "tcp", 80, 3);
+        let after = placement(&topology, "tcp", WEB_IP, 80, 3);
         if before != after {
             moved = true;
             break;
@@ -287,8 +195,8 @@ fn later_syncs_keep_clients_and_a_removed_endpoint_moves_only_its_clients() {
     let topology = Topology::new(3);
     let web = service("web", WEB_IP, Some(600), None);
     sync_once(&topology, &[web.clone(), slice("web", &[1, 2, 3])].concat());
-    let first = placement(&topology, "tcp", 80, 4);
-    let first_udp = placement(&topology, "udp", 53, 4);
+    let first = placement(&topology, "tcp", WEB_IP, 80, 4);
+    let first_udp = placement(&topology, "udp", WEB_IP, 53, 4);
 
     // An unrelated change: every client keeps its endpoint.
     let other = [
@@ -300,8 +208,8 @@ fn later_syncs_keep_clients_and_a_removed_endpoint_moves_only_its_clients() {
         &topology,
         &[web.clone(), slice("web", &[1, 2, 3]), other.clone()].concat(),
     );
-    assert_eq!(placement(&topology, "tcp", 80, 4), first);
-    assert_eq!(placement(&topology, "udp", 53, 4), first_udp);
+    assert_eq!(placement(&topology, "tcp", WEB_IP, 80, 4), first);
+    assert_eq!(placement(&topology, "udp", WEB_IP, 53, 4), first_udp);
 
     // Remove the endpoint client 2 uses: its clients move, everyone else stays.
     let gone: usize = first[&2]
@@ -310,7 +218,7 @@ fn later_syncs_keep_clients_and_a_removed_endpoint_moves_only_its_clients() {
         .expect("backend number");
     let rest: Vec<usize> = (1..=3).filter(|n| *n != gone).collect();
     sync_once(&topology, &[web, slice("web", &rest), other].concat());
-    let after = placement(&topology, "tcp", 80, 4);
+    let after = placement(&topology, "tcp", WEB_IP, 80, 4);
     for (client, before) in &first {
         if *before == first[&2] {
             assert_ne!(
@@ -377,7 +285,7 @@ fn refused_transaction_leaves_the_old_rules_working() {
     let old = rulesets(&[service("web", WEB_IP, None, None), slice("web", &[1, 2])].concat());
     syncer.sync(&old).expect("first sync");
     assert_eq!(reached(&topology, 30), backend_names(&[1, 2]));
-    let listing = nft(&topology, &["list", "table", "ip", "kube-proxy"]);
+    let listing = nft(&topology.node, &["list", "table", "ip", "kube-proxy"]);
 
     let new = rulesets(&[service("web", WEB_IP, None, None), slice("web", &[3])].concat());
     syncer.applier_mut().on = true;
@@ -391,7 +299,7 @@ fn refused_transaction_leaves_the_old_rules_working() {
     );
     // Nothing of it was applied: the same table, the old endpoints answer.
     assert_eq!(
-        nft(&topology, &["list", "table", "ip", "kube-proxy"]),
+        nft(&topology.node, &["list", "table", "ip", "kube-proxy"]),
         listing
     );
     assert_eq!(reached(&topology, 30), backend_names(&[1, 2]));
@@ -421,17 +329,17 @@ fn flushed_or_deleted_table_is_restored_by_the_next_sync() {
         SyncOptions::default(),
     );
     syncer.sync(&desired).expect("first sync");
-    let placed = placement(&topology, "tcp", 80, 2);
+    let placed = placement(&topology, "tcp", WEB_IP, 80, 2);
     assert!(!syncer.sync(&desired).expect("no change")[0].full);
 
-    nft(&topology, &["flush", "table", "ip", "kube-proxy"]);
+    nft(&topology.node, &["flush", "table", "ip", "kube-proxy"]);
     assert!(topology.connect("tcp", 2, WEB_IP, 80, 1)[0].starts_with("ERR:"));
     let report = syncer.sync(&desired).expect("repair");
     assert!(report[0].full, "the drift check found the flushed table");
     // Rules back; the affinity sets were never emptied, so clients keep their endpoints.
-    assert_eq!(placement(&topology, "tcp", 80, 2), placed);
+    assert_eq!(placement(&topology, "tcp", WEB_IP, 80, 2), placed);
 
-    nft(&topology, &["delete", "table", "ip", "kube-proxy"]);
+    nft(&topology.node, &["delete", "table", "ip", "kube-proxy"]);
     assert!(topology.connect("tcp", 2, WEB_IP, 80, 1)[0].starts_with("ERR:"));
     assert!(syncer.sync(&desired).expect("repair")[0].full);
     let answers = topology.connect("tcp", 2, WEB_IP, 80, 2);
@@ -441,7 +349,7 @@ fn flushed_or_deleted_table_is_restored_by_the_next_sync() {
     );
 
     // The one-shot binary restores a flushed table too.
-    nft(&topology, &["flush", "table", "ip", "kube-proxy"]);
+    nft(&topology.node, &["flush", "table", "ip", "kube-proxy"]);
     sync_once(
         &topology,
         &[
@@ -470,7 +378,7 @@ fn cleanup_removes_kproxys_tables_and_nothing_else() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let user_listing = nft(&topology, &["list", "table", "ip", "user-stuff"]);
+    let user_listing = nft(&topology.node, &["list", "table", "ip", "user-stuff"]);
 
     sync_once(
         &topology,
@@ -478,11 +386,11 @@ fn cleanup_removes_kproxys_tables_and_nothing_else() {
     );
     assert_eq!(reached(&topology, 2), backend_names(&[1]));
     assert_eq!(
-        nft(&topology, &["list", "table", "ip", "user-stuff"]),
+        nft(&topology.node, &["list", "table", "ip", "user-stuff"]),
         user_listing
     );
     // An IPv6 table of kproxy's goes too.
-    nft(&topology, &["add", "table", "ip6", "kube-proxy"]);
+    nft(&topology.node, &["add", "table", "ip6", "kube-proxy"]);
 
     let out = topology.kproxy(&["cleanup", "--mode", "nftables"]);
     assert!(
@@ -490,10 +398,10 @@ fn cleanup_removes_kproxys_tables_and_nothing_else() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let ruleset = nft(&topology, &["list", "ruleset"]);
+    let ruleset = nft(&topology.node, &["list", "ruleset"]);
     assert!(!ruleset.contains("kube-proxy"), "{ruleset}");
     assert_eq!(
-        nft(&topology, &["list", "table", "ip", "user-stuff"]),
+        nft(&topology.node, &["list", "table", "ip", "user-stuff"]),
         user_listing
     );
     // Cleaning up a clean node is fine.
@@ -518,7 +426,7 @@ fn drift_check_counts_rules_like_nft() {
     let mut applier = NftApplier::in_netns(&topology.node.name);
     let listed = |topology: &Topology| {
         let args = ["-j", "list", "chain", "ip", "kube-proxy", "services"];
-        nft(topology, &args).matches("{\"rule\": ").count()
+        nft(&topology.node, &args).matches("{\"rule\": ").count()
     };
     let netlink = |family| {
         let ns = Some(topology.node.name.as_str());
@@ -543,14 +451,14 @@ fn drift_check_counts_rules_like_nft() {
         Some(Some(1))
     );
 
-    nft(&topology, &["flush", "table", "ip", "kube-proxy"]);
+    nft(&topology.node, &["flush", "table", "ip", "kube-proxy"]);
     assert_eq!(listed(&topology), 0);
     assert_eq!(netlink(IpFamily::V4), 0);
     assert_eq!(
         applier.rule_count(IpFamily::V4, "services").ok(),
         Some(Some(0))
     );
-    nft(&topology, &["delete", "table", "ip", "kube-proxy"]);
+    nft(&topology.node, &["delete", "table", "ip", "kube-proxy"]);
     assert_eq!(netlink(IpFamily::V4), 0);
     assert_eq!(netlink(IpFamily::V6), 0);
 }

@@ -43,3 +43,18 @@ pub fn without_ipv6_affinity_updates(script: &str) -> (String, usize) {
     }
     (kept, dropped)
 }
+
+/// `nft ARGS` in `ns`; panics when it fails, else returns its output.
+pub fn nft(ns: &Netns, args: &[&str]) -> String {
+    let mut argv = vec!["nft"];
+    argv.extend_from_slice(args);
+    let out = ns.run(&argv, None);
+    assert!(
+        out.status.success(),
+        "nft {} in {}: {}",
+        args.join(" "),
+        ns.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}

@@ -7,8 +7,10 @@
 //! ```
 //!
 //! Each "client" is one source address of the client namespace. Each backend runs a TCP and a
-//! UDP server on port 8080 that answer with the backend's name. Everything is torn down on drop.
-//! Addresses exist only inside these namespaces.
+//! UDP server on port 8080 that answer with the backend's name, over IPv4 and (where the kernel
+//! has it) IPv6. [`Topology::add_ipv6`] gives every link IPv6 addresses as well
+//! (`fd00:100::N/64` on the client link, `fd00:244:N::2/64` for backend N). Everything is torn
+//! down on drop. Addresses exist only inside these namespaces.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -21,6 +23,10 @@ use super::netns::Netns;
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 /// The node's address on the client link (its `--node-ip`).
 pub const NODE_IP: &str = "10.100.0.1";
+/// The IPv6 pod network, with [`Topology::add_ipv6`].
+pub const CLUSTER_CIDR6: &str = "fd00:244::/48";
+/// The node's IPv6 address on the client link, with [`Topology::add_ipv6`].
+pub const NODE_IP6: &str = "fd00:100::1";
 /// The port every backend server listens on.
 pub const BACKEND_PORT: u16 = 8080;
 
@@ -34,50 +40,63 @@ pub struct Topology {
 pub struct Backend {
     pub name: String,
     pub ip: String,
+    /// Configured by [`Topology::add_ipv6`].
+    pub ip6: String,
     pub ns: Netns,
 }
 
-/// Answers every TCP connection and UDP datagram on port 8080 with the backend name.
+/// Answers every TCP connection and UDP datagram on port 8080 with the backend name, on IPv4
+/// and, when the kernel has IPv6, on IPv6 (separate sockets, `IPV6_V6ONLY`).
 const SERVER: &str = r#"
 import socket, sys, threading
 name = sys.argv[1].encode()
-def tcp():
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def sock(family, kind, wildcard):
+    s = socket.socket(family, kind)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", 8080)); s.listen(128)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind((wildcard, 8080))
+    return s
+def tcp(s):
+    s.listen(128)
     while True:
         c, _ = s.accept()
         try: c.sendall(name + b"\n")
         finally: c.close()
-def udp():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", 8080))
+def udp(s):
     while True:
         _, peer = s.recvfrom(2048)
         s.sendto(name + b"\n", peer)
-threading.Thread(target=tcp, daemon=True).start()
-threading.Thread(target=udp, daemon=True).start()
+servers = [(tcp, sock(socket.AF_INET, socket.SOCK_STREAM, "0.0.0.0")),
+           (udp, sock(socket.AF_INET, socket.SOCK_DGRAM, "0.0.0.0"))]
+try:
+    servers += [(tcp, sock(socket.AF_INET6, socket.SOCK_STREAM, "::")),
+                (udp, sock(socket.AF_INET6, socket.SOCK_DGRAM, "::"))]
+except OSError:
+    pass
+for serve, s in servers:
+    threading.Thread(target=serve, args=(s,), daemon=True).start()
 print("ready", flush=True)
 threading.Event().wait()
 "#;
 
 /// Connects `count` times from `source` to `target:port` and prints one answer (or `ERR:<why>`)
-/// per line. UDP sends one datagram per new socket (a new conntrack flow each time).
+/// per line. UDP sends one datagram per new socket (a new conntrack flow each time); the socket
+/// is connected, so that an ICMP refusal reaches it (`ERR:ConnectionRefusedError`).
 const CLIENT: &str = r#"
 import socket, sys
 proto, source, target, port, count, timeout = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
+family = socket.AF_INET6 if ":" in target else socket.AF_INET
 for i in range(count):
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-    s = socket.socket(socket.AF_INET, kind)
+    s = socket.socket(family, kind)
     s.settimeout(timeout)
     try:
         s.bind((source, 0))
-        if proto == "tcp":
-            s.connect((target, port))
-            data = s.recv(100)
-        else:
-            s.sendto(b"hi", (target, port))
-            data, _ = s.recvfrom(100)
+        s.connect((target, port))
+        if proto == "udp":
+            s.send(b"hi")
+        data = s.recv(100)
         print(data.decode().strip() or "ERR:empty", flush=True)
     except Exception as e:
         print("ERR:" + type(e).__name__, flush=True)
@@ -151,13 +170,15 @@ impl Topology {
             );
             let server = spawn_server(&ns, &name);
             topology.servers.push(server);
-            topology.backends.push(Backend { name, ip, ns });
+            let ip6 = format!("fd00:244:{i}::2");
+            topology.backends.push(Backend { name, ip, ip6, ns });
         }
         topology
     }
 
-    /// `count` connections from client address `10.100.0.<client>` to `target:port`; returns
-    /// one answer per connection (a backend name, or `ERR:<why>`).
+    /// `count` connections from client address `10.100.0.<client>` (`fd00:100::<client>` to an
+    /// IPv6 target) to `target:port`; returns one answer per connection (a backend name, or
+    /// `ERR:<why>`).
     pub fn connect(
         &self,
         proto: &str,
@@ -172,7 +193,7 @@ impl Topology {
                 "-c",
                 CLIENT,
                 proto,
-                &format!("10.100.0.{client}"),
+                &client_address(client, target.contains(':')),
                 target,
                 &port.to_string(),
                 &count.to_string(),
@@ -209,6 +230,56 @@ impl Topology {
         );
     }
 
+    /// Gives every link IPv6 addresses too (without duplicate address detection, so that they
+    /// are usable at once): `fd00:100::1/64` on the node's client link and `fd00:100::2..9` on
+    /// the client's, `fd00:244:N::1/64` on the node's link to backend N and `fd00:244:N::2/64`
+    /// on the backend's, default routes towards the node, and IPv6 forwarding in the node.
+    pub fn add_ipv6(&self) {
+        must(
+            &self.node,
+            &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
+        );
+        let add = |ns: &Netns, address: &str, dev: &str| {
+            must(
+                ns,
+                &["ip", "-6", "addr", "add", address, "dev", dev, "nodad"],
+            );
+        };
+        add(&self.node, &format!("{NODE_IP6}/64"), "n0");
+        for client in 2..10 {
+            add(
+                &self.client,
+                &format!("{}/64", client_address(client, true)),
+                "c0",
+            );
+        }
+        must(
+            &self.client,
+            &["ip", "-6", "route", "add", "default", "via", NODE_IP6],
+        );
+        for (i, backend) in self.backends.iter().enumerate() {
+            let n = i + 1;
+            add(
+                &self.node,
+                &format!("fd00:244:{n}::1/64"),
+                &format!("nb{n}"),
+            );
+            add(&backend.ns, &format!("{}/64", backend.ip6), "b0");
+            must(
+                &backend.ns,
+                &[
+                    "ip",
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &format!("fd00:244:{n}::1"),
+                ],
+            );
+        }
+    }
+
     /// Runs the real `kproxy` binary in the node namespace.
     pub fn kproxy(&self, args: &[&str]) -> std::process::Output {
         let mut argv = vec![env!("CARGO_BIN_EXE_kproxy")];
@@ -223,6 +294,15 @@ impl Drop for Topology {
             let _ = server.kill();
             let _ = server.wait();
         }
+    }
+}
+
+/// Client `n`'s source address: `10.100.0.<n>`, or `fd00:100::<n>`.
+pub fn client_address(client: u8, ipv6: bool) -> String {
+    if ipv6 {
+        format!("fd00:100::{client}")
+    } else {
+        format!("10.100.0.{client}")
     }
 }
 
