@@ -133,31 +133,39 @@ impl Pick {
         }
     }
 
+    /// One rule per protocol and map, TCP first in each chain: nft 1.0.6 checks a map's
+    /// `typeof` data (`ip daddr . tcp dport`) against the first rule of each run that uses the
+    /// map, and adds `meta l4proto tcp` to that rule (a rule for every protocol would then
+    /// take TCP only); with a protocol match of its own on every rule, the first is a TCP rule
+    /// and gains nothing. Found by tests/maps_traffic.rs (UDP never DNATed).
     fn rules(&self) -> Vec<Rule> {
         let mut rules = Vec::new();
+        let per_protocol = |rules: &mut Vec<Rule>, key: Vec<Field>, map: &str| {
+            for protocol in PROTOCOLS {
+                rules.push(Rule::new(
+                    vec![compare(Field::L4Proto, false, Value::Protocol(protocol))],
+                    vec![Statement::DnatMap {
+                        key: key.clone(),
+                        map: map.into(),
+                    }],
+                ));
+            }
+        };
         if self.sticky {
-            rules.push(Rule::new(
-                vec![],
-                vec![Statement::DnatMap {
-                    key: vec![
-                        Field::SourceAddr,
-                        Field::DestinationAddr,
-                        Field::L4Proto,
-                        Field::DestinationPort,
-                    ],
-                    map: AFFINITY.into(),
-                }],
-            ));
+            per_protocol(
+                &mut rules,
+                vec![
+                    Field::SourceAddr,
+                    Field::DestinationAddr,
+                    Field::L4Proto,
+                    Field::DestinationPort,
+                ],
+                AFFINITY,
+            );
         }
         let mut key = self.frontend.fields().to_vec();
         key.push(Field::RandomNumber(self.ways));
-        rules.push(Rule::new(
-            vec![],
-            vec![Statement::DnatMap {
-                key,
-                map: self.endpoint_map().into(),
-            }],
-        ));
+        per_protocol(&mut rules, key, self.endpoint_map());
         rules
     }
 }

@@ -17,6 +17,7 @@ use ipnet::IpNet;
 use serde_json::{Map as JsonObject, Value as Json};
 
 use crate::family::IpFamily;
+use crate::model::Protocol;
 use crate::nftables::{
     DataType, Direction, Field, Joining, Match, Name, Rule, SetFlag, Statement, Value, Verdict,
 };
@@ -299,6 +300,30 @@ struct Context<'a> {
     known: &'a HashSet<String>,
 }
 
+/// The protocol of a `tcp dport` (`udp`, `sctp`) payload expression.
+fn port_of_protocol(json: &Json) -> Option<Protocol> {
+    let payload = json.get("payload")?;
+    if payload.get("field").and_then(Json::as_str) != Some("dport") {
+        return None;
+    }
+    match payload.get("protocol").and_then(Json::as_str)? {
+        "tcp" => Some(Protocol::Tcp),
+        "udp" => Some(Protocol::Udp),
+        "sctp" => Some(Protocol::Sctp),
+        _ => None,
+    }
+}
+
+/// The protocol folded into the key of a `dnat … map @m` expression (see
+/// [`Context::lookup_key`]), if any.
+fn lookup_key_protocol(expr: &Json) -> Option<Protocol> {
+    let key = expr.get("dnat")?.get("addr")?.get("map")?.get("key")?;
+    match key.get("concat") {
+        Some(parts) => parts.as_array()?.iter().find_map(port_of_protocol),
+        None => port_of_protocol(key),
+    }
+}
+
 impl Context<'_> {
     /// One listed rule (`{"family": …, "chain": …, "expr": [...], "comment": …}`).
     fn rule(&self, rule: &Json) -> Result<Rule, String> {
@@ -323,6 +348,26 @@ impl Context<'_> {
                 matches.push(self.match_(value)?);
             } else {
                 statements.push(self.statement(key, value)?);
+            }
+        }
+        // `meta l4proto udp` before a map lookup keyed by `th dport` is listed as `udp dport` in
+        // the key, the protocol match folded into it: put the match back.
+        if let Some(protocol) = expr.iter().find_map(lookup_key_protocol) {
+            let has_protocol_match = matches.iter().any(|m| {
+                matches!(
+                    m,
+                    Match::Compare {
+                        field: Field::L4Proto,
+                        ..
+                    }
+                )
+            });
+            if !has_protocol_match {
+                matches.push(Match::Compare {
+                    field: Field::L4Proto,
+                    negated: false,
+                    value: Value::Protocol(protocol),
+                });
             }
         }
         let comment = match rule.get("comment") {
@@ -472,9 +517,9 @@ impl Context<'_> {
         }
     }
 
-    /// The key of a map lookup. nft lists kproxy's `th dport` there as `tcp dport` when the map
-    /// declares its data with `tcp dport` (the renderer does, for nft 1.0.6): in a key that is
-    /// the transport header's port, with no protocol match implied.
+    /// The key of a map lookup. nft lists kproxy's `th dport` there as `tcp dport` (or `udp`,
+    /// `sctp`) when the rule matches that protocol first, folding the match into the key
+    /// ([`lookup_key_protocol`] puts it back): the transport header's port.
     fn lookup_key(&self, json: &Json) -> Result<Vec<Field>, String> {
         let parts: Vec<&Json> = match json.get("concat") {
             Some(parts) => parts
@@ -487,11 +532,7 @@ impl Context<'_> {
         parts
             .into_iter()
             .map(|part| {
-                let tcp_port = part.get("payload").is_some_and(|p| {
-                    p.get("protocol").and_then(Json::as_str) == Some("tcp")
-                        && p.get("field").and_then(Json::as_str) == Some("dport")
-                });
-                if tcp_port {
+                if port_of_protocol(part).is_some() {
                     Ok(Field::DestinationPort)
                 } else {
                     self.field(part)
