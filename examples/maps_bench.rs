@@ -55,7 +55,14 @@ fn proc_mib(file: &str, field: &str) -> f64 {
     std::fs::read_to_string(file)
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
         .map_or(f64::NAN, |kb: f64| kb / 1024.0)
 }
 

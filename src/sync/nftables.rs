@@ -44,7 +44,9 @@
 //! Ownership: kproxy touches nothing but the `ip kube-proxy` and `ip6 kube-proxy` tables,
 //! and owns everything in them (§5.1, §5.12).
 
+mod affinity_sweep;
 mod applier;
+pub mod element_dump;
 pub mod elements;
 mod fake;
 pub(crate) mod kernel;

@@ -4,11 +4,19 @@
 
 use std::process::Command as Process;
 
-use super::elements::ElementBatch;
-use super::kernel::{self, KernelTable};
-use super::netlink_elements::{wire_element, wire_key, ElementOp, ElementRoute};
+use rustc_hash::FxHashSet;
+
+use super::affinity_sweep;
+use super::element_dump;
+use super::elements::{Data, ElementBatch, Verdict};
+use super::kernel::{self, ContainerDecl, KernelTable};
+use super::netlink_elements::{
+    layout, model_element, wire_element, wire_key, ElementOp, ElementRoute,
+};
 use crate::family::IpFamily;
+use crate::nftables::translate::maps::AFFINITY;
 use crate::nftables::{write_command, Command, ObjectId, TABLE_NAME};
+use crate::nftables::{DataType, Ruleset};
 use crate::sync::netlink::NetfilterSocket;
 use crate::sync::{run_tool, SyncError};
 
@@ -264,10 +272,14 @@ impl NftApplier {
     /// `nft -j list table <family> kube-proxy`: the JSON listing, or `None` when the table
     /// does not exist.
     pub fn list_table(&self, family: IpFamily) -> Result<Option<Vec<u8>>, SyncError> {
-        let output = self.run(
-            &["-j", "list", "table", family_word(family), &self.table],
-            None,
-        )?;
+        self.listing(family, false)
+    }
+
+    /// [`NftApplier::list_table`], `terse`: without set and map elements (`nft -t`).
+    fn listing(&self, family: IpFamily, terse: bool) -> Result<Option<Vec<u8>>, SyncError> {
+        let table = ["-j", "list", "table", family_word(family), &self.table];
+        let args = if terse { &["-t"][..] } else { &[][..] };
+        let output = self.run(&[args, &table[..]].concat(), None)?;
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
             if stderr.contains(NOT_FOUND) {
@@ -359,17 +371,26 @@ impl Applier for NftApplier {
         Ok(bytes)
     }
 
+    /// With elements over netlink, the table's declarations and chains come from a terse
+    /// listing and the elements from netlink dumps: `nft -j` of a million elements takes
+    /// minutes and gigabytes.
     fn read(&mut self, family: IpFamily) -> Result<Option<KernelTable>, SyncError> {
-        let Some(listing) = self.list_table(family)? else {
+        let netns = match &self.netns {
+            Some(netns) if self.netlink_elements => Some(netns.clone()),
+            _ => None,
+        };
+        let Some(listing) = self.listing(family, netns.is_some())? else {
             return Ok(None);
         };
-        kernel::parse_listing(&listing)
-            .map(Some)
-            .map_err(|e| SyncError::Read {
-                tool: TOOL.into(),
-                family,
-                message: e.to_string(),
-            })
+        let mut table = kernel::parse_listing(&listing).map_err(|e| SyncError::Read {
+            tool: TOOL.into(),
+            family,
+            message: e.to_string(),
+        })?;
+        if let Some(netns) = netns {
+            read_elements(&mut table, family, &self.table, netns.as_deref())?;
+        }
+        Ok(Some(table))
     }
 
     fn rule_count(&mut self, family: IpFamily, chain: &str) -> Result<Option<usize>, SyncError> {
@@ -391,6 +412,31 @@ impl Applier for NftApplier {
 
     fn table_name(&self) -> &str {
         &self.table
+    }
+
+    /// The `maps` layout's affinity sweep ([`super::affinity_sweep`]), where elements go over
+    /// netlink; nothing to do for kube-proxy's layout (an endpoint's affinity set goes with
+    /// its chain).
+    fn prune_live_state(
+        &mut self,
+        family: IpFamily,
+        desired: &Ruleset,
+    ) -> Result<usize, SyncError> {
+        let netns = match &self.netns {
+            Some(netns) if self.netlink_elements => netns.clone(),
+            _ => return Ok(0),
+        };
+        if desired.map(AFFINITY).is_none() {
+            return Ok(0);
+        }
+        let mut socket =
+            NetfilterSocket::open_in(netns.as_deref()).map_err(|e| SyncError::Refused {
+                tool: NETLINK.into(),
+                family,
+                object: None,
+                message: format!("cannot open a netlink socket: {e}"),
+            })?;
+        affinity_sweep::sweep(&mut socket, family, &self.table, desired)
     }
 }
 
@@ -451,6 +497,72 @@ impl NftApplier {
             .lines()
             .any(|l| l.trim() == wanted))
     }
+}
+
+/// Fills in the elements of `table`'s sets and maps (read from a terse listing) from netlink
+/// dumps, and which chains an element jumps to. As from the JSON listing, the elements of
+/// live containers (affinity) are not read, and a container with an element kproxy does not
+/// write has `None`, so that the full sync empties and refills it.
+fn read_elements(
+    table: &mut KernelTable,
+    family: IpFamily,
+    name: &str,
+    netns: Option<&str>,
+) -> Result<(), SyncError> {
+    let error = |message: String| SyncError::Read {
+        tool: NETLINK.into(),
+        family,
+        message,
+    };
+    let mut socket = NetfilterSocket::open_in(netns)
+        .map_err(|e| error(format!("cannot open a netlink socket: {e}")))?;
+    let mut targets: FxHashSet<String> = FxHashSet::default();
+    for container in &mut table.containers {
+        let (key_type, value_type, flags) = match &container.decl {
+            ContainerDecl::Set(set) => (&set.key_type, None, &set.flags),
+            ContainerDecl::Map(map) => (&map.key_type, Some(&map.value_type), &map.flags),
+            ContainerDecl::Other => {
+                container.elements = None;
+                continue;
+            }
+        };
+        let data = match value_type {
+            Some(types) if types.as_slice() != [DataType::Verdict] => layout(types),
+            _ => Some(Vec::new()),
+        };
+        let (Some(key), Some(data)) = (layout(key_type), data) else {
+            container.elements = None;
+            continue;
+        };
+        if super::is_live(flags) {
+            container.elements = None;
+            continue;
+        }
+        let data = (!data.is_empty()).then_some(data.as_slice());
+        let listed = element_dump::list(&mut socket, family, name, &container.name, &key, data)
+            .map_err(|e| {
+                error(format!(
+                    "cannot read the elements of {}: {e}",
+                    container.name
+                ))
+            })?
+            .unwrap_or_default();
+        for element in &listed {
+            if let Some(Data::Verdict(Verdict::Jump(chain) | Verdict::Goto(chain))) =
+                &element.element.data
+            {
+                targets.insert(chain.clone());
+            }
+        }
+        container.elements = listed
+            .iter()
+            .map(|l| model_element(&container.name, &l.element))
+            .collect();
+    }
+    for chain in &mut table.chains {
+        chain.in_element |= targets.contains(&*chain.name);
+    }
+    Ok(())
 }
 
 /// The element operations of a transaction as one netlink batch.
