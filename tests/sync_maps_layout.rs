@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use common::netns::{kernel_tests_possible, Netns};
 use common::nft::nft;
+use kproxy::family::IpFamily;
+use kproxy::nftables::MAPS_TABLE_NAME;
+use kproxy::sync::nftables::{Applier, NftApplier};
 
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/my-service.yaml");
 
@@ -347,6 +350,59 @@ fn sync_writes_what_the_rendered_text_loads_for_every_golden_case() {
             want == got,
             "{name}: the synced table differs from the loaded text\nloaded: {want:#}\nsynced: {got:#}"
         );
+        // The syncer's reader: elements over netlink read as exactly the rendered elements;
+        // chains and declarations as nft's JSON listing reads them.
+        for (family, word) in [(IpFamily::V4, "ip"), (IpFamily::V6, "ip6")] {
+            let by_json = NftApplier::in_netns(&loaded.name)
+                .with_table(MAPS_TABLE_NAME, None)
+                .read(family)
+                .expect("the JSON read");
+            let by_netlink = NftApplier::in_netns(&loaded.name)
+                .with_table(MAPS_TABLE_NAME, None)
+                .with_netlink_elements()
+                .read(family)
+                .expect("the netlink read");
+            let (Some(by_json), Some(by_netlink)) = (by_json, by_netlink) else {
+                assert!(
+                    !script.contains(&format!("add table {word} kproxy")),
+                    "{name}"
+                );
+                continue;
+            };
+            assert_eq!(by_netlink.chains, by_json.chains, "{name}: {word} chains");
+            let family_script: String = script
+                .lines()
+                .filter(|l| l.split_whitespace().nth(2) == Some(word))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let rendered =
+                kproxy::nftables::Ruleset::from_nft_script(&family_script).expect("the script");
+            for container in &by_netlink.containers {
+                let from_json = by_json.container(&container.name).expect("listed by nft");
+                assert_eq!(container.decl, from_json.decl, "{name}: {}", container.name);
+                if from_json.elements.is_none() && container.name.as_ref() == "affinity" {
+                    assert_eq!(
+                        container.elements, None,
+                        "{name}: live elements are not read"
+                    );
+                    continue;
+                }
+                let mut want: Vec<String> = rendered
+                    .elements_of(&container.name)
+                    .map(|e| format!("{e:?}"))
+                    .collect();
+                let mut got: Vec<String> = container
+                    .elements
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("{name}: {} not read", container.name))
+                    .iter()
+                    .map(|e| format!("{e:?}"))
+                    .collect();
+                want.sort();
+                got.sort();
+                assert_eq!(got, want, "{name}: {word} {}", container.name);
+            }
+        }
         compared += 1;
     }
     assert!(compared >= 10, "only {compared} golden cases compared");

@@ -625,7 +625,13 @@ impl Translator<'_> {
                 self.out.element(FIREWALL_IPS, address_key(ip), None, None);
                 for source in &sources {
                     let mut key = address_key(ip);
-                    key.push(Value::Net(*source));
+                    // As the kernel holds it (and the syncer reads it back): a single address
+                    // is no range, and a range starts at its network address.
+                    key.push(if source.prefix_len() == source.max_prefix_len() {
+                        Value::Addr(source.addr())
+                    } else {
+                        Value::Net(source.trunc())
+                    });
                     self.out.element(FIREWALL_ALLOW, key, None, None);
                 }
             }

@@ -16,7 +16,7 @@ use super::netlink_elements::{
 use crate::family::IpFamily;
 use crate::nftables::translate::maps::AFFINITY;
 use crate::nftables::{write_command, Command, ObjectId, TABLE_NAME};
-use crate::nftables::{DataType, Ruleset};
+use crate::nftables::{DataType, Object, Ruleset, SetFlag};
 use crate::sync::netlink::NetfilterSocket;
 use crate::sync::{run_tool, SyncError};
 
@@ -156,6 +156,9 @@ pub struct NftApplier {
     /// Send set and map elements over netlink rather than as `nft -f` text
     /// ([`super::netlink_elements`]); only where the namespace is known.
     netlink_elements: bool,
+    /// The interval sets and maps written or read so far: over netlink, each of their
+    /// elements needs a key end, also a single value (as nft sends it).
+    interval_containers: FxHashSet<String>,
 }
 
 impl Default for NftApplier {
@@ -181,6 +184,7 @@ impl NftApplier {
             replaces: None,
             replaced: Vec::new(),
             netlink_elements: false,
+            interval_containers: FxHashSet::default(),
         }
     }
 
@@ -389,6 +393,16 @@ impl Applier for NftApplier {
         })?;
         if let Some(netns) = netns {
             read_elements(&mut table, family, &self.table, netns.as_deref())?;
+            for container in &table.containers {
+                let flags = match &container.decl {
+                    ContainerDecl::Set(set) => &set.flags,
+                    ContainerDecl::Map(map) => &map.flags,
+                    ContainerDecl::Other => continue,
+                };
+                if flags.contains(&SetFlag::Interval) {
+                    self.interval_containers.insert(container.name.to_string());
+                }
+            }
         }
         Ok(Some(table))
     }
@@ -444,12 +458,22 @@ impl NftApplier {
     /// The three steps of [`super::netlink_elements`]; `delete_replaced` (the other layout's
     /// table, as text) goes last, once this table routes.
     fn apply_with_netlink_elements(
-        &self,
+        &mut self,
         family: IpFamily,
         commands: &[Command<'_>],
         netns: Option<&str>,
         delete_replaced: String,
     ) -> Result<usize, SyncError> {
+        for command in commands {
+            let (name, flags) = match command {
+                Command::Add(Object::Set(set)) => (&set.name, &set.flags),
+                Command::Add(Object::Map(map)) => (&map.name, &map.flags),
+                _ => continue,
+            };
+            if flags.contains(&SetFlag::Interval) {
+                self.interval_containers.insert(name.to_string());
+            }
+        }
         let route = ElementRoute::split(commands);
         let mut bytes = 0;
         if !route.before.is_empty() {
@@ -458,7 +482,12 @@ impl NftApplier {
             bytes += text.len();
         }
         if !route.elements.is_empty() {
-            let batch = element_batch(family, &self.table, &route.elements)?;
+            let batch = element_batch(
+                family,
+                &self.table,
+                &route.elements,
+                &self.interval_containers,
+            )?;
             let refused = |message: String| SyncError::Refused {
                 tool: NETLINK.into(),
                 family,
@@ -570,7 +599,15 @@ fn element_batch(
     family: IpFamily,
     table: &str,
     operations: &[ElementOp<'_>],
+    interval_containers: &FxHashSet<String>,
 ) -> Result<ElementBatch, SyncError> {
+    // A single value in an interval container is the range from it to itself.
+    let ranged = |container: &str, mut wire: super::elements::Element| {
+        if wire.key_end.is_none() && interval_containers.contains(container) {
+            wire.key_end = Some(wire.key.clone());
+        }
+        wire
+    };
     let invalid = |object: String, message: String| SyncError::Refused {
         tool: "kproxy".into(),
         family,
@@ -583,11 +620,11 @@ fn element_batch(
             ElementOp::Add(element) => {
                 let wire = wire_element(element)
                     .map_err(|m| invalid(format!("element {:?}", element.key), m))?;
-                batch.add(&element.container, &wire)
+                batch.add(&element.container, &ranged(&element.container, wire))
             }
             ElementOp::Delete { container, key } => {
                 let wire = wire_key(key).map_err(|m| invalid(format!("element {key:?}"), m))?;
-                batch.delete(container, &wire)
+                batch.delete(container, &ranged(container, wire))
             }
             ElementOp::Flush(container) => batch.flush(container),
         };
