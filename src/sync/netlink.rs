@@ -15,7 +15,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+    ErrorBuffer, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLMSG_DONE,
+    NLMSG_ERROR, NLMSG_NOOP, NLMSG_OVERRUN, NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
 };
 use netlink_packet_netfilter::nftables::{
     ChainAttribute, ChainMessage, DataAttribute, ExpressionAttribute, Expressions, Immediate,
@@ -31,6 +32,38 @@ use crate::family::IpFamily;
 /// `NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETCHAIN`, `… | NFT_MSG_GETRULE`.
 const NFT_GET_CHAIN: u16 = (10 << 8) | 4;
 const NFT_GET_RULE: u16 = (10 << 8) | 7;
+
+/// The receive buffer of [`NetfilterSocket::dump`]. The kernel sizes the messages of a dump
+/// to the largest buffer a `recv` on the socket has offered, up to 32 KiB (less its own
+/// overhead), and an nf_tables dump restarts its walk of the set at every message, so bigger
+/// messages make a large dump several times faster than `recv_from_full`'s exact-size reads.
+const DUMP_RECEIVE_BYTES: usize = 64 * 1024;
+/// The netlink header and the netfilter header (`nfgenmsg`) after it.
+const NLMSG_HEADER_LEN: usize = 16;
+const NFGENMSG_LEN: usize = 4;
+
+/// How a dump ([`NetfilterSocket::dump`]) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DumpEnd {
+    /// The kernel answered that what was asked for does not exist (`ENOENT`).
+    Missing,
+    /// Every answer came from one generation of the ruleset.
+    Complete,
+    /// The ruleset changed while the kernel was answering: it flagged an answer
+    /// `NLM_F_DUMP_INTR`, or the ruleset generation in the answers' netfilter headers changed
+    /// (any committed nf_tables transaction in the namespace changes it). The answers may have
+    /// missed or repeated entries.
+    Interrupted,
+}
+
+/// One answer of a dump, borrowed from the datagram it came in.
+#[derive(Debug, Clone, Copy)]
+pub struct DumpAnswer<'a> {
+    /// Its netlink message type (`NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEW…`).
+    pub message_type: u16,
+    /// Its attributes: what follows the netfilter header.
+    pub attributes: &'a [u8],
+}
 
 /// A netfilter netlink socket, bound to the network namespace it was opened in.
 pub struct NetfilterSocket {
@@ -91,22 +124,7 @@ impl NetfilterSocket {
         inner: impl Into<NetfilterMessageInner>,
         mut each: impl FnMut(NetfilterMessage),
     ) -> io::Result<()> {
-        self.sequence = self.sequence.wrapping_add(1);
-        let proto = match family {
-            IpFamily::V4 => NetfilterProtoFamily::IPv4,
-            IpFamily::V6 => NetfilterProtoFamily::IPv6,
-        };
-        let mut header = NetlinkHeader::default();
-        header.message_type = message_type;
-        header.flags = flags;
-        header.sequence_number = self.sequence;
-        let payload = NetfilterMessage::new(NetfilterHeader::new(proto, 0, 0), inner);
-        let mut message = NetlinkMessage::new(header, NetlinkPayload::from(payload));
-        message.finalize();
-        let mut buffer = vec![0; message.buffer_len()];
-        message.serialize(&mut buffer);
-        self.socket.send(&buffer, 0)?;
-
+        self.send_request(family, message_type, flags, inner)?;
         loop {
             let (datagram, _) = self.socket.recv_from_full()?;
             let mut rest = datagram.as_slice();
@@ -126,6 +144,136 @@ impl NetfilterSocket {
                     NetlinkPayload::Error(error) => return Err(error.to_io()),
                     _ => {}
                 }
+            }
+        }
+    }
+
+    /// Sends one request under a new sequence number.
+    fn send_request(
+        &mut self,
+        family: IpFamily,
+        message_type: u16,
+        flags: u16,
+        inner: impl Into<NetfilterMessageInner>,
+    ) -> io::Result<()> {
+        self.sequence = self.sequence.wrapping_add(1);
+        let proto = match family {
+            IpFamily::V4 => NetfilterProtoFamily::IPv4,
+            IpFamily::V6 => NetfilterProtoFamily::IPv6,
+        };
+        let mut header = NetlinkHeader::default();
+        header.message_type = message_type;
+        header.flags = flags;
+        header.sequence_number = self.sequence;
+        let payload = NetfilterMessage::new(NetfilterHeader::new(proto, 0, 0), inner);
+        let mut message = NetlinkMessage::new(header, NetlinkPayload::from(payload));
+        message.finalize();
+        let mut buffer = vec![0; message.buffer_len()];
+        message.serialize(&mut buffer);
+        self.socket.send(&buffer, 0)?;
+        Ok(())
+    }
+
+    /// Sends a dump request (`NLM_F_DUMP`) and hands each answer to `each` undecoded, as it
+    /// arrives: for dumps too large to decode into typed messages first. Messages come in
+    /// datagrams of up to 32 KiB ([`DUMP_RECEIVE_BYTES`]).
+    ///
+    /// An error from `each` ends the calls to it; the rest of the dump is still read (a
+    /// socket with an unfinished dump refuses the next one with `EBUSY`), then that error is
+    /// returned. A kernel error answer becomes the `Err`, except `ENOENT`:
+    /// [`DumpEnd::Missing`] (answers handed over before it may have been given to `each`,
+    /// when what was dumped went away during the dump).
+    pub fn dump(
+        &mut self,
+        family: IpFamily,
+        message_type: u16,
+        inner: impl Into<NetfilterMessageInner>,
+        mut each: impl FnMut(DumpAnswer<'_>) -> io::Result<()>,
+    ) -> io::Result<DumpEnd> {
+        self.send_request(family, message_type, NLM_F_REQUEST | NLM_F_DUMP, inner)?;
+        let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
+        let mut buffer = vec![0u8; DUMP_RECEIVE_BYTES];
+        let mut failed: Option<io::Error> = None;
+        let mut generation: Option<u16> = None;
+        let mut interrupted = false;
+        loop {
+            let received = self.receive(&mut buffer)?;
+            let mut rest = buffer.get(..received).unwrap_or(&[]);
+            while rest.len() >= NLMSG_HEADER_LEN {
+                let message =
+                    NetlinkBuffer::new_checked(rest).map_err(|e| invalid(e.to_string()))?;
+                // Netlink messages are 4-byte aligned within a datagram.
+                let length = (message.length() as usize).next_multiple_of(4);
+                rest = rest.get(length.max(NLMSG_HEADER_LEN)..).unwrap_or(&[]);
+                if message.sequence_number() != self.sequence {
+                    continue; // the answer to an earlier request that was given up on
+                }
+                interrupted |= message.flags() & NLM_F_DUMP_INTR != 0;
+                let errno = match message.message_type() {
+                    NLMSG_NOOP | NLMSG_OVERRUN => continue,
+                    // The end of the dump, with the dump's own error number (0 or negative).
+                    NLMSG_DONE => message
+                        .payload()
+                        .get(..4)
+                        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                        .map_or(0, i32::from_ne_bytes),
+                    NLMSG_ERROR => ErrorBuffer::new_checked(message.payload())
+                        .map_err(|e| invalid(e.to_string()))?
+                        .code()
+                        .map_or(0, |code| code.get()),
+                    message_type => {
+                        let payload = message.payload();
+                        let (Some(header), Some(attributes)) =
+                            (payload.get(..NFGENMSG_LEN), payload.get(NFGENMSG_LEN..))
+                        else {
+                            return Err(invalid(format!(
+                                "a netfilter answer of {} bytes has no netfilter header",
+                                payload.len()
+                            )));
+                        };
+                        // `res_id`: the low 16 bits of the ruleset generation, big-endian.
+                        let this = u16::from_be_bytes([header[2], header[3]]);
+                        interrupted |= generation.is_some_and(|first| first != this);
+                        generation.get_or_insert(this);
+                        if failed.is_none() {
+                            let answer = DumpAnswer {
+                                message_type,
+                                attributes,
+                            };
+                            failed = each(answer).err();
+                        }
+                        continue;
+                    }
+                };
+                return match (failed, errno) {
+                    (Some(error), _) => Err(error),
+                    (None, 0) if interrupted => Ok(DumpEnd::Interrupted),
+                    (None, 0) => Ok(DumpEnd::Complete),
+                    (None, errno) if errno.saturating_abs() == libc::ENOENT => Ok(DumpEnd::Missing),
+                    (None, errno) => Err(io::Error::from_raw_os_error(errno.saturating_abs())),
+                };
+            }
+        }
+    }
+
+    /// One datagram into `buffer`; its length. A datagram larger than `buffer` is an error
+    /// (its end was lost).
+    fn receive(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let mut window = &mut buffer[..];
+            match self.socket.recv(&mut window, libc::MSG_TRUNC) {
+                Ok(length) if length > buffer.len() => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "a netlink datagram of {length} bytes did not fit the {} bytes of the receive buffer",
+                            buffer.len()
+                        ),
+                    ))
+                }
+                Ok(length) => return Ok(length),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
             }
         }
     }

@@ -45,6 +45,7 @@
 //! and owns everything in them (§5.1, §5.12).
 
 mod applier;
+pub mod element_dump;
 pub mod elements;
 mod fake;
 pub(crate) mod kernel;

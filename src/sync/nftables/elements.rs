@@ -40,6 +40,9 @@
 //! to the element (its position among the batch's elements, and its key decoded with the
 //! parts it was built from). [`ElementError::Refused`] names the first refused element.
 //!
+//! **Reading back.** [`super::element_dump`] dumps a set's or map's elements with the same
+//! byte layout ([`PartKind`] describes a value's parts, and `decode` reads them).
+//!
 //! Not covered: non-concatenated interval sets (the kernel's rbtree sets want each interval
 //! as two elements, the end flagged), catch-all elements, element expressions (counters),
 //! and stateful object references.
@@ -73,18 +76,19 @@ pub const COMMENT_MAX_BYTES: usize = 128;
 /// `NFT_NAME_MAXLEN` less the terminating NUL: the longest table, set or chain name.
 const NAME_MAX_BYTES: usize = 255;
 
-/// `NFTA_DATA_VALUE`.
-const NFTA_DATA_VALUE: u16 = 1;
+/// `NFTA_DATA_VALUE`, `NFTA_DATA_VERDICT`.
+pub(super) const NFTA_DATA_VALUE: u16 = 1;
+pub(super) const NFTA_DATA_VERDICT: u16 = 2;
 /// `NFTA_SET_ELEM_KEY`, `NFTA_SET_ELEM_KEY_END`.
-const NFTA_SET_ELEM_KEY: u16 = 1;
-const NFTA_SET_ELEM_KEY_END: u16 = 10;
+pub(super) const NFTA_SET_ELEM_KEY: u16 = 1;
+pub(super) const NFTA_SET_ELEM_KEY_END: u16 = 10;
 /// `NFTA_SET_ELEM_LIST_ELEMENTS`.
-const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+pub(super) const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 /// `NF_DROP`, `NF_ACCEPT`: the verdict codes that are not nf_tables' own.
-const NF_DROP: u32 = 0;
-const NF_ACCEPT: u32 = 1;
+pub(super) const NF_DROP: u32 = 0;
+pub(super) const NF_ACCEPT: u32 = 1;
 /// nft's user data type for an element comment (libnftnl's `NFTNL_UDATA_SET_ELEM_COMMENT`).
-const UDATA_SET_ELEM_COMMENT: u8 = 0;
+pub(super) const UDATA_SET_ELEM_COMMENT: u8 = 0;
 /// A netlink header and the netfilter header after it: where a message's attributes start.
 const MESSAGE_HEADERS: usize = 16 + 4;
 
@@ -103,18 +107,25 @@ pub enum Part {
     Integer(u32),
 }
 
-/// The type of a [`Part`], to read one back from bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PartKind {
+/// The type of a [`Part`], to read one back from bytes: a set's key or a map's data is
+/// described by the kinds of its parts, in order (`ip daddr . th dport` is
+/// `[PartKind::Ipv4, PartKind::Port]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PartKind {
+    /// `ipv4_addr`.
     Ipv4,
+    /// `ipv6_addr`.
     Ipv6,
+    /// `inet_proto`.
     Proto,
+    /// `inet_service`.
     Port,
+    /// A 32-bit `integer`.
     Integer,
 }
 
 impl Part {
-    fn kind(&self) -> PartKind {
+    pub fn kind(&self) -> PartKind {
         match self {
             Part::Ipv4(_) => PartKind::Ipv4,
             Part::Ipv6(_) => PartKind::Ipv6,
@@ -136,7 +147,8 @@ impl Part {
 }
 
 impl PartKind {
-    fn len(self) -> usize {
+    /// Its bytes, unpadded.
+    pub(super) fn len(self) -> usize {
         match self {
             PartKind::Ipv4 | PartKind::Integer => 4,
             PartKind::Ipv6 => 16,
@@ -153,6 +165,18 @@ impl PartKind {
             PartKind::Proto => Part::Proto(*bytes.first()?),
             PartKind::Port => Part::Port(u16::from_be_bytes(bytes.try_into().ok()?)),
             PartKind::Integer => Part::Integer(u32::from_ne_bytes(bytes.try_into().ok()?)),
+        })
+    }
+}
+
+impl fmt::Display for PartKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PartKind::Ipv4 => "ipv4_addr",
+            PartKind::Ipv6 => "ipv6_addr",
+            PartKind::Proto => "inet_proto",
+            PartKind::Port => "inet_service",
+            PartKind::Integer => "integer",
         })
     }
 }
@@ -233,7 +257,7 @@ impl fmt::Display for Value {
 type Layout = SmallVec<[PartKind; 8]>;
 
 /// Reads a value laid out as [`Value::encode`] writes it; `None` when the bytes do not fit.
-fn decode(layout: &[PartKind], bytes: &[u8]) -> Option<Value> {
+pub(super) fn decode(layout: &[PartKind], bytes: &[u8]) -> Option<Value> {
     let concatenated = layout.len() > 1;
     let mut parts = SmallVec::new();
     let mut at = 0;
@@ -676,6 +700,13 @@ impl ElementBatch {
         self.elements += 1;
     }
 
+    /// The bytes of message `index` of the batch so far (the open one closed first).
+    #[cfg(test)]
+    pub(super) fn message_bytes(&mut self, index: usize) -> Option<&[u8]> {
+        self.close();
+        self.batch.message(index)
+    }
+
     /// Encodes the open message into the batch.
     fn close(&mut self) {
         let Some(open) = self.open.take() else {
@@ -761,7 +792,7 @@ impl ElementBatch {
 }
 
 /// `NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETSETELEM`.
-const NFT_GET_SET_ELEMENT: u16 = (10 << 8) | 13;
+pub(super) const NFT_GET_SET_ELEMENT: u16 = (10 << 8) | 13;
 
 /// Whether `set` of `table` holds an element with `element`'s key (and key end): one
 /// lookup the kernel answers from its set, where `nft get element` first reads every element
@@ -794,7 +825,7 @@ pub fn contains(
 }
 
 /// Table, set and chain names: what the kernel can take and the encoder can carry.
-fn check_name(what: &str, name: &str) -> Result<(), String> {
+pub(super) fn check_name(what: &str, name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > NAME_MAX_BYTES || name.contains('\0') {
         return Err(format!(
             "the {what} name {name:?} must be 1 to {NAME_MAX_BYTES} bytes, without NUL"
@@ -828,7 +859,7 @@ fn element_at(message: &[u8], offset: usize) -> Option<(usize, &[u8])> {
 }
 
 /// The `NFTA_DATA_VALUE` bytes inside attribute `kind` of an element's attributes.
-fn nested_value(element: &[u8], kind: u16) -> Option<&[u8]> {
+pub(super) fn nested_value(element: &[u8], kind: u16) -> Option<&[u8]> {
     let outer = NlasIterator::new(element)
         .filter_map(Result::ok)
         .find(|a| a.kind() & NLA_TYPE_MASK == kind)?;
@@ -839,12 +870,12 @@ fn nested_value(element: &[u8], kind: u16) -> Option<&[u8]> {
 }
 
 /// An attribute's value, borrowed from the bytes it was read from.
-fn value_of(attribute: NlaBuffer<&[u8]>) -> &[u8] {
+pub(super) fn value_of(attribute: NlaBuffer<&[u8]>) -> &[u8] {
     let length = usize::from(attribute.length());
     attribute.into_inner().get(4..length).unwrap_or(&[])
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(super) fn hex(bytes: &[u8]) -> String {
     let mut out = String::from("0x");
     for byte in bytes {
         out.push_str(&format!("{byte:02x}"));
