@@ -15,7 +15,12 @@
 //! **Large sets.** The kernel answers in many messages, each as large as the receive buffer
 //! allows (32 KiB; see [`NetfilterSocket::dump`]), and decoded as they arrive: the answers
 //! are never held whole. The kernel restarts its walk of the set for every message, skipping
-//! what it already sent, so a dump's kernel time grows with the square of the set's size.
+//! what it already sent, so a dump's kernel time grows with the square of the set's size:
+//! the dnat map of `examples/nft_elements_bench.rs` (`ip daddr . meta l4proto . th dport .
+//! numgen random mod 1 : ip daddr . th dport`) dumps 100,000 elements in 0.2 s, 300,000 in
+//! 1.4 s and 1,000,000 in 19 s (14 s when declared with a `size`), nearly all of it kernel
+//! time (`nft -j list map` of the same 1,000,000: 54 s). [`list`] keeps 344 bytes an element
+//! (344 MiB at 1,000,000); [`for_each`] keeps only a hash of each key read (36 MiB).
 //!
 //! **Consistency.** A dump is not a snapshot: each message continues the kernel's walk of
 //! the set by position, so a change of the set's order between two messages makes it miss
