@@ -17,7 +17,13 @@
 //! 2. makes a small change against the full maps 5 times (each: 10 dnat elements deleted, 10
 //!    added, one transaction) and reports the median, min and max;
 //! 3. checks with lookups over netlink that a deleted key is gone and a loaded and an added key
-//!    are there.
+//!    are there;
+//! 4. reads the dnat map back: (a) over netlink (`element_dump`): a `for_each` right after the
+//!    load, repeated until a dump is not interrupted (the kernel grows the map's hash table
+//!    in the background for a while after a large load, which interrupts dumps), then
+//!    `list` (every element collected) and `for_each` (counted, not kept), each with the
+//!    growth of this process's resident memory during it (`VmHWM` after resetting it, less
+//!    `VmRSS` before); (c) `nft -j list map` (its output read, not parsed); (b) nothing.
 //!
 //! With `MAP_SIZE=N` in the environment both maps are declared with `size N` (a limit on
 //! their elements, which also makes the kernel size their hash tables up front).
@@ -34,7 +40,10 @@ use std::time::{Duration, Instant};
 
 use kproxy::family::IpFamily;
 use kproxy::sync::netlink::NetfilterSocket;
-use kproxy::sync::nftables::elements::{self, Data, Element, ElementBatch, Part, Value, Verdict};
+use kproxy::sync::nftables::element_dump;
+use kproxy::sync::nftables::elements::{
+    self, Data, Element, ElementBatch, Part, PartKind, Value, Verdict,
+};
 
 const TABLE: &str = "t";
 const CHAINS: u32 = 100;
@@ -259,11 +268,15 @@ impl Drop for Netns {
 }
 
 fn vm_hwm_kib() -> u64 {
+    status_kib("VmHWM:")
+}
+
+fn status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })
@@ -404,4 +417,118 @@ fn run_path(path: &str, dnat_count: u32, vmap_count: u32) {
         "check: deleted gone {gone}, loaded there {loaded}, added there {added}"
     );
     row("check (3 lookups over netlink)", "ok".to_string());
+
+    match path {
+        "netlink" => dump_netlink(&mut socket, dnat_count),
+        "nft-grouped" => {
+            let (out, took) = ns.nft(&["-j", "list", "map", "ip", TABLE, "svc_dnat"], None);
+            assert!(out.status.success(), "nft -j list map failed");
+            row("dump: list, wall", ms(took));
+            row("  bytes read", out.stdout.len().to_string());
+        }
+        _ => {}
+    }
+}
+
+/// The dnat map read back over netlink: rows for `run_path`.
+fn dump_netlink(socket: &mut NetfilterSocket, dnat_count: u32) {
+    const KEY: &[PartKind] = &[
+        PartKind::Ipv4,
+        PartKind::Proto,
+        PartKind::Port,
+        PartKind::Integer,
+    ];
+    const DATA: &[PartKind] = &[PartKind::Ipv4, PartKind::Port];
+    // The map holds the load less the rounds' deletes plus their adds: as many as loaded.
+    let expected = dnat_count as usize;
+    let each = |socket: &mut NetfilterSocket| {
+        let mut count = 0usize;
+        let started = Instant::now();
+        let outcome = element_dump::for_each(
+            socket,
+            IpFamily::V4,
+            TABLE,
+            "svc_dnat",
+            KEY,
+            Some(DATA),
+            |_| count += 1,
+        );
+        (outcome, count, started.elapsed())
+    };
+
+    // Right after the load: interrupted dumps until the kernel has finished growing the map.
+    let started = Instant::now();
+    let mut interrupted = Vec::new();
+    let first = loop {
+        match each(socket) {
+            (Err(e), _, took) if e.kind() == std::io::ErrorKind::Interrupted => {
+                interrupted.push(took);
+                assert!(interrupted.len() < 20, "every dump interrupted: {e}");
+            }
+            (outcome, count, took) => {
+                assert!(outcome.expect("dump"), "the map exists");
+                assert_eq!(count, expected);
+                break took;
+            }
+        }
+    };
+    row(
+        "dump after the load: interrupted dumps",
+        format!(
+            "{} ({})",
+            interrupted.len(),
+            interrupted
+                .iter()
+                .map(|d| format!("{:.0} ms", d.as_secs_f64() * 1e3))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    row("  until a whole dump, wall", ms(started.elapsed()));
+    row("  the whole dump (for_each), wall", ms(first));
+
+    let before = reset_peak_memory();
+    let started = Instant::now();
+    let listed = element_dump::list(socket, IpFamily::V4, TABLE, "svc_dnat", KEY, Some(DATA))
+        .expect("dump")
+        .expect("the map exists");
+    let took = started.elapsed();
+    let peak = vm_hwm_kib();
+    assert_eq!(listed.len(), expected);
+    row("dump: list, wall", ms(took));
+    row(
+        "  memory growth (peak RSS - RSS before)",
+        mib(peak.saturating_sub(before)),
+    );
+    row(
+        "  the Vec's capacity in bytes",
+        format!(
+            "{:.1} MiB ({} B an element)",
+            (listed.capacity() * std::mem::size_of::<element_dump::ListedElement>()) as f64
+                / (1 << 20) as f64,
+            std::mem::size_of::<element_dump::ListedElement>()
+        ),
+    );
+    drop(listed);
+
+    let before = reset_peak_memory();
+    let (outcome, count, took) = each(socket);
+    let peak = vm_hwm_kib();
+    assert!(outcome.expect("a settled map's dump is whole"));
+    assert_eq!(count, expected);
+    row("dump: for_each (counting), wall", ms(took));
+    row(
+        "  memory growth (peak RSS - RSS before)",
+        mib(peak.saturating_sub(before)),
+    );
+}
+
+/// Returns freed memory to the kernel and resets this process's peak RSS (`VmHWM`) to its
+/// current RSS, which is returned (KiB).
+fn reset_peak_memory() -> u64 {
+    // SAFETY: malloc_trim only releases free memory of glibc's heap.
+    unsafe { libc::malloc_trim(0) };
+    // 5: reset the peak resident set size (proc(5), /proc/pid/clear_refs).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    status_kib("VmRSS:")
 }

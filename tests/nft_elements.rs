@@ -1,6 +1,8 @@
 //! Set and map elements written over netlink (`kproxy::sync::nftables::elements`) against the
 //! real kernel: each test makes a namespace with a table of the shapes issue 11's layout uses
 //! (created with `nft -f`), writes elements in one batch, and reads them back with `nft`.
+//! The dump tests (`kproxy::sync::nftables::element_dump`) read elements back over netlink
+//! and compare them with what was written, over netlink or as nft text.
 //!
 //! Needs root, `ip` and `nft`. Without them the tests print why and pass, unless
 //! `KPROXY_REQUIRE_KERNEL_TESTS=1`, which turns that into a failure.
@@ -16,8 +18,9 @@ use serde_json::Value as Json;
 
 use kproxy::family::IpFamily;
 use kproxy::sync::netlink::NetfilterSocket;
+use kproxy::sync::nftables::element_dump::{self, ListedElement};
 use kproxy::sync::nftables::elements::{
-    self, Element, ElementBatch, ElementError, Operation, Part, Value, Verdict,
+    self, Data, Element, ElementBatch, ElementError, Operation, Part, PartKind, Value, Verdict,
 };
 
 fn possible() -> bool {
@@ -756,4 +759,426 @@ fn changing_an_elements_data_is_a_delete_and_an_add_in_one_batch() {
         vmap.insert("10.96.0.1 . tcp . 80 : goto svc2".to_string());
     }
     assert_eq!(listing(&ns, f), expected);
+}
+
+// ---- Reading elements back over netlink (element_dump) ----
+
+impl Family {
+    fn addr_kind(self) -> PartKind {
+        match self.family {
+            IpFamily::V4 => PartKind::Ipv4,
+            IpFamily::V6 => PartKind::Ipv6,
+        }
+    }
+
+    /// The key and data layouts of the test table's sets and maps.
+    fn layout(self, set: &str) -> (Vec<PartKind>, Option<Vec<PartKind>>) {
+        use PartKind::{Integer, Port, Proto};
+        let a = self.addr_kind();
+        match set {
+            "svc_dnat" => (vec![a, Proto, Port, Integer], Some(vec![a, Port])),
+            "svc_vmap" => (vec![a, Proto, Port], None),
+            "svc_ranges" => (vec![a, Proto, Port, a], None),
+            "affinity" | "affinity_default" => (vec![a, a, Proto, Port], Some(vec![a, Port])),
+            other => panic!("no layout for {other}"),
+        }
+    }
+}
+
+/// `set`'s elements over netlink; `None` when the table or set does not exist.
+fn dump(
+    socket: &mut NetfilterSocket,
+    f: Family,
+    table: &str,
+    set: &str,
+) -> Option<Vec<ListedElement>> {
+    dump_as(socket, f, table, set, set)
+}
+
+/// `set`'s elements read with the layout of the test table's `layout_of`.
+fn dump_as(
+    socket: &mut NetfilterSocket,
+    f: Family,
+    table: &str,
+    set: &str,
+    layout_of: &str,
+) -> Option<Vec<ListedElement>> {
+    let (key, data) = f.layout(layout_of);
+    element_dump::list(socket, f.family, table, set, &key, data.as_deref()).expect("dump")
+}
+
+/// Elements in a stable order, to compare lists whose order is the kernel's hash order.
+fn sorted(mut elements: Vec<Element>) -> Vec<Element> {
+    elements.sort_by_cached_key(|e| format!("{e:?}"));
+    elements
+}
+
+fn elements_only(listed: &[ListedElement]) -> Vec<Element> {
+    listed.iter().map(|l| l.element.clone()).collect()
+}
+
+fn a_dump_reads_back_what_was_written(f: Family) {
+    let ns = Netns::new("nftdump");
+    f.create(&ns);
+    let (written, _) = sample(f);
+    add_all(&ns, f, &written);
+    let mut socket = socket(&ns);
+    for set in ["svc_dnat", "svc_vmap", "svc_ranges", "affinity"] {
+        let expected: Vec<Element> = written
+            .iter()
+            .filter(|(s, _)| *s == set)
+            .map(|(_, e)| e.clone())
+            .collect();
+        let listed = dump(&mut socket, f, TABLE, set).expect("the set exists");
+        assert_eq!(
+            sorted(elements_only(&listed)),
+            sorted(expected.clone()),
+            "{set}"
+        );
+        for l in &listed {
+            match l.element.timeout {
+                // The affinity entry with a timeout counts down from it.
+                Some(timeout) => {
+                    assert_eq!(timeout, Duration::from_secs(10800));
+                    let expires = l.expires.expect("an element with a timeout expires");
+                    assert!(
+                        expires <= timeout && expires > timeout - Duration::from_secs(10),
+                        "expires in {expires:?}"
+                    );
+                }
+                None => assert_eq!(l.expires, None, "{set}: {:?}", l.element),
+            }
+        }
+    }
+    // The checks above can fail: a wrong layout is an error, not a silent misread.
+    let (key, _) = f.layout("svc_vmap");
+    let error = element_dump::list(&mut socket, f.family, TABLE, "svc_dnat", &key, None)
+        .expect_err("the dnat map's key is longer than the vmap's");
+    assert_eq!(error.kind(), std::io::ErrorKind::InvalidData);
+    assert!(error.to_string().contains("does not fit"), "{error}");
+}
+
+#[test]
+fn ipv4_a_dump_reads_back_what_was_written() {
+    if possible() {
+        a_dump_reads_back_what_was_written(V4);
+    }
+}
+
+#[test]
+fn ipv6_a_dump_reads_back_what_was_written() {
+    if possible() {
+        a_dump_reads_back_what_was_written(V6);
+    }
+}
+
+/// Elements nft writes from its own text decode as the same elements built from parts: nft's
+/// byte layout is the reader's (the integer in host order, ports in network order, key ends
+/// from ranges and prefixes, comments in nft's user data), and a timeout given in the text
+/// is read back with the time left.
+fn elements_written_by_nft_decode_as_built_from_parts(f: Family) {
+    let ns = Netns::new("nftdtext");
+    f.create(&ns);
+    let (s9, c1, e9) = (f.service(9), f.client(1), f.endpoint(9));
+    let w = f.word;
+    let script = format!(
+        "add map {w} {TABLE} affinity_default {{ type {a} . {a} . inet_proto . inet_service : {a} . inet_service; flags timeout; timeout 30s; }}
+add element {w} {TABLE} svc_dnat {{ {s9} . tcp . 8080 . 5 : {e9} . 9090, {s9} . udp . 53 . 65535 comment \"dns\" : {e9} . 53 }}
+add element {w} {TABLE} svc_vmap {{ {s9} . sctp . 7 : goto svc1, {s9} . tcp . 1 : jump svc2, {s9} . tcp . 2 : drop }}
+add element {w} {TABLE} svc_ranges {{ {c1} . tcp . 1000-2000 . {}/{}, {c1} . udp . 53 . {e9} }}
+add element {w} {TABLE} affinity {{ {c1} . {s9} . tcp . 443 timeout 600s : {e9} . 8443 }}
+add element {w} {TABLE} affinity_default {{ {c1} . {s9} . tcp . 80 : {e9} . 8080 }}
+",
+        f.prefix,
+        f.prefix_len,
+        a = f.addr_type,
+    );
+    nft(&ns, &["-f", "-"], Some(&script));
+    let (s9, c1, e9) = (addr(&s9), addr(&c1), addr(&e9));
+    let mut socket = socket(&ns);
+    let mut read = |set| elements_only(&dump(&mut socket, f, TABLE, set).expect("exists"));
+
+    let dnat = |proto, port, n| Value::concat([s9, proto, Part::Port(port), Part::Integer(n)]);
+    let endpoint = |port| Value::concat([e9, Part::Port(port)]);
+    assert_eq!(
+        sorted(read("svc_dnat")),
+        sorted(vec![
+            Element::new(dnat(TCP, 8080, 5)).value(endpoint(9090)),
+            Element::new(dnat(UDP, 53, 65535))
+                .value(endpoint(53))
+                .comment("dns"),
+        ])
+    );
+    let vmap = |proto, port| Value::concat([s9, proto, Part::Port(port)]);
+    assert_eq!(
+        sorted(read("svc_vmap")),
+        sorted(vec![
+            Element::new(vmap(Part::Proto(132), 7)).verdict(Verdict::Goto("svc1".into())),
+            Element::new(vmap(TCP, 1)).verdict(Verdict::Jump("svc2".into())),
+            Element::new(vmap(TCP, 2)).verdict(Verdict::Drop),
+        ])
+    );
+    let range = |proto, port, last| Value::concat([c1, proto, Part::Port(port), last]);
+    assert_eq!(
+        sorted(read("svc_ranges")),
+        sorted(vec![
+            Element::new(range(TCP, 1000, addr(f.prefix))).to(range(TCP, 2000, addr(f.prefix_end))),
+            // nft sends a key end equal to the key: read as a single value.
+            Element::new(range(UDP, 53, e9)),
+        ])
+    );
+
+    // A per-element timeout, as the packet path's `update @affinity { … timeout T }` sets it.
+    let affinity = dump(&mut socket, f, TABLE, "affinity").expect("exists");
+    let key = |port| Value::concat([c1, s9, TCP, Part::Port(port)]);
+    assert_eq!(
+        elements_only(&affinity),
+        vec![Element::new(key(443))
+            .value(endpoint(8443))
+            .timeout(Duration::from_secs(600))]
+    );
+    let expires = affinity[0].expires.expect("it expires");
+    assert!(
+        expires <= Duration::from_secs(600) && expires > Duration::from_secs(590),
+        "expires in {expires:?}"
+    );
+    // The set's default timeout: no timeout of the element's own, but an expiry.
+    let default = dump(&mut socket, f, TABLE, "affinity_default").expect("exists");
+    assert_eq!(
+        elements_only(&default),
+        vec![Element::new(key(80)).value(endpoint(8080))]
+    );
+    let expires = default[0].expires.expect("it expires");
+    assert!(
+        expires <= Duration::from_secs(30) && expires > Duration::from_secs(20),
+        "expires in {expires:?}"
+    );
+}
+
+#[test]
+fn ipv4_elements_written_by_nft_decode_as_built_from_parts() {
+    if possible() {
+        elements_written_by_nft_decode_as_built_from_parts(V4);
+    }
+}
+
+#[test]
+fn ipv6_elements_written_by_nft_decode_as_built_from_parts() {
+    if possible() {
+        elements_written_by_nft_decode_as_built_from_parts(V6);
+    }
+}
+
+#[test]
+fn a_missing_table_or_set_is_none_and_an_empty_map_is_empty() {
+    if !possible() {
+        return;
+    }
+    let f = V4;
+    let ns = Netns::new("nftdnone");
+    let mut socket = socket(&ns);
+    assert_eq!(dump(&mut socket, f, TABLE, "svc_dnat"), None, "no table");
+    f.create(&ns);
+    assert_eq!(dump(&mut socket, f, TABLE, "svc_dnat"), Some(Vec::new()));
+    assert_eq!(
+        dump_as(&mut socket, f, TABLE, "nope", "svc_dnat"),
+        None,
+        "no set"
+    );
+    assert_eq!(
+        dump(&mut socket, f, "other", "svc_dnat"),
+        None,
+        "no such table"
+    );
+    // The table of the other family is not this one.
+    assert_eq!(
+        dump(&mut socket, V6, TABLE, "svc_dnat"),
+        None,
+        "no ip6 table"
+    );
+    let (key, data) = f.layout("svc_dnat");
+    let mut seen = 0;
+    let present = element_dump::for_each(
+        &mut socket,
+        f.family,
+        TABLE,
+        "nope",
+        &key,
+        data.as_deref(),
+        |_| seen += 1,
+    )
+    .expect("dump");
+    assert!(!present);
+    assert_eq!(seen, 0);
+    // After a flush, empty again; the socket still answers after the missing ones.
+    add_all(&ns, f, &sample(f).0);
+    assert_eq!(
+        dump(&mut socket, f, TABLE, "svc_dnat").map(|l| l.len()),
+        Some(3)
+    );
+    let mut batch = ElementBatch::new(f.family, TABLE);
+    batch.flush("svc_dnat").expect("valid");
+    batch.send(&mut socket).expect("flushed");
+    assert_eq!(dump(&mut socket, f, TABLE, "svc_dnat"), Some(Vec::new()));
+}
+
+fn a_hundred_thousand_elements_dump_whole(f: Family) {
+    let ns = Netns::new("nftd100k");
+    f.create(&ns);
+    let written = many(f, 100_000);
+    let mut batch = ElementBatch::new(f.family, TABLE);
+    for element in &written {
+        batch.add("svc_dnat", element).expect("valid");
+    }
+    let mut socket = socket(&ns);
+    batch.send(&mut socket).expect("committed");
+    // At once: the kernel is still growing the map's hash table, which reorders the walk
+    // (a dump then repeats and misses elements; `list` notices and dumps again).
+    let started = Instant::now();
+    let mut listed = elements_only(&dump(&mut socket, f, TABLE, "svc_dnat").expect("exists"));
+    eprintln!(
+        "{}: 100,000 elements dumped in {:?}",
+        f.word,
+        started.elapsed()
+    );
+    assert_eq!(listed.len(), 100_000);
+    // Written in increasing service address order: the same order by key bytes.
+    listed.sort_by_cached_key(|e| e.key.encode());
+    assert_eq!(listed[99_999], written[99_999]);
+    assert_eq!(listed[12_345], written[12_345]);
+    assert!(listed == written, "the dump differs from what was written");
+    assert!(listed
+        .iter()
+        .all(|e| matches!(&e.data, Some(Data::Value(v)) if v.parts().len() == 2)));
+}
+
+#[test]
+fn ipv4_a_hundred_thousand_elements_dump_whole() {
+    if possible() {
+        a_hundred_thousand_elements_dump_whole(V4);
+    }
+}
+
+#[test]
+fn ipv6_a_hundred_thousand_elements_dump_whole() {
+    if possible() {
+        a_hundred_thousand_elements_dump_whole(V6);
+    }
+}
+
+/// Transactions committed while a dump runs make it interrupted: `for_each` says so, `list`
+/// retries and gives up after its attempts. Without transactions the same dumps complete.
+#[test]
+fn a_dump_during_transactions_is_interrupted() {
+    if !possible() {
+        return;
+    }
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let f = V4;
+    let ns = Netns::new("nftdintr");
+    f.create(&ns);
+    let mut batch = ElementBatch::new(f.family, TABLE);
+    for element in many(f, 50_000) {
+        batch.add("svc_dnat", &element).expect("valid");
+    }
+    let mut socket = socket(&ns);
+    batch.send(&mut socket).expect("committed");
+    let (key, data) = f.layout("svc_dnat");
+    // Without transactions a dump completes (once the kernel has finished growing the map's
+    // hash table after the load, which interrupts dumps too).
+    let mut complete = Vec::new();
+    for _ in 0..5 {
+        let mut count = 0;
+        let outcome = element_dump::for_each(
+            &mut socket,
+            f.family,
+            TABLE,
+            "svc_dnat",
+            &key,
+            data.as_deref(),
+            |_| count += 1,
+        );
+        complete.push(
+            outcome
+                .map(|present| (present, count))
+                .map_err(|e| e.kind()),
+        );
+        if complete.last().is_some_and(Result::is_ok) {
+            break;
+        }
+    }
+    assert_eq!(complete.last(), Some(&Ok((true, 50_000))), "{complete:?}");
+
+    let stop = AtomicBool::new(false);
+    let commits = AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            // Adds and deletes one verdict map element, one transaction each, until stopped.
+            let mut writer = NetfilterSocket::open_in(Some(&ns.name)).expect("socket");
+            let element = Element::new(Value::concat([addr(&f.service(200)), TCP, Part::Port(1)]));
+            let mut present = false;
+            while !stop.load(Ordering::Relaxed) {
+                let mut batch = ElementBatch::new(f.family, TABLE);
+                if present {
+                    batch.delete("svc_vmap", &element).expect("valid");
+                } else {
+                    batch
+                        .add("svc_vmap", &element.clone().verdict(Verdict::Drop))
+                        .expect("valid");
+                }
+                batch.send(&mut writer).expect("committed");
+                present = !present;
+                commits.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        while commits.load(Ordering::Relaxed) < 10 {
+            std::thread::yield_now();
+        }
+        // Commits land between the dump's messages; a few tries for a scheduler that runs
+        // the writer late.
+        let mut outcomes = Vec::new();
+        for _ in 0..5 {
+            let before = commits.load(Ordering::Relaxed);
+            let outcome = element_dump::for_each(
+                &mut socket,
+                f.family,
+                TABLE,
+                "svc_dnat",
+                &key,
+                data.as_deref(),
+                |_| {},
+            );
+            let during = commits.load(Ordering::Relaxed) - before;
+            outcomes.push((outcome.map_err(|e| (e.kind(), e.to_string())), during));
+            if outcomes.iter().any(|(o, _)| o.is_err()) {
+                break;
+            }
+        }
+        let listed = element_dump::list(
+            &mut socket,
+            f.family,
+            TABLE,
+            "svc_dnat",
+            &key,
+            data.as_deref(),
+        );
+        stop.store(true, Ordering::Relaxed);
+        eprintln!("for_each outcomes (result, commits during): {outcomes:?}");
+        let interrupted = outcomes.iter().find_map(|(o, _)| o.clone().err());
+        let (kind, text) = interrupted.expect("a dump during transactions is interrupted");
+        assert_eq!(kind, std::io::ErrorKind::Interrupted);
+        assert!(
+            text.starts_with("the dump of ip set svc_dnat of table t was interrupted"),
+            "{text}"
+        );
+        match listed {
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::Interrupted);
+                assert!(e.to_string().starts_with("each of 3 dumps"), "{e}");
+            }
+            // A list can run between commits when the writer is descheduled: then whole.
+            Ok(Some(elements)) => assert_eq!(elements.len(), 50_000),
+            Ok(None) => panic!("the map exists"),
+        }
+    });
 }

@@ -5,8 +5,9 @@
 //! return just the chain or rules asked for, in well under a millisecond.
 //!
 //! Messages are the typed ones of `netlink-packet-netfilter`; this module only drives the
-//! socket and answers yes/no questions about what the kernel holds. Writes go in atomic
-//! batches ([`batch`]).
+//! socket and answers yes/no questions about what the kernel holds. Large dumps are handed
+//! over undecoded, as they arrive ([`NetfilterSocket::dump`]; the set element reader of
+//! `nftables::element_dump`). Writes go in atomic batches ([`batch`]).
 
 pub mod batch;
 
@@ -223,7 +224,9 @@ impl NetfilterSocket {
                         .map_or(0, |code| code.get()),
                     message_type => {
                         let payload = message.payload();
-                        let (Some(header), Some(attributes)) =
+                        // The netfilter header ends in `res_id`: the low 16 bits of the
+                        // ruleset generation, big-endian.
+                        let (Some(&[_, _, high, low]), Some(attributes)) =
                             (payload.get(..NFGENMSG_LEN), payload.get(NFGENMSG_LEN..))
                         else {
                             return Err(invalid(format!(
@@ -231,8 +234,7 @@ impl NetfilterSocket {
                                 payload.len()
                             )));
                         };
-                        // `res_id`: the low 16 bits of the ruleset generation, big-endian.
-                        let this = u16::from_be_bytes([header[2], header[3]]);
+                        let this = u16::from_be_bytes([high, low]);
                         interrupted |= generation.is_some_and(|first| first != this);
                         generation.get_or_insert(this);
                         if failed.is_none() {
