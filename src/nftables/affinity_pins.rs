@@ -8,8 +8,8 @@
 //! that only the clients pinned to a removed endpoint are re-balanced, and no client stays
 //! pinned to an endpoint that no longer exists.
 //!
-//! Pure: the entries come from the kernel (a netlink dump), the endpoints from the desired
-//! ruleset.
+//! Pure: the entries come from the kernel (a netlink dump), the endpoints from the elements
+//! the syncer committed ([`ElementLookup`]).
 
 use std::net::IpAddr;
 
@@ -18,7 +18,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use super::translate::maps::{
     CLUSTER_ENDPOINTS, LOCAL_ENDPOINTS, NODEPORT_CLUSTER_ENDPOINTS, NODEPORT_LOCAL_ENDPOINTS,
 };
-use super::{ElementValue, Ruleset, Value};
+use super::{Element, ElementValue, Value};
 use crate::model::Protocol;
 
 /// One `@affinity` entry: `client . frontend address . protocol . frontend port : endpoint
@@ -37,67 +37,71 @@ pub struct AffinityPin {
 /// Endpoint address and port.
 type Endpoint = (IpAddr, u16);
 
+/// The elements wanted in the table, by container and key (the syncer's record of what it
+/// committed).
+pub trait ElementLookup {
+    fn element(&self, container: &str, key: &[Value]) -> Option<&Element>;
+}
+
 /// The positions in `pins` of the entries whose endpoint is not among their frontend's
-/// endpoints in `ruleset` (a `maps`-layout ruleset): in the cluster-wide or node-local
-/// endpoint map of `frontend . protocol . port`, or of the NodePort `protocol . port`. An
-/// entry whose frontend has no endpoints at all is stale too.
-pub fn stale_pins(ruleset: &Ruleset, pins: &[AffinityPin]) -> Vec<usize> {
-    if pins.is_empty() {
-        return Vec::new();
-    }
-    // Only the frontends the entries name are collected: one pass over the elements.
-    let addresses: FxHashSet<(IpAddr, Protocol, u16)> = pins
-        .iter()
-        .map(|p| (p.frontend, p.protocol, p.port))
-        .collect();
-    let node_ports: FxHashSet<(Protocol, u16)> =
-        pins.iter().map(|p| (p.protocol, p.port)).collect();
+/// endpoints in `wanted` (a `maps`-layout table): in the cluster-wide or node-local endpoint
+/// map of `frontend . protocol . port`, or of the NodePort `protocol . port`. An entry whose
+/// frontend has no endpoints at all is stale too. Each frontend's endpoints are looked up
+/// slot by slot, once.
+pub fn stale_pins(wanted: &dyn ElementLookup, pins: &[AffinityPin]) -> Vec<usize> {
     let mut by_address: FxHashMap<(IpAddr, Protocol, u16), FxHashSet<Endpoint>> =
         FxHashMap::default();
     let mut by_node_port: FxHashMap<(Protocol, u16), FxHashSet<Endpoint>> = FxHashMap::default();
-    for element in &ruleset.elements {
-        let container = &*element.container;
-        let address_map = container == CLUSTER_ENDPOINTS || container == LOCAL_ENDPOINTS;
-        let node_port_map =
-            container == NODEPORT_CLUSTER_ENDPOINTS || container == NODEPORT_LOCAL_ENDPOINTS;
-        if !address_map && !node_port_map {
-            continue;
-        }
-        let Some(endpoint) = endpoint_of(element.value.as_ref()) else {
-            continue;
-        };
-        match element.key.as_slice() {
-            [Value::Addr(address), Value::Protocol(protocol), Value::Port(port), Value::Integer(_)]
-                if address_map =>
-            {
-                let frontend = (*address, *protocol, *port);
-                if addresses.contains(&frontend) {
-                    by_address.entry(frontend).or_default().insert(endpoint);
-                }
-            }
-            [Value::Protocol(protocol), Value::Port(port), Value::Integer(_)] if node_port_map => {
-                let frontend = (*protocol, *port);
-                if node_ports.contains(&frontend) {
-                    by_node_port.entry(frontend).or_default().insert(endpoint);
-                }
-            }
-            _ => {}
+    let mut stale = Vec::new();
+    for (i, pin) in pins.iter().enumerate() {
+        let endpoint = (pin.endpoint, pin.endpoint_port);
+        let of_address = by_address
+            .entry((pin.frontend, pin.protocol, pin.port))
+            .or_insert_with(|| {
+                let frontend = [
+                    Value::Addr(pin.frontend),
+                    Value::Protocol(pin.protocol),
+                    Value::Port(pin.port),
+                ];
+                endpoints(wanted, &[CLUSTER_ENDPOINTS, LOCAL_ENDPOINTS], &frontend)
+            })
+            .contains(&endpoint);
+        let of_node_port = of_address
+            || by_node_port
+                .entry((pin.protocol, pin.port))
+                .or_insert_with(|| {
+                    let frontend = [Value::Protocol(pin.protocol), Value::Port(pin.port)];
+                    endpoints(
+                        wanted,
+                        &[NODEPORT_CLUSTER_ENDPOINTS, NODEPORT_LOCAL_ENDPOINTS],
+                        &frontend,
+                    )
+                })
+                .contains(&endpoint);
+        if !of_address && !of_node_port {
+            stale.push(i);
         }
     }
-    pins.iter()
-        .enumerate()
-        .filter(|(_, pin)| {
-            let endpoint = (pin.endpoint, pin.endpoint_port);
-            let of_address = by_address
-                .get(&(pin.frontend, pin.protocol, pin.port))
-                .is_some_and(|endpoints| endpoints.contains(&endpoint));
-            let of_node_port = by_node_port
-                .get(&(pin.protocol, pin.port))
-                .is_some_and(|endpoints| endpoints.contains(&endpoint));
-            !of_address && !of_node_port
-        })
-        .map(|(i, _)| i)
-        .collect()
+    stale
+}
+
+/// Every endpoint of `frontend` in `maps`: slots 0, 1, … until one is missing.
+fn endpoints(wanted: &dyn ElementLookup, maps: &[&str], frontend: &[Value]) -> FxHashSet<Endpoint> {
+    let mut found = FxHashSet::default();
+    for map in maps {
+        let mut key = frontend.to_vec();
+        key.push(Value::Integer(0));
+        for slot in 0u32.. {
+            if let Some(last) = key.last_mut() {
+                *last = Value::Integer(slot);
+            }
+            match wanted.element(map, &key) {
+                Some(element) => found.extend(endpoint_of(element.value.as_ref())),
+                None => break,
+            }
+        }
+    }
+    found
 }
 
 fn endpoint_of(value: Option<&ElementValue>) -> Option<Endpoint> {
@@ -141,7 +145,26 @@ endpoints:
   conditions: {ready: true}
 "#;
 
-    fn ruleset() -> Ruleset {
+    /// The ruleset's elements by container and key.
+    struct Index(FxHashMap<(String, Vec<Value>), Element>);
+
+    impl ElementLookup for Index {
+        fn element(&self, container: &str, key: &[Value]) -> Option<&Element> {
+            self.0.get(&(container.to_string(), key.to_vec()))
+        }
+    }
+
+    fn index() -> Index {
+        Index(
+            ruleset()
+                .elements
+                .into_iter()
+                .map(|e| ((e.container.to_string(), e.key.clone()), e))
+                .collect(),
+        )
+    }
+
+    fn ruleset() -> crate::nftables::Ruleset {
         let mut manifests = Manifests::default();
         manifests
             .add_text(MANIFEST, "test")
@@ -168,7 +191,7 @@ endpoints:
 
     #[test]
     fn a_pin_to_an_endpoint_of_its_frontend_stays_and_every_other_is_stale() {
-        let ruleset = ruleset();
+        let wanted = index();
         let pins = [
             // Kept: the cluster IP's endpoints, and the NodePort's on a node address.
             pin("172.30.0.10", 80, "10.244.1.5", 8080),
@@ -180,7 +203,7 @@ endpoints:
             pin("172.30.0.11", 80, "10.244.1.5", 8080),
             pin("10.0.0.1", 30080, "10.244.3.9", 8080),
         ];
-        assert_eq!(stale_pins(&ruleset, &pins), vec![2, 3, 4, 5]);
-        assert_eq!(stale_pins(&ruleset, &[]), Vec::<usize>::new());
+        assert_eq!(stale_pins(&wanted, &pins), vec![2, 3, 4, 5]);
+        assert_eq!(stale_pins(&wanted, &[]), Vec::<usize>::new());
     }
 }

@@ -66,6 +66,7 @@ pub use kernel::{
 
 use super::{SyncError, SyncReport, Timed};
 use crate::family::IpFamily;
+use crate::nftables::affinity_pins::ElementLookup;
 use crate::nftables::{
     Chain, Command, Element, Map, Name, Object, ObjectId, Ruleset, Set, SetFlag, Value, SERVICES,
 };
@@ -312,7 +313,17 @@ impl<A: Applier> Syncer<A> {
         // Live state the commit made wrong (affinity pins to removed endpoints). A failure
         // leaves the committed rules in place; the next full sync prunes again.
         if full || deletes_elements {
-            match applier.prune_live_state(family, desired) {
+            let committed: &dyn ElementLookup = match &state.applied {
+                Some(applied) => applied,
+                None => {
+                    return Err(SyncError::Read {
+                        tool: "kproxy".into(),
+                        family,
+                        message: "no record of the committed table".into(),
+                    })
+                }
+            };
+            match applier.prune_live_state(family, committed) {
                 Ok(pruned) => report.pruned = pruned,
                 Err(err) => {
                     state.applied = None;
@@ -545,6 +556,12 @@ struct Applied {
     /// Elements by container, then key.
     elements: FxHashMap<Name, FxHashMap<Vec<Value>, Element>>,
     element_count: usize,
+}
+
+impl ElementLookup for Applied {
+    fn element(&self, container: &str, key: &[Value]) -> Option<&Element> {
+        Applied::element(self, container, key)
+    }
 }
 
 impl Applied {

@@ -16,21 +16,21 @@ use super::element_dump;
 use super::elements::{self, ElementBatch, ElementError, Part, PartKind};
 use crate::family::IpFamily;
 use crate::model::Protocol;
-use crate::nftables::affinity_pins::{stale_pins, AffinityPin};
+use crate::nftables::affinity_pins::{stale_pins, AffinityPin, ElementLookup};
 use crate::nftables::translate::maps::AFFINITY;
-use crate::nftables::Ruleset;
 use crate::sync::netlink::NetfilterSocket;
 use crate::sync::SyncError;
 
 /// Listings (and deletions) per sweep at most.
 pub const PASSES: usize = 3;
 
-/// Deletes the stale entries of `table`'s affinity map; returns how many were deleted.
+/// Deletes the entries of `table`'s affinity map that are stale against `wanted` (the
+/// elements committed); returns how many were deleted.
 pub fn sweep(
     socket: &mut NetfilterSocket,
     family: IpFamily,
     table: &str,
-    desired: &Ruleset,
+    wanted: &dyn ElementLookup,
 ) -> Result<usize, SyncError> {
     let error = |message: String| SyncError::Refused {
         tool: "nf_tables netlink".into(),
@@ -54,7 +54,7 @@ pub fn sweep(
             .enumerate()
             .filter_map(|(i, l)| pin_of(&l.element).map(|pin| (pin, i)))
             .unzip();
-        let stale = stale_pins(desired, &pins);
+        let stale = stale_pins(wanted, &pins);
         if stale.is_empty() {
             return Ok(deleted);
         }

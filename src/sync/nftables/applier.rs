@@ -14,9 +14,9 @@ use super::netlink_elements::{
     layout, model_element, wire_element, wire_key, ElementOp, ElementRoute,
 };
 use crate::family::IpFamily;
-use crate::nftables::translate::maps::AFFINITY;
+use crate::nftables::affinity_pins::ElementLookup;
 use crate::nftables::{write_command, Command, ObjectId, TABLE_NAME};
-use crate::nftables::{DataType, Object, Ruleset, SetFlag};
+use crate::nftables::{DataType, Object, SetFlag};
 use crate::sync::netlink::NetfilterSocket;
 use crate::sync::{run_tool, SyncError};
 
@@ -50,7 +50,7 @@ pub trait Applier {
     fn prune_live_state(
         &mut self,
         _family: IpFamily,
-        _desired: &crate::nftables::Ruleset,
+        _wanted: &dyn ElementLookup,
     ) -> Result<usize, SyncError> {
         Ok(0)
     }
@@ -84,9 +84,9 @@ impl<A: Applier + ?Sized> Applier for &mut A {
     fn prune_live_state(
         &mut self,
         family: IpFamily,
-        desired: &crate::nftables::Ruleset,
+        wanted: &dyn ElementLookup,
     ) -> Result<usize, SyncError> {
-        (**self).prune_live_state(family, desired)
+        (**self).prune_live_state(family, wanted)
     }
     fn delete_tables(&mut self, families: &[IpFamily]) -> Result<(), SyncError> {
         (**self).delete_tables(families)
@@ -112,9 +112,9 @@ impl<A: Applier + ?Sized> Applier for crate::sync::Timed<'_, A> {
     fn prune_live_state(
         &mut self,
         family: IpFamily,
-        desired: &crate::nftables::Ruleset,
+        wanted: &dyn ElementLookup,
     ) -> Result<usize, SyncError> {
-        self.time(|a| a.prune_live_state(family, desired))
+        self.time(|a| a.prune_live_state(family, wanted))
     }
 }
 
@@ -434,15 +434,12 @@ impl Applier for NftApplier {
     fn prune_live_state(
         &mut self,
         family: IpFamily,
-        desired: &Ruleset,
+        wanted: &dyn ElementLookup,
     ) -> Result<usize, SyncError> {
         let netns = match &self.netns {
             Some(netns) if self.netlink_elements => netns.clone(),
             _ => return Ok(0),
         };
-        if desired.map(AFFINITY).is_none() {
-            return Ok(0);
-        }
         let mut socket =
             NetfilterSocket::open_in(netns.as_deref()).map_err(|e| SyncError::Refused {
                 tool: NETLINK.into(),
@@ -450,7 +447,7 @@ impl Applier for NftApplier {
                 object: None,
                 message: format!("cannot open a netlink socket: {e}"),
             })?;
-        affinity_sweep::sweep(&mut socket, family, &self.table, desired)
+        affinity_sweep::sweep(&mut socket, family, &self.table, wanted)
     }
 }
 
