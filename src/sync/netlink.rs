@@ -21,7 +21,8 @@ use netlink_packet_core::{
 };
 use netlink_packet_netfilter::nftables::{
     ChainAttribute, ChainMessage, DataAttribute, ExpressionAttribute, Expressions, Immediate,
-    ListAttribute, NfTablesMessage, RuleAttribute, RuleMessage, Verdict, VerdictAttribute,
+    ListAttribute, NfTablesMessage, RuleAttribute, RuleMessage, TableAttribute, TableMessage,
+    Verdict, VerdictAttribute,
 };
 use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
@@ -32,6 +33,8 @@ use crate::family::IpFamily;
 
 /// `NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETCHAIN`, `… | NFT_MSG_GETRULE`.
 const NFT_GET_CHAIN: u16 = (10 << 8) | 4;
+/// `NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETTABLE`.
+const NFT_GET_TABLE: u16 = (10 << 8) | 1;
 const NFT_GET_RULE: u16 = (10 << 8) | 7;
 
 /// The receive buffer of [`NetfilterSocket::dump`]. The kernel sizes the messages of a dump
@@ -302,6 +305,21 @@ impl NetfilterSocket {
         let mut rules = 0;
         self.rules(family, table, chain, |_| rules += 1)?;
         Ok(rules)
+    }
+
+    /// Whether `table` exists (a lookup of one table: `nft list tables` first reads every
+    /// set element of every table).
+    pub fn table_exists(&mut self, family: IpFamily, table: &str) -> io::Result<bool> {
+        let request = NfTablesMessage::GetTable(TableMessage {
+            attributes: vec![TableAttribute::Name(table.into())],
+        });
+        self.request_if_present(
+            family,
+            NFT_GET_TABLE,
+            NLM_F_REQUEST | NLM_F_ACK,
+            request,
+            |_| {},
+        )
     }
 
     /// Whether `table` holds `chain`.
