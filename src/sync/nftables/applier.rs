@@ -1,22 +1,19 @@
 //! How a transaction reaches the kernel. [`Applier`] is the seam: [`NftApplier`] runs the `nft`
-//! tool (one `nft -f -` per transaction, as kube-proxy does, §5.1); a netlink applier could
-//! implement the same trait; [`super::fake::FakeKernel`] models a table in memory for tests.
+//! tool (one `nft -f -` per transaction, as kube-proxy does, §5.1), or for the `maps` layout
+//! sends the elements over netlink ([`super::netlink_elements`]); [`super::fake::FakeKernel`]
+//! models a table in memory for tests.
 
 use std::process::Command as Process;
 
 use rustc_hash::FxHashSet;
 
 use super::affinity_sweep;
-use super::element_dump;
-use super::elements::{Data, ElementBatch, Verdict};
+use super::elements::ElementBatch;
 use super::kernel::{self, ContainerDecl, KernelTable};
-use super::netlink_elements::{
-    layout, model_element, wire_element, wire_key, ElementOp, ElementRoute,
-};
+use super::netlink_elements::{wire_element, wire_key, ElementOp, ElementRoute};
 use crate::family::IpFamily;
 use crate::nftables::affinity_pins::ElementLookup;
-use crate::nftables::{write_command, Command, ObjectId, TABLE_NAME};
-use crate::nftables::{DataType, Object, SetFlag};
+use crate::nftables::{write_command, Command, Object, ObjectId, SetFlag, TABLE_NAME};
 use crate::sync::netlink::NetfilterSocket;
 use crate::sync::{run_tool, SyncError};
 
@@ -430,9 +427,10 @@ impl Applier for NftApplier {
         Ok(bytes)
     }
 
-    /// With elements over netlink, the table's declarations and chains come from a terse
-    /// listing and the elements from netlink dumps: `nft -j` of a million elements takes
-    /// minutes and gigabytes.
+    /// With elements over netlink, the table's declarations come from listings that read no
+    /// element and its rules are counted over netlink; the elements are not read at all (a
+    /// netlink dump of a million takes the kernel 19 s, `nft -j` minutes and gigabytes): the
+    /// full sync refills every container instead, in one atomic batch.
     fn read(&mut self, family: IpFamily) -> Result<Option<KernelTable>, SyncError> {
         let netns = match &self.netns {
             Some(netns) if self.netlink_elements => Some(netns.clone()),
@@ -452,8 +450,14 @@ impl Applier for NftApplier {
         })?;
         if let Some(netns) = netns {
             count_rules(&mut table, family, &self.table, netns.as_deref())?;
-            read_elements(&mut table, family, &self.table, netns.as_deref())?;
-            for container in &table.containers {
+            // Which chains an element points at is not known without the elements.
+            for chain in &mut table.chains {
+                chain.in_element = true;
+            }
+            for container in &mut table.containers {
+                // Not read: the full sync empties and refills every container kproxy fills, in
+                // the same atomic batch (docs/maps-layout.md, "Full sync").
+                container.elements = None;
                 let flags = match &container.decl {
                     ContainerDecl::Set(set) => &set.flags,
                     ContainerDecl::Map(map) => &map.flags,
@@ -615,72 +619,6 @@ fn count_rules(
                     family,
                     message: format!("cannot count the rules of chain {}: {e}", chain.name),
                 })?;
-    }
-    Ok(())
-}
-
-/// Fills in the elements of `table`'s sets and maps (read from a terse listing) from netlink
-/// dumps, and which chains an element jumps to. As from the JSON listing, the elements of
-/// live containers (affinity) are not read, and a container with an element kproxy does not
-/// write has `None`, so that the full sync empties and refills it.
-fn read_elements(
-    table: &mut KernelTable,
-    family: IpFamily,
-    name: &str,
-    netns: Option<&str>,
-) -> Result<(), SyncError> {
-    let error = |message: String| SyncError::Read {
-        tool: NETLINK.into(),
-        family,
-        message,
-    };
-    let mut socket = NetfilterSocket::open_in(netns)
-        .map_err(|e| error(format!("cannot open a netlink socket: {e}")))?;
-    let mut targets: FxHashSet<String> = FxHashSet::default();
-    for container in &mut table.containers {
-        let (key_type, value_type, flags) = match &container.decl {
-            ContainerDecl::Set(set) => (&set.key_type, None, &set.flags),
-            ContainerDecl::Map(map) => (&map.key_type, Some(&map.value_type), &map.flags),
-            ContainerDecl::Other => {
-                container.elements = None;
-                continue;
-            }
-        };
-        let data = match value_type {
-            Some(types) if types.as_slice() != [DataType::Verdict] => layout(types),
-            _ => Some(Vec::new()),
-        };
-        let (Some(key), Some(data)) = (layout(key_type), data) else {
-            container.elements = None;
-            continue;
-        };
-        if super::is_live(flags) {
-            container.elements = None;
-            continue;
-        }
-        let data = (!data.is_empty()).then_some(data.as_slice());
-        let listed = element_dump::list(&mut socket, family, name, &container.name, &key, data)
-            .map_err(|e| {
-                error(format!(
-                    "cannot read the elements of {}: {e}",
-                    container.name
-                ))
-            })?
-            .unwrap_or_default();
-        for element in &listed {
-            if let Some(Data::Verdict(Verdict::Jump(chain) | Verdict::Goto(chain))) =
-                &element.element.data
-            {
-                targets.insert(chain.clone());
-            }
-        }
-        container.elements = listed
-            .iter()
-            .map(|l| model_element(&container.name, &l.element))
-            .collect();
-    }
-    for chain in &mut table.chains {
-        chain.in_element |= targets.contains(&*chain.name);
     }
     Ok(())
 }

@@ -24,11 +24,9 @@
 
 use std::fmt::Write as _;
 
-use super::elements::{self, Data, Part, PartKind};
+use super::elements::{self, Data, Part};
 use crate::model::Protocol;
-use crate::nftables::{
-    Command, DataType, Element, ElementValue, Name, Object, ObjectId, Value, Verdict,
-};
+use crate::nftables::{Command, Element, ElementValue, Object, ObjectId, Value, Verdict};
 
 /// One element operation of step 2, borrowed from the transaction.
 #[derive(Debug, Clone, Copy)]
@@ -163,107 +161,6 @@ fn protocol_number(protocol: Protocol) -> u8 {
     }
 }
 
-/// The part kinds of a declared key or data type; `None` for a verdict.
-pub fn layout(types: &[DataType]) -> Option<Vec<PartKind>> {
-    types
-        .iter()
-        .map(|t| match t {
-            DataType::Ipv4Addr => Some(PartKind::Ipv4),
-            DataType::Ipv6Addr => Some(PartKind::Ipv6),
-            DataType::InetProto => Some(PartKind::Proto),
-            DataType::InetService => Some(PartKind::Port),
-            DataType::Slot => Some(PartKind::Integer),
-            DataType::Verdict => None,
-        })
-        .collect()
-}
-
-/// The model form of an element read from `container` over netlink; `None` when it has none
-/// (a range that is no network, a protocol kproxy does not write, an `accept` verdict): the
-/// full sync then empties the container and fills it anew.
-pub fn model_element(container: &Name, wire: &elements::Element) -> Option<Element> {
-    let key = match &wire.key_end {
-        None => wire
-            .key
-            .parts()
-            .iter()
-            .map(model_value)
-            .collect::<Option<Vec<_>>>()?,
-        Some(end) if end.parts().len() == wire.key.parts().len() => wire
-            .key
-            .parts()
-            .iter()
-            .zip(end.parts())
-            .map(|(start, end)| {
-                if start == end {
-                    model_value(start)
-                } else {
-                    network(start, end)
-                }
-            })
-            .collect::<Option<Vec<_>>>()?,
-        Some(_) => return None,
-    };
-    let value = match &wire.data {
-        None => None,
-        Some(Data::Value(value)) => Some(ElementValue::Data(
-            value
-                .parts()
-                .iter()
-                .map(model_value)
-                .collect::<Option<Vec<_>>>()?,
-        )),
-        Some(Data::Verdict(verdict)) => Some(ElementValue::Verdict(match verdict {
-            elements::Verdict::Jump(chain) => Verdict::Jump(chain.as_str().into()),
-            elements::Verdict::Goto(chain) => Verdict::Goto(chain.as_str().into()),
-            elements::Verdict::Drop => Verdict::Drop,
-            elements::Verdict::Accept | elements::Verdict::Return => return None,
-        })),
-    };
-    Some(Element {
-        container: container.clone(),
-        key,
-        value,
-        comment: wire.comment.as_deref().map(Name::from),
-    })
-}
-
-fn model_value(part: &Part) -> Option<Value> {
-    Some(match *part {
-        Part::Ipv4(address) => Value::Addr(address.into()),
-        Part::Ipv6(address) => Value::Addr(address.into()),
-        Part::Proto(number) => Value::Protocol(match number {
-            6 => Protocol::Tcp,
-            17 => Protocol::Udp,
-            132 => Protocol::Sctp,
-            _ => return None,
-        }),
-        Part::Port(port) => Value::Port(port),
-        Part::Integer(n) => Value::Integer(n),
-    })
-}
-
-/// The network whose first and last addresses are `start` and `end`, if there is one.
-fn network(start: &Part, end: &Part) -> Option<Value> {
-    let (first, last, bits) = match (*start, *end) {
-        (Part::Ipv4(a), Part::Ipv4(b)) => (u128::from(u32::from(a)), u128::from(u32::from(b)), 32),
-        (Part::Ipv6(a), Part::Ipv6(b)) => (u128::from(a), u128::from(b), 128),
-        _ => return None,
-    };
-    let host = first ^ last;
-    // The host part is all ones in `last` and all zeros in `first`.
-    if host & (host.wrapping_add(1)) != 0 || first & host != 0 {
-        return None;
-    }
-    let prefix = u8::try_from(bits - host.count_ones()).ok()?;
-    let address = match start {
-        Part::Ipv4(a) => std::net::IpAddr::V4(*a),
-        Part::Ipv6(a) => std::net::IpAddr::V6(*a),
-        _ => return None,
-    };
-    ipnet::IpNet::new(address, prefix).ok().map(Value::Net)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,55 +284,5 @@ mod tests {
             route.after[..],
             [Command::Delete(ObjectId::Chain(_))]
         ));
-    }
-
-    #[test]
-    fn what_is_read_back_is_what_was_written() {
-        let elements = [
-            element(
-                "firewall-allow",
-                vec![
-                    Value::Addr("10.0.0.1".parse().expect("address")),
-                    Value::Protocol(Protocol::Udp),
-                    Value::Port(53),
-                    Value::Net("203.0.113.0/24".parse().expect("network")),
-                ],
-                None,
-            ),
-            element(
-                "cluster-endpoints",
-                vec![
-                    Value::Addr("fd00::1".parse().expect("address")),
-                    Value::Protocol(Protocol::Sctp),
-                    Value::Port(80),
-                    Value::Integer(7),
-                ],
-                Some(ElementValue::Data(vec![
-                    Value::Addr("fd00::2".parse().expect("address")),
-                    Value::Port(8080),
-                ])),
-            ),
-            Element {
-                comment: Some("ns/svc:http".into()),
-                ..element(
-                    "service-ips",
-                    vec![Value::Port(1)],
-                    Some(ElementValue::Verdict(Verdict::Goto("internal".into()))),
-                )
-            },
-        ];
-        for written in &elements {
-            let wire = wire_element(written).expect("a wire form");
-            assert_eq!(
-                model_element(&written.container, &wire).as_ref(),
-                Some(written)
-            );
-        }
-        // A range that is no network, and a protocol kproxy does not write, have no model form.
-        let odd_range = elements::Element::new(Part::Ipv4(Ipv4Addr::new(10, 0, 0, 1)))
-            .to(Part::Ipv4(Ipv4Addr::new(10, 0, 0, 5)));
-        assert_eq!(model_element(&"s".into(), &odd_range), None);
-        let icmp = elements::Element::new(Part::Proto(1));
-        assert_eq!(model_element(&"s".into(), &icmp), None);
     }
 }
