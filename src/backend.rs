@@ -310,6 +310,45 @@ impl<A: nft_sync::Applier> NftablesBackend<A> {
     }
 }
 
+impl<A: nft_sync::Applier> NftablesBackend<A> {
+    /// The `maps` layout's path for a change of endpoints only: the changed ports' element
+    /// differences, sent without building and comparing the whole table
+    /// ([`nftables::translate_delta`], [`Syncer::sync_delta`]). `None`: the change is more
+    /// than that, or this sync must be a full one; the caller takes the usual path (the
+    /// translations kept are current either way).
+    fn sync_elements_only(
+        &mut self,
+        model: &ProxyModel,
+        config: &NodeConfig,
+        started: Instant,
+    ) -> Option<FamilySync> {
+        let family = model.family;
+        let cache = self.translations.entry(family).or_default();
+        let syncer = &self.syncer;
+        let delta = nftables::translate_delta(model, config, cache, &|chain| {
+            syncer.has_chain(family, chain)
+        })?;
+        let translate = started.elapsed();
+        let result = self.syncer.sync_delta(family, &delta)?;
+        tracing::debug!(
+            ?family,
+            removed = delta.removed.len(),
+            added = delta.added.len(),
+            "synced element changes only"
+        );
+        Some(FamilySync {
+            family,
+            result,
+            programmed: vec![(
+                layout_tables(config.nftables_layout).0,
+                self.syncer.object_count(family),
+            )],
+            translate,
+            attempted_partial: false,
+        })
+    }
+}
+
 impl<A: nft_sync::Applier + Send> Backend for NftablesBackend<A> {
     fn mode(&self) -> Mode {
         Mode::Nftables
@@ -320,6 +359,9 @@ impl<A: nft_sync::Applier + Send> Backend for NftablesBackend<A> {
             .iter()
             .map(|model| {
                 let started = Instant::now();
+                if let Some(done) = self.sync_elements_only(model, config, started) {
+                    return done;
+                }
                 let cache = self.translations.entry(model.family).or_default();
                 let ruleset = nftables::translate_cached(model, config, cache);
                 let translate = started.elapsed();

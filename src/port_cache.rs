@@ -80,4 +80,31 @@ impl<P: Send> PortCache<P> {
     pub fn get(&self, name: &ServicePortName) -> Option<&P> {
         self.ports.get(name).map(|(_, part)| part)
     }
+
+    /// Whether the parts kept were translated with `settings`.
+    pub fn settings_match(&self, settings: &str) -> bool {
+        self.settings == settings
+    }
+
+    /// The ports of `ports` whose part is kept for another version of them; `None` when a
+    /// port is not kept at all or a kept port is no longer in `ports` (the set of ports
+    /// changed, not only ports).
+    pub fn changed<'a>(&self, ports: &'a [Arc<ServicePort>]) -> Option<Vec<&'a Arc<ServicePort>>> {
+        if ports.len() != self.ports.len() {
+            return None;
+        }
+        let mut changed = Vec::new();
+        for port in ports {
+            let (kept, _) = self.ports.get(&port.name)?;
+            if !Arc::ptr_eq(kept, port) {
+                changed.push(port);
+            }
+        }
+        Some(changed)
+    }
+
+    /// Keeps `part` as the translation of `port`, replacing the one kept for its name.
+    pub fn replace(&mut self, port: Arc<ServicePort>, part: P) {
+        self.ports.insert(port.name.clone(), (port, part));
+    }
 }

@@ -259,6 +259,14 @@ fn the_agent_sends_elements_over_netlink_and_an_endpoint_change_runs_no_nft() {
         endpoints()
     );
 
+    // Two clients pinned by the packet path: one to the endpoint about to go, one to another.
+    for (client, endpoint) in [("10.0.0.9", "10.244.3.9"), ("10.0.0.8", "10.244.1.5")] {
+        let entry =
+            format!("{{ {client} . 172.30.0.41 . tcp . 80 timeout 600s : {endpoint} . 80 }}");
+        nft(&ns, &["add", "element", "ip", "kproxy", "affinity", &entry]);
+    }
+    let affinity = || nft(&ns, &["list", "map", "ip", "kproxy", "affinity"]);
+
     // One endpoint replaced by another: a delete and an add in the endpoint map.
     let text = std::fs::read_to_string(&manifest).expect("read the manifest");
     std::fs::write(&manifest, text.replace("10.244.3.9", "10.244.3.10")).expect("edit");
@@ -280,6 +288,23 @@ fn the_agent_sends_elements_over_netlink_and_an_endpoint_change_runs_no_nft() {
         3,
         "{}",
         endpoints()
+    );
+    // The agent took the element path (no whole-table comparison).
+    common::agent::wait_until(
+        Duration::from_secs(5),
+        || agent.log_text().contains("synced element changes only"),
+        || format!("no element-only sync; agent log:\n{}", agent.log_text()),
+    );
+    // Only the client pinned to the removed endpoint lost its entry.
+    common::agent::wait_until(
+        Duration::from_secs(5),
+        || !affinity().contains("10.0.0.9 . 172.30.0.41"),
+        || format!("the pin to the removed endpoint stayed:\n{}", affinity()),
+    );
+    assert!(
+        affinity().contains("10.0.0.8 . 172.30.0.41 . tcp . 80"),
+        "{}",
+        affinity()
     );
     let second = std::fs::read_to_string(&log).expect("the wrapper's log");
     assert_eq!(

@@ -12,10 +12,10 @@ pub(crate) const LOCAL_ENDPOINTS: &str = "local-endpoints";
 pub(crate) const NODEPORT_CLUSTER_ENDPOINTS: &str = "nodeport-cluster-endpoints";
 pub(crate) const NODEPORT_LOCAL_ENDPOINTS: &str = "nodeport-local-endpoints";
 /// Frontend → `goto` the pick chain of its endpoint count (for the handler chains).
-const CLUSTER_PICKS: &str = "cluster-picks";
-const LOCAL_PICKS: &str = "local-picks";
-const NODEPORT_CLUSTER_PICKS: &str = "nodeport-cluster-picks";
-const NODEPORT_LOCAL_PICKS: &str = "nodeport-local-picks";
+pub(crate) const CLUSTER_PICKS: &str = "cluster-picks";
+pub(crate) const LOCAL_PICKS: &str = "local-picks";
+pub(crate) const NODEPORT_CLUSTER_PICKS: &str = "nodeport-cluster-picks";
+pub(crate) const NODEPORT_LOCAL_PICKS: &str = "nodeport-local-picks";
 /// Client . frontend → the endpoint it is pinned to; elements added from the packet path.
 pub(crate) const AFFINITY: &str = "affinity";
 /// Most clients pinned at once, over all services (nft's default, 65535, is sized for one

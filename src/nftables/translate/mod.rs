@@ -3,7 +3,10 @@
 //! `maps` layout (docs/maps-layout.md, [`maps`]) shares the table-wide part and writes every
 //! service port as elements.
 
+mod delta;
 pub(crate) mod maps;
+
+pub use delta::{translate_delta, ElementDelta};
 
 use rustc_hash::FxHashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -96,7 +99,7 @@ pub type PortCache = crate::port_cache::PortCache<PortObjects>;
 pub fn translate_cached(model: &ProxyModel, config: &NodeConfig, cache: &mut PortCache) -> Ruleset {
     let mut translator = Translator::new(model, config);
     translator.setup();
-    let settings = format!("{:?} {config:?}", model.family);
+    let settings = cache_settings(model, config);
     let parts = cache.update(settings, &model.ports, |port| {
         let mut part = translator.empty_copy();
         part.service_port(port);
@@ -105,6 +108,11 @@ pub fn translate_cached(model: &ProxyModel, config: &NodeConfig, cache: &mut Por
     let parts: Vec<&PortObjects> = parts.collect();
     translator.out.append_parts(&parts);
     translator.finish()
+}
+
+/// What a kept port's translation depends on besides the port.
+fn cache_settings(model: &ProxyModel, config: &NodeConfig) -> String {
+    format!("{:?} {config:?}", model.family)
 }
 
 struct Translator<'a> {

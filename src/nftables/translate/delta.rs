@@ -1,0 +1,308 @@
+//! A change of some service ports as element changes alone (issue 11, the `maps` layout): an
+//! EndpointSlice change adds, removes or changes a few endpoint-map elements, and the agent
+//! sends just those, without building the whole table and comparing it with what was applied
+//! (at 100,000 services that comparison is over a million elements).
+//!
+//! [`translate_delta`] translates the changed ports only and compares each with its previous
+//! translation. It gives up (`None`, and the caller builds the whole table as usual) whenever
+//! the change could reach beyond the port's own elements: a port added or removed, other
+//! node settings, a chain the port needs that does not exist yet, or an element added or
+//! removed outside the maps an endpoint change touches. (Which frontends a port has decides
+//! the table-wide parts built after the ports — see `Translator::maps_shadowed_nodeports` — and
+//! an element keyed by a frontend is only added or removed when the frontends change.)
+
+use super::maps::{
+    CLUSTER_ENDPOINTS, CLUSTER_PICKS, LOCAL_ENDPOINTS, LOCAL_PICKS, NODEPORT_CLUSTER_ENDPOINTS,
+    NODEPORT_CLUSTER_PICKS, NODEPORT_LOCAL_ENDPOINTS, NODEPORT_LOCAL_PICKS,
+};
+use super::*;
+use rustc_hash::FxHashSet;
+
+/// The element changes that take the table from the previous translation of some service
+/// ports to the current one.
+#[derive(Debug, Default)]
+pub struct ElementDelta {
+    /// Elements no longer wanted: container and key.
+    pub removed: Vec<(Name, Vec<Value>)>,
+    /// Elements new, or with another value or comment.
+    pub added: Vec<Element>,
+    /// A changed port has ClientIP affinity: clients may be pinned to an endpoint it lost.
+    pub affinity: bool,
+}
+
+/// The maps whose elements an endpoint change adds and removes: a frontend's endpoints by
+/// slot, and its pick chain.
+const ENDPOINT_MAPS: [&str; 8] = [
+    CLUSTER_ENDPOINTS,
+    LOCAL_ENDPOINTS,
+    NODEPORT_CLUSTER_ENDPOINTS,
+    NODEPORT_LOCAL_ENDPOINTS,
+    CLUSTER_PICKS,
+    LOCAL_PICKS,
+    NODEPORT_CLUSTER_PICKS,
+    NODEPORT_LOCAL_PICKS,
+];
+
+/// The changes since the translations kept in `cache`, when they are element changes of the
+/// `maps` layout alone (module docs); the changed ports' new translations are then kept in
+/// `cache`. `chain_exists` says whether the table holds a chain.
+pub fn translate_delta(
+    model: &ProxyModel,
+    config: &NodeConfig,
+    cache: &mut PortCache,
+    chain_exists: &dyn Fn(&str) -> bool,
+) -> Option<ElementDelta> {
+    if config.nftables_layout != NftablesLayout::Maps
+        || !cache.settings_match(&cache_settings(model, config))
+    {
+        return None;
+    }
+    let changed = cache.changed(&model.ports)?;
+    let translator = Translator::new(model, config);
+    let mut delta = ElementDelta::default();
+    let mut parts = Vec::with_capacity(changed.len());
+    for port in changed {
+        let mut part = translator.empty_copy();
+        part.service_port(port);
+        let new = part.out.into_part();
+        port_delta(cache.get(&port.name)?, &new, chain_exists, &mut delta)?;
+        delta.affinity |= port.affinity_timeout.is_some();
+        parts.push((port.clone(), new));
+    }
+    for (port, part) in parts {
+        cache.replace(port, part);
+    }
+    Some(delta)
+}
+
+/// Adds the element changes from `old` to `new` (one port's translations) to `delta`; `None`
+/// when the change is more than that.
+fn port_delta(
+    old: &PortObjects,
+    new: &PortObjects,
+    chain_exists: &dyn Fn(&str) -> bool,
+    delta: &mut ElementDelta,
+) -> Option<()> {
+    let declares_containers = |part: &PortObjects| !part.sets.is_empty() || !part.maps.is_empty();
+    if declares_containers(old) || declares_containers(new) {
+        return None;
+    }
+    // A port's chains are the shared pick chains, declared empty (their rules come with the
+    // table-wide part): they must exist already.
+    if new
+        .chains
+        .iter()
+        .any(|chain| !chain.rules.is_empty() || !chain_exists(&chain.name))
+    {
+        return None;
+    }
+    let endpoint_map = |container: &str| ENDPOINT_MAPS.contains(&container);
+    let before: FxHashMap<(&str, &[Value]), &Element> = old
+        .elements
+        .iter()
+        .map(|e| ((&*e.container, e.key.as_slice()), e))
+        .collect();
+    let after: FxHashSet<(&str, &[Value])> = new
+        .elements
+        .iter()
+        .map(|e| (&*e.container, e.key.as_slice()))
+        .collect();
+    for element in &new.elements {
+        match before.get(&(&*element.container, element.key.as_slice())) {
+            Some(kept) if **kept == *element => {}
+            Some(_) => delta.added.push(element.clone()),
+            None if endpoint_map(&element.container) => delta.added.push(element.clone()),
+            None => return None,
+        }
+    }
+    for element in &old.elements {
+        if !after.contains(&(&*element.container, element.key.as_slice())) {
+            if !endpoint_map(&element.container) {
+                return None;
+            }
+            delta
+                .removed
+                .push((element.container.clone(), element.key.clone()));
+        }
+    }
+    Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::Manifests;
+
+    fn manifest(endpoints: &[&str], extra_port: bool) -> String {
+        let ports = if extra_port {
+            "[{name: http, protocol: TCP, port: 80}, {name: dns, protocol: UDP, port: 53}]"
+        } else {
+            "[{name: http, protocol: TCP, port: 80}]"
+        };
+        let addresses: Vec<String> = endpoints
+            .iter()
+            .map(|a| format!("- addresses: [\"{a}\"]\n  conditions: {{ready: true}}\n"))
+            .collect();
+        format!(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  clusterIP: 172.30.0.10
+  ports: {ports}
+  sessionAffinity: ClientIP
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: other, namespace: default}}
+spec:
+  clusterIP: 172.30.0.11
+  ports: [{{name: http, protocol: TCP, port: 80}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{{name: http, protocol: TCP, port: 80}}]
+endpoints:
+{}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: other-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: other}}
+addressType: IPv4
+ports: [{{name: http, protocol: TCP, port: 80}}]
+endpoints:
+- addresses: ["10.244.9.9"]
+  conditions: {{ready: true}}
+"#,
+            addresses.concat()
+        )
+    }
+
+    fn config() -> NodeConfig {
+        let mut config = NodeConfig::new("node-1");
+        config.node_ips = vec!["10.0.0.1".parse().expect("address")];
+        config.nftables_layout = NftablesLayout::Maps;
+        config
+    }
+
+    fn model(text: &str, config: &NodeConfig) -> ProxyModel {
+        let mut manifests = Manifests::default();
+        manifests
+            .add_text(text, "test")
+            .expect("the manifest reads");
+        crate::pipeline::plan(&manifests.state, config)
+            .models
+            .remove(0)
+    }
+
+    /// `new`, sharing every port of `old` that is unchanged, as the agent's model does.
+    fn shared(old: &ProxyModel, mut new: ProxyModel, changed: &str) -> ProxyModel {
+        for port in new.ports.iter_mut() {
+            if port.name.name != changed {
+                if let Some(kept) = old.ports.iter().find(|p| p.name == port.name) {
+                    *port = kept.clone();
+                }
+            }
+        }
+        new
+    }
+
+    /// The elements of a translation, by container and key, as text.
+    fn elements(ruleset: &Ruleset) -> std::collections::BTreeSet<String> {
+        ruleset.elements.iter().map(|e| format!("{e:?}")).collect()
+    }
+
+    #[test]
+    fn an_endpoint_change_is_the_element_difference_of_the_whole_translation() {
+        let config = config();
+        let old = model(&manifest(&["10.244.1.5", "10.244.2.7"], false), &config);
+        let mut cache = PortCache::default();
+        let before = translate_cached(&old, &config, &mut cache);
+        let chains: FxHashSet<String> = before.chains.iter().map(|c| c.name.to_string()).collect();
+        // Two endpoints become two others (same count, same pick chain), then one of them goes.
+        for endpoints in [
+            &["10.244.1.5", "10.244.3.9"][..],
+            &["10.244.3.9", "10.244.4.4"],
+        ] {
+            let new = shared(&old, model(&manifest(endpoints, false), &config), "web");
+            let delta = translate_delta(&new, &config, &mut cache, &|c| chains.contains(c))
+                .expect("an element change");
+            assert!(delta.affinity);
+            let after = translate(&new, &config);
+            // Applying the delta to the old elements gives the new translation's elements.
+            let mut applied: FxHashMap<(String, Vec<Value>), String> = before
+                .elements
+                .iter()
+                .map(|e| ((e.container.to_string(), e.key.clone()), format!("{e:?}")))
+                .collect();
+            for (container, key) in &delta.removed {
+                assert!(applied
+                    .remove(&(container.to_string(), key.clone()))
+                    .is_some());
+            }
+            for element in &delta.added {
+                applied.insert(
+                    (element.container.to_string(), element.key.clone()),
+                    format!("{element:?}"),
+                );
+            }
+            let got: std::collections::BTreeSet<String> = applied.into_values().collect();
+            assert_eq!(got, elements(&after));
+            // The cache now holds the new translation: the full path gives the same table.
+            assert_eq!(translate_cached(&new, &config, &mut cache), after);
+            // Back to the old endpoints for the next round.
+            let back = translate_delta(&old, &config, &mut cache, &|c| chains.contains(c));
+            assert!(back.is_some());
+        }
+    }
+
+    #[test]
+    fn more_than_an_element_change_goes_the_full_way() {
+        let config = config();
+        let old = model(&manifest(&["10.244.1.5", "10.244.2.7"], false), &config);
+        let mut cache = PortCache::default();
+        let before = translate_cached(&old, &config, &mut cache);
+        let chains: FxHashSet<String> = before.chains.iter().map(|c| c.name.to_string()).collect();
+        // A third endpoint needs a pick chain of three, which the table does not have.
+        let three = shared(
+            &old,
+            model(
+                &manifest(&["10.244.1.5", "10.244.2.7", "10.244.3.9"], false),
+                &config,
+            ),
+            "web",
+        );
+        assert!(translate_delta(&three, &config, &mut cache, &|c| chains.contains(c)).is_none());
+        // With it, the same change is an element change.
+        assert!(translate_delta(&three, &config, &mut cache, &|_| true).is_some());
+        // A port more: the set of ports changed.
+        let ported = shared(
+            &old,
+            model(&manifest(&["10.244.1.5", "10.244.2.7"], true), &config),
+            "web",
+        );
+        assert!(translate_delta(&ported, &config, &mut cache, &|_| true).is_none());
+        // No endpoints: the frontend leaves service-ips for no-endpoint-services.
+        let mut cache = PortCache::default();
+        translate_cached(&old, &config, &mut cache);
+        let none = shared(&old, model(&manifest(&[], false), &config), "web");
+        assert!(translate_delta(&none, &config, &mut cache, &|_| true).is_none());
+        // Other node settings.
+        let mut moved = config.clone();
+        moved.node_ips = vec!["10.0.0.2".parse().expect("address")];
+        assert!(translate_delta(&old, &moved, &mut cache, &|_| true).is_none());
+        // kube-proxy's layout has no element path.
+        let mut kube_proxy = config.clone();
+        kube_proxy.nftables_layout = NftablesLayout::KubeProxy;
+        assert!(translate_delta(&old, &kube_proxy, &mut cache, &|_| true).is_none());
+    }
+}
