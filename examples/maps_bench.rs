@@ -17,7 +17,7 @@
 //! - **memory**: this process's peak RSS (`VmHWM`), and the kernel's slab growth (`Slab` in
 //!   /proc/meminfo) from before the namespace was made to after the full load.
 //!
-//! The model is built outside the timed part, and shares the ports of unchanged Services with
+//! The process enters the namespace, as the agent runs in the node's. The model is built outside the timed part, and shares the ports of unchanged Services with
 //! the previous one, as the agent's does (it rebuilds only changed Services).
 
 use std::process::Command as Process;
@@ -95,8 +95,18 @@ fn share_unchanged(old: &[ProxyModel], mut new: Vec<ProxyModel>, changed: &str) 
     new
 }
 
-fn backend(ns: &Netns) -> NftablesBackend<NftApplier> {
-    let applier = NftApplier::in_netns(&ns.0)
+/// Moves this thread, and the threads it starts from now on, into `ns`: the backend then
+/// works as the agent does, in its own network namespace.
+fn enter(ns: &Netns) {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(format!("/run/netns/{}", ns.0)).expect("the namespace");
+    // SAFETY: setns with a valid descriptor changes only this thread's network namespace.
+    let entered = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(entered, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+fn backend() -> NftablesBackend<NftApplier> {
+    let applier = NftApplier::new()
         .with_table(MAPS_TABLE_NAME, Some(TABLE_NAME))
         .with_netlink_elements();
     NftablesBackend::new(applier, SyncOptions::default())
@@ -164,7 +174,8 @@ fn main() {
 
         let slab_before = proc_mib("/proc/meminfo", "Slab:");
         let ns = Netns::new(format!("kp-maps-bench-{}-{n}", std::process::id()));
-        let mut loaded = backend(&ns);
+        enter(&ns);
+        let mut loaded = backend();
         let (total, translate, syncer, kernel, full) = sync(&mut loaded, &full_models, &config);
         assert!(full, "the first sync is full");
         let slab_after = proc_mib("/proc/meminfo", "Slab:");
@@ -208,7 +219,7 @@ fn main() {
             median(changes.iter().map(|c| c.2).collect()),
         );
 
-        let mut restarted = backend(&ns);
+        let mut restarted = backend();
         let (restart, _, _, restart_kernel, full) = sync(&mut restarted, &full_models, &config);
         assert!(full, "a new backend's first sync is full");
 

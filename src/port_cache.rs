@@ -14,6 +14,9 @@ pub struct PortCache<P> {
     /// Everything besides the port that the parts depend on (node settings, modes).
     settings: String,
     ports: FxHashMap<ServicePortName, (Arc<ServicePort>, P)>,
+    /// The ports as last handed over, in their order: an unchanged model is recognised by
+    /// comparing pointers in order, without a lookup per port.
+    order: Vec<Arc<ServicePort>>,
 }
 
 impl<P> Default for PortCache<P> {
@@ -21,6 +24,7 @@ impl<P> Default for PortCache<P> {
         PortCache {
             settings: String::new(),
             ports: FxHashMap::default(),
+            order: Vec::new(),
         }
     }
 }
@@ -61,6 +65,7 @@ impl<P: Send> PortCache<P> {
             let wanted: FxHashSet<&ServicePortName> = ports.iter().map(|p| &p.name).collect();
             self.ports.retain(|name, _| wanted.contains(name));
         }
+        self.order = ports.to_vec();
         let cache = &*self;
         ports
             .iter()
@@ -93,6 +98,24 @@ impl<P: Send> PortCache<P> {
         if ports.len() != self.ports.len() {
             return None;
         }
+        // The same ports in the same order: only the pointers that differ are looked at.
+        if self.order.len() == ports.len() {
+            let mut changed = Vec::new();
+            let mut same_order = true;
+            for (kept, port) in self.order.iter().zip(ports) {
+                if Arc::ptr_eq(kept, port) {
+                    continue;
+                }
+                if kept.name != port.name {
+                    same_order = false;
+                    break;
+                }
+                changed.push(port);
+            }
+            if same_order {
+                return Some(changed);
+            }
+        }
         let mut changed = Vec::new();
         for port in ports {
             let (kept, _) = self.ports.get(&port.name)?;
@@ -103,8 +126,12 @@ impl<P: Send> PortCache<P> {
         Some(changed)
     }
 
-    /// Keeps `part` as the translation of `port`, replacing the one kept for its name.
-    pub fn replace(&mut self, port: Arc<ServicePort>, part: P) {
-        self.ports.insert(port.name.clone(), (port, part));
+    /// Keeps `parts` as the translations of their ports, replacing the ones kept for their
+    /// names; `ports` (which holds them) is the order now.
+    pub fn replace(&mut self, ports: &[Arc<ServicePort>], parts: Vec<(Arc<ServicePort>, P)>) {
+        for (port, part) in parts {
+            self.ports.insert(port.name.clone(), (port, part));
+        }
+        self.order = ports.to_vec();
     }
 }

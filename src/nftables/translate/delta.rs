@@ -69,9 +69,7 @@ pub fn translate_delta(
         delta.affinity |= port.affinity_timeout.is_some();
         parts.push((port.clone(), new));
     }
-    for (port, part) in parts {
-        cache.replace(port, part);
-    }
+    cache.replace(&model.ports, parts);
     Some(delta)
 }
 
