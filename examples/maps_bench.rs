@@ -14,8 +14,10 @@
 //!   alone, and of the syncer alone (diff, netlink batch);
 //! - **restart**: a new backend over the loaded table, whose first sync is full and reads the
 //!   kernel's table first;
-//! - **memory**: this process's peak RSS (`VmHWM`), and the kernel's slab growth (`Slab` in
-//!   /proc/meminfo) from before the namespace was made to after the full load.
+//! - **memory**: this process's peak RSS (`VmHWM`) after the full load (the cluster objects,
+//!   the model, the backend's kept translations and record of the table, and what the first
+//!   sync built) and at the end, and the kernel's slab growth (`Slab` in /proc/meminfo) from
+//!   before the namespace was made to after the full load.
 //!
 //! The process enters the namespace, as the agent runs in the node's. The model is built outside the timed part, and shares the ports of unchanged Services with
 //! the previous one, as the agent's does (it rebuilds only changed Services).
@@ -158,8 +160,8 @@ fn main() {
         }
     };
     let config = config();
-    println!("| services | elements | full load (translate / syncer, of which kernel tools) | one slice change: backend (translate / syncer) | restart (full, reads the table) | kernel slab | peak RSS |");
-    println!("|---:|---:|---|---|---|---:|---:|");
+    println!("| services | objects | full load (translate / syncer, of which kernel tools) | one slice change: backend (translate / syncer) | restart (full sync over the loaded table) | kernel slab | peak RSS after the load | peak RSS at the end |");
+    println!("|---:|---:|---|---|---|---:|---:|---:|");
     for n in sizes {
         let mut state = kproxy::synthetic::cluster(n, 10).unwrap_or_else(|err| {
             eprintln!("{err}");
@@ -168,9 +170,6 @@ fn main() {
         let start = Instant::now();
         let full_models = models(&state, &config);
         eprintln!("n={n}: model {}", secs(start.elapsed()));
-        let elements = kproxy::nftables::translate(&full_models[0], &config)
-            .elements
-            .len();
 
         let slab_before = proc_mib("/proc/meminfo", "Slab:");
         let ns = Netns::new(format!("kp-maps-bench-{}-{n}", std::process::id()));
@@ -179,6 +178,8 @@ fn main() {
         let (total, translate, syncer, kernel, full) = sync(&mut loaded, &full_models, &config);
         assert!(full, "the first sync is full");
         let slab_after = proc_mib("/proc/meminfo", "Slab:");
+        let objects = loaded.syncer().object_count(kproxy::family::IpFamily::V4);
+        let loaded_rss = proc_mib("/proc/self/status", "VmHWM:");
         eprintln!(
             "n={n}: full load {} (translate {}, syncer {}, kernel tools {})",
             secs(total),
@@ -219,12 +220,13 @@ fn main() {
             median(changes.iter().map(|c| c.2).collect()),
         );
 
+        drop(loaded);
         let mut restarted = backend();
         let (restart, _, _, restart_kernel, full) = sync(&mut restarted, &full_models, &config);
         assert!(full, "a new backend's first sync is full");
 
         println!(
-            "| {n} | {elements} | {} ({} / {}, {}) | {} ({} / {}) | {} (kernel tools {}) | {:.0} MiB | {:.0} MiB |",
+            "| {n} | {objects} | {} ({} / {}, {}) | {} ({} / {}) | {} (kernel tools {}) | {:.0} MiB | {:.0} MiB | {:.0} MiB |",
             secs(total),
             secs(translate),
             secs(syncer),
@@ -235,6 +237,7 @@ fn main() {
             secs(restart),
             secs(restart_kernel),
             slab_after - slab_before,
+            loaded_rss,
             proc_mib("/proc/self/status", "VmHWM:"),
         );
     }
