@@ -1,5 +1,6 @@
 //! Node agent benchmark: `cargo build --release && cargo run --release --example agent_bench --
-//! [MODE ...] [--services N] [--endpoints M] [--changes K] [--burst B]` (root, `nft` and/or
+//! [MODE ...] [--services N] [--endpoints M] [--changes K] [--burst B]` (MODE: `nftables`,
+//! `iptables`, or `maps` for nftables mode in the `maps` layout; root, `nft` and/or
 //! `iptables`; defaults: both modes, 10,000 services × 10 endpoints, 50 changes, a burst of
 //! 1,000). The first full sync of 10,000 services takes about 2 minutes with nft and 8 with
 //! `iptables-nft-restore`: that is the kernel tool's time.
@@ -175,6 +176,15 @@ fn changed(slice: &EndpointSlice, round: usize) -> EndpointSlice {
     slice
 }
 
+/// The agent's flags for a benchmarked mode: `maps` is nftables mode in the `maps` layout
+/// (docs/maps-layout.md).
+fn mode_flags(mode: &str) -> Vec<&str> {
+    match mode {
+        "maps" => vec!["--mode", "nftables", "--nftables-layout", "maps"],
+        _ => vec!["--mode", mode],
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let value = |flag: &str, default: usize| {
@@ -191,7 +201,7 @@ fn main() {
     let mut modes: Vec<&str> = args
         .iter()
         .map(String::as_str)
-        .filter(|a| *a == "iptables" || *a == "nftables")
+        .filter(|a| ["iptables", "nftables", "maps"].contains(a))
         .collect();
     if modes.is_empty() {
         modes = vec!["nftables", "iptables"];
@@ -229,7 +239,8 @@ fn main() {
         let child = Command::new("ip")
             .args(["netns", "exec", &netns.0])
             .arg(&kproxy)
-            .args(["run", "--mode", mode, "--master", &api.url()])
+            .args(["run", "--master", &api.url()])
+            .args(mode_flags(mode))
             .args(["--hostname", "bench-node", "--node-ip", "10.0.0.1"])
             .args(["--cluster-cidr", "10.128.0.0/9"])
             .args(["--healthz-bind-address", "127.0.0.1:10256"])
