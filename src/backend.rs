@@ -406,3 +406,141 @@ impl<A: nft_sync::Applier + Send> Backend for NftablesBackend<A> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::NftablesLayout;
+    use crate::family::IpFamily;
+    use crate::source::Manifests;
+    use crate::sync::nftables::FakeKernel;
+
+    fn slice(endpoints: &[&str]) -> String {
+        let endpoints: String = endpoints
+            .iter()
+            .map(|a| format!("- {{addresses: [\"{a}\"], conditions: {{ready: true}}}}\n"))
+            .collect();
+        format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: ns}}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{{name: http, protocol: TCP, port: 80}}]
+  sessionAffinity: ClientIP
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: api, namespace: ns}}
+spec:
+  clusterIP: 10.96.0.11
+  ports: [{{name: grpc, protocol: TCP, port: 9000}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: api-1, namespace: ns, labels: {{kubernetes.io/service-name: api}}}}
+addressType: IPv4
+ports: [{{name: grpc, protocol: TCP, port: 9000}}]
+endpoints:
+- {{addresses: ["10.244.9.9"], conditions: {{ready: true}}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: ns, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, protocol: TCP, port: 8080}}]
+endpoints:
+{endpoints}"#
+        )
+    }
+
+    fn config() -> NodeConfig {
+        let mut config = NodeConfig::new("node-1");
+        config.node_ips = vec!["10.100.0.1".parse().expect("address")];
+        config.nftables_layout = NftablesLayout::Maps;
+        config
+    }
+
+    /// The model of `text`, sharing the ports of every Service but `web` with `previous`, as
+    /// the agent's model does.
+    fn model(text: &str, config: &NodeConfig, previous: Option<&ProxyModel>) -> ProxyModel {
+        let mut manifests = Manifests::default();
+        manifests
+            .add_text(text, "test")
+            .expect("the manifest reads");
+        let mut model = crate::pipeline::plan(&manifests.state, config)
+            .models
+            .remove(0);
+        for port in model.ports.iter_mut() {
+            let kept = previous.and_then(|p| p.ports.iter().find(|k| k.name == port.name));
+            if let Some(kept) = kept.filter(|_| port.name.name != "web") {
+                *port = kept.clone();
+            }
+        }
+        model
+    }
+
+    #[test]
+    fn an_endpoint_change_in_the_maps_layout_is_sent_as_element_changes_alone() {
+        let config = config();
+        let mut backend = NftablesBackend::new(FakeKernel::new(), SyncOptions::default());
+        let first = model(&slice(&["10.244.1.5", "10.244.2.7"]), &config, None);
+        let synced = backend.sync(std::slice::from_ref(&first), &config);
+        assert!(synced[0].result.as_ref().is_ok_and(|r| r.full));
+
+        // One endpoint replaced: a delete and an add in the endpoint map, nothing else.
+        let second = model(&slice(&["10.244.1.5", "10.244.3.9"]), &config, Some(&first));
+        let synced = backend.sync(std::slice::from_ref(&second), &config);
+        let report = synced[0].result.as_ref().expect("the sync succeeds");
+        assert!(!report.full);
+        let kernel = backend.syncer().applier();
+        let sent = &kernel.last_applied().expect("a transaction").commands;
+        assert_eq!(sent.len(), 2, "{sent:#?}");
+        assert!(
+            sent.iter()
+                .all(|c| c.contains(" element ") && c.contains(" cluster-endpoints { ")),
+            "{sent:#?}"
+        );
+        // The kernel holds what a fresh translation of the new model holds.
+        let want = nftables::translate(&second, &config);
+        let mut held: Vec<String> = kernel
+            .elements(IpFamily::V4, "cluster-endpoints")
+            .iter()
+            .map(|e| format!("{e:?}"))
+            .collect();
+        let mut wanted: Vec<String> = want
+            .elements_of("cluster-endpoints")
+            .map(|e| format!("{e:?}"))
+            .collect();
+        held.sort();
+        wanted.sort();
+        assert_eq!(held, wanted);
+        assert_eq!(
+            synced[0].programmed,
+            vec![(
+                nftables::MAPS_TABLE_NAME,
+                backend.syncer().object_count(IpFamily::V4)
+            )]
+        );
+
+        // A third endpoint needs a pick chain the table lacks: the whole-table path writes it.
+        let third = model(
+            &slice(&["10.244.1.5", "10.244.3.9", "10.244.4.4"]),
+            &config,
+            Some(&second),
+        );
+        let synced = backend.sync(std::slice::from_ref(&third), &config);
+        assert!(synced[0].result.is_ok());
+        let sent = &backend
+            .syncer()
+            .applier()
+            .last_applied()
+            .expect("a transaction")
+            .commands;
+        assert!(
+            sent.iter()
+                .any(|c| c.starts_with("add chain ") && c.ends_with(" cluster-sticky-pick-3")),
+            "{sent:#?}"
+        );
+    }
+}

@@ -198,43 +198,17 @@ impl<A: Applier> Syncer<A> {
         };
 
         // Stale chains past their grace period go first, in a transaction of their own.
-        let delay = self.options.stale_chain_delay;
-        if state.applied.is_some()
-            && state
-                .stale
-                .values()
-                .any(|flushed| now.duration_since(*flushed) >= delay)
-        {
-            let wanted: FxHashSet<&str> = desired.chains.iter().map(|c| &*c.name).collect();
-            let due: Vec<ObjectId> = state
-                .stale
-                .iter()
-                .filter(|(name, flushed)| {
-                    now.duration_since(**flushed) >= delay && !wanted.contains(&***name)
-                })
-                .map(|(name, _)| ObjectId::Chain(name.clone()))
-                .collect();
-            if !due.is_empty() {
-                let commands: Vec<Command> = due.iter().map(Command::Delete).collect();
-                match applier.apply(family, &commands) {
-                    Ok(bytes) => {
-                        report.objects += commands.len();
-                        report.bytes += bytes;
-                        for id in &due {
-                            if let ObjectId::Chain(name) = id {
-                                state.stale.remove(name);
-                            }
-                        }
-                    }
-                    // Something still refers to one of them: the full sync below re-reads
-                    // the table and starts the bookkeeping afresh (§5.11).
-                    Err(_) => {
-                        state.applied = None;
-                        state.stale.clear();
-                        report.cleanup_failed = true;
-                    }
-                }
-            }
+        if state.applied.is_some() {
+            let delay = self.options.stale_chain_delay;
+            delete_due_stale_chains(
+                state,
+                &mut applier,
+                family,
+                now,
+                delay,
+                &mut report,
+                &|| desired.chains.iter().map(|c| c.name.clone()).collect(),
+            );
         }
 
         let mut full = match (
@@ -365,8 +339,10 @@ impl<A: Applier> Syncer<A> {
 
     /// Applies element changes alone ([`crate::nftables::ElementDelta`]) to what was last
     /// committed, without comparing the whole table: the `maps` layout's path for an
-    /// EndpointSlice change. `None` when this sync must be a [`Syncer::sync`] instead: nothing
-    /// committed yet or since a failure, a full sync or a stale chain's deletion due, or drift.
+    /// EndpointSlice change. Stale chains whose grace period has passed are deleted first, as
+    /// in [`Syncer::sync`]. `None` when this sync must be a [`Syncer::sync`] instead: nothing
+    /// committed yet or since a failure (also a refused stale-chain deletion), a full sync due,
+    /// or drift.
     pub fn sync_delta(
         &mut self,
         family: IpFamily,
@@ -376,20 +352,34 @@ impl<A: Applier> Syncer<A> {
         let options = &self.options;
         let state = self.families.get_mut(&family)?;
         let applied = state.applied.as_ref()?;
-        let due = |since: Instant, after: Duration| now.duration_since(since) >= after;
-        if state
-            .stale
-            .values()
-            .any(|flushed| due(*flushed, options.stale_chain_delay))
-        {
-            return None;
-        }
         if let (Some(last), Some(period)) = (state.last_full, options.full_sync_period) {
-            if due(last, period) {
+            if now.duration_since(last) >= period {
                 return None;
             }
         }
         let mut applier = Timed::new(&mut self.applier);
+        let mut report = SyncReport {
+            family,
+            full: false,
+            objects: 0,
+            bytes: 0,
+            duration: Duration::ZERO,
+            kernel: Duration::ZERO,
+            cleanup_failed: false,
+            pruned: 0,
+        };
+        // Stale chains past their grace period: deleted first, as in a full or partial sync.
+        let committed: FxHashSet<Name> = applied.chains.keys().cloned().collect();
+        delete_due_stale_chains(
+            state,
+            &mut applier,
+            family,
+            now,
+            options.stale_chain_delay,
+            &mut report,
+            &|| committed.clone(),
+        );
+        let applied = state.applied.as_ref()?;
         if options.drift_check {
             let expected = applied.chains.get(SERVICES).map(|c| c.rules.len());
             if applier.rule_count(family, SERVICES).ok().flatten() != expected {
@@ -418,19 +408,12 @@ impl<A: Applier> Syncer<A> {
         }
         let commands = transaction.commands();
         let deletes = transaction.phases[Phase::ElementDelete as usize].len();
-        let mut report = SyncReport {
-            family,
-            full: false,
-            objects: commands.len(),
-            bytes: 0,
-            duration: Duration::ZERO,
-            kernel: Duration::ZERO,
-            cleanup_failed: false,
-            pruned: 0,
-        };
         if !commands.is_empty() {
             match applier.apply(family, &commands) {
-                Ok(bytes) => report.bytes = bytes,
+                Ok(bytes) => {
+                    report.objects += commands.len();
+                    report.bytes += bytes;
+                }
                 Err(err) => {
                     state.applied = None;
                     state.stale.clear();
@@ -451,6 +434,56 @@ impl<A: Applier> Syncer<A> {
         }
         report.kernel = applier.spent;
         Some(Ok(report))
+    }
+}
+
+/// Deletes the stale chains of `state` whose grace period has passed and that are not wanted
+/// again (`wanted`, asked only when some are due), in a transaction of their own (§5.11).
+/// A refusal (something still refers to one) makes the next sync full.
+fn delete_due_stale_chains(
+    state: &mut FamilyState,
+    applier: &mut impl Applier,
+    family: IpFamily,
+    now: Instant,
+    delay: Duration,
+    report: &mut SyncReport,
+    wanted: &dyn Fn() -> FxHashSet<Name>,
+) {
+    if !state
+        .stale
+        .values()
+        .any(|flushed| now.duration_since(*flushed) >= delay)
+    {
+        return;
+    }
+    let wanted = wanted();
+    let due: Vec<ObjectId> = state
+        .stale
+        .iter()
+        .filter(|(name, flushed)| now.duration_since(**flushed) >= delay && !wanted.contains(*name))
+        .map(|(name, _)| ObjectId::Chain(name.clone()))
+        .collect();
+    if due.is_empty() {
+        return;
+    }
+    let commands: Vec<Command> = due.iter().map(Command::Delete).collect();
+    match applier.apply(family, &commands) {
+        Ok(bytes) => {
+            report.objects += commands.len();
+            report.bytes += bytes;
+            for id in &due {
+                if let ObjectId::Chain(name) = id {
+                    state.stale.remove(name);
+                }
+            }
+        }
+        // Something still refers to one of them: the full sync re-reads the table and starts
+        // the bookkeeping afresh (§5.11).
+        Err(_) => {
+            state.applied = None;
+            state.stale.clear();
+            report.cleanup_failed = true;
+        }
     }
 }
 
