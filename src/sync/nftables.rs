@@ -368,8 +368,14 @@ impl<A: Applier> Syncer<A> {
             cleanup_failed: false,
             pruned: 0,
         };
-        // Stale chains past their grace period: deleted first, as in a full or partial sync.
-        let committed: FxHashSet<Name> = applied.chains.keys().cloned().collect();
+        // Stale chains past their grace period: deleted first, as in a full or partial sync
+        // (unless the delta wants them again).
+        let committed: FxHashSet<Name> = applied
+            .chains
+            .keys()
+            .chain(delta.chains.iter().map(|c| &c.name))
+            .cloned()
+            .collect();
         delete_due_stale_chains(
             state,
             &mut applier,
@@ -389,6 +395,18 @@ impl<A: Applier> Syncer<A> {
 
         let mut transaction = Transaction::new();
         let mut changes = Changes::default();
+        // New shared chains (a stale one, flushed, is simply written again).
+        let mut revived = Vec::new();
+        for chain in &delta.chains {
+            if applied.chains.contains_key(&chain.name) {
+                continue;
+            }
+            transaction.rewrite_chain(chain, false);
+            changes.chains.push(chain);
+            if state.stale.contains_key(&chain.name) {
+                revived.push(chain.name.clone());
+            }
+        }
         for (container, key) in &delta.removed {
             if let Some(old) = applied.element(container, key) {
                 transaction.delete(Phase::ElementDelete, old.id());
@@ -420,6 +438,9 @@ impl<A: Applier> Syncer<A> {
                     return Some(Err(err));
                 }
             }
+        }
+        for name in &revived {
+            state.stale.remove(name);
         }
         let applied = state.applied.as_mut()?;
         applied.update(&changes);

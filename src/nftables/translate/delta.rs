@@ -5,9 +5,9 @@
 //!
 //! [`translate_delta`] translates the changed ports only and compares each with its previous
 //! translation. It gives up (`None`, and the caller builds the whole table as usual) whenever
-//! the change could reach beyond the port's own elements: a port added or removed, other
-//! node settings, a chain the port needs that does not exist yet, or an element added or
-//! removed outside the maps an endpoint change touches. (Which frontends a port has decides
+//! the change could reach beyond the port's own elements and the shared chains it needs (a
+//! pick of a new size comes with the delta): a port added or removed, other node settings, or
+//! an element added or removed outside the maps an endpoint change touches. (Which frontends a port has decides
 //! the table-wide parts built after the ports — see `Translator::maps_shadowed_nodeports` — and
 //! an element keyed by a frontend is only added or removed when the frontends change.)
 
@@ -26,6 +26,9 @@ pub struct ElementDelta {
     pub removed: Vec<(Name, Vec<Value>)>,
     /// Elements new, or with another value or comment.
     pub added: Vec<Element>,
+    /// Shared chains the changed ports need and the table lacks (a pick of a new size, a new
+    /// affinity timeout), with their rules.
+    pub chains: Vec<Chain>,
     /// A changed port has ClientIP affinity: clients may be pinned to an endpoint it lost.
     pub affinity: bool,
 }
@@ -85,14 +88,21 @@ fn port_delta(
     if declares_containers(old) || declares_containers(new) {
         return None;
     }
-    // A port's chains are the shared pick chains, declared empty (their rules come with the
-    // table-wide part): they must exist already.
-    if new
-        .chains
-        .iter()
-        .any(|chain| !chain.rules.is_empty() || !chain_exists(&chain.name))
-    {
-        return None;
+    // A port's chains are the shared pick and remember chains, declared empty (their rules
+    // come with the table-wide part): one the table lacks comes with the delta, with its rules.
+    for chain in &new.chains {
+        if !chain.rules.is_empty() {
+            return None;
+        }
+        let known = chain_exists(&chain.name) || delta.chains.iter().any(|c| c.name == chain.name);
+        if !known {
+            delta.chains.push(Chain {
+                name: chain.name.clone(),
+                base: None,
+                comment: None,
+                rules: Arc::new(super::maps::shared_chain_rules(&chain.name)?),
+            });
+        }
     }
     let endpoint_map = |container: &str| ENDPOINT_MAPS.contains(&container);
     let before: FxHashMap<(&str, &[Value]), &Element> = old
@@ -264,13 +274,14 @@ endpoints:
     }
 
     #[test]
-    fn more_than_an_element_change_goes_the_full_way() {
+    fn more_than_elements_and_shared_chains_goes_the_full_way() {
         let config = config();
         let old = model(&manifest(&["10.244.1.5", "10.244.2.7"], false), &config);
         let mut cache = PortCache::default();
         let before = translate_cached(&old, &config, &mut cache);
         let chains: FxHashSet<String> = before.chains.iter().map(|c| c.name.to_string()).collect();
-        // A third endpoint needs a pick chain of three, which the table does not have.
+        // A third endpoint needs a pick chain of three, which the table does not have: it comes
+        // with the delta, with the rules the whole translation gives it.
         let three = shared(
             &old,
             model(
@@ -279,9 +290,12 @@ endpoints:
             ),
             "web",
         );
-        assert!(translate_delta(&three, &config, &mut cache, &|c| chains.contains(c)).is_none());
-        // With it, the same change is an element change.
-        assert!(translate_delta(&three, &config, &mut cache, &|_| true).is_some());
+        let delta = translate_delta(&three, &config, &mut cache, &|c| chains.contains(c))
+            .expect("elements and a chain");
+        let whole = translate(&three, &config);
+        let names: Vec<&str> = delta.chains.iter().map(|c| &*c.name).collect();
+        assert_eq!(names, ["cluster-sticky-pick-3"]);
+        assert_eq!(whole.chain("cluster-sticky-pick-3"), delta.chains.first());
         // A port more: the set of ports changed.
         let ported = shared(
             &old,

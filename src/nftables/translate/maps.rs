@@ -170,6 +170,36 @@ impl Pick {
     }
 }
 
+/// The rules of a shared chain a service port declares, from its name: `…pick-N` (a pick of
+/// N endpoints) or `remember-T` (record affinity for T seconds); `None` for any other name.
+pub(super) fn shared_chain_rules(name: &str) -> Option<Vec<Rule>> {
+    if let Some(pick) = Pick::parse(name) {
+        return Some(pick.rules());
+    }
+    let timeout = name.strip_prefix(REMEMBER_PREFIX)?.parse::<u32>().ok()?;
+    Some(
+        PROTOCOLS
+            .iter()
+            .map(|&protocol| {
+                Rule::new(
+                    vec![compare(Field::L4Proto, false, Value::Protocol(protocol))],
+                    vec![Statement::UpdateMap {
+                        map: AFFINITY.into(),
+                        key: vec![
+                            Field::SourceAddr,
+                            Field::OriginalDestinationAddr,
+                            Field::L4Proto,
+                            Field::OriginalDestinationPort,
+                        ],
+                        timeout,
+                        value: vec![Field::DestinationAddr, Field::DestinationPort],
+                    }],
+                )
+            })
+            .collect(),
+    )
+}
+
 /// The picks map of a frontend kind and endpoint set.
 fn picks_map(frontend: Frontend, set: EndpointSet) -> &'static str {
     match (frontend, set) {
@@ -455,33 +485,8 @@ impl Translator<'_> {
             .map(|c| c.name.clone())
             .collect();
         for name in names {
-            if let Some(pick) = Pick::parse(&name) {
-                for rule in pick.rules() {
-                    self.out.rule(&name, rule);
-                }
-            } else if let Some(timeout) = name
-                .strip_prefix(REMEMBER_PREFIX)
-                .and_then(|t| t.parse::<u32>().ok())
-            {
-                for protocol in PROTOCOLS {
-                    self.out.rule(
-                        &name,
-                        Rule::new(
-                            vec![compare(Field::L4Proto, false, Value::Protocol(protocol))],
-                            vec![Statement::UpdateMap {
-                                map: AFFINITY.into(),
-                                key: vec![
-                                    Field::SourceAddr,
-                                    Field::OriginalDestinationAddr,
-                                    Field::L4Proto,
-                                    Field::OriginalDestinationPort,
-                                ],
-                                timeout,
-                                value: vec![Field::DestinationAddr, Field::DestinationPort],
-                            }],
-                        ),
-                    );
-                }
+            for rule in shared_chain_rules(&name).unwrap_or_default() {
+                self.out.rule(&name, rule);
             }
         }
     }
