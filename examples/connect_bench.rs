@@ -40,7 +40,10 @@
 //! were retransmitted and dropped during the rounds, and how many of the connections the backend
 //! accepted.
 //!
-//! Printed, one line per case and Service: the load time, connections per second (median and
+//! Each round also connects to the backend's own address (`direct`): the same path and rules,
+//! no service lookup hit, no DNAT; the floor the Services' figures stand on.
+//!
+//! Printed, one line per case and target: the load time, connections per second (median and
 //! range of the rounds; the whole loop: socket, connect, close), the median, 99th percentile
 //! and maximum of `connect()` over all rounds, and failed connects. Per-round figures go to
 //! stderr.
@@ -464,8 +467,8 @@ struct Case {
     topology: Topology,
     listener: Listener,
     load: Duration,
-    /// The rounds against the plain Service, and against the sticky one.
-    rounds: [Vec<Round>; 2],
+    /// The rounds against each of [`TARGETS`].
+    rounds: [Vec<Round>; 3],
     accepted_before: usize,
     disturbed_before: [u64; 2],
 }
@@ -475,6 +478,10 @@ impl Case {
         format!("{}:{}", layout_name(self.layout), self.services)
     }
 }
+
+/// What the rounds connect to: the two Services, and the backend itself (past the same
+/// rules, without a DNAT: the cost of the path without the service lookup).
+const TARGETS: [&str; 3] = ["plain", "sticky", "direct"];
 
 fn plain() -> SocketAddrV4 {
     PLAIN.parse().expect("constant address")
@@ -542,15 +549,19 @@ fn load(layout: NftablesLayout, n: usize, settings: &Settings) -> Case {
         topology,
         listener,
         load,
-        rounds: [Vec::new(), Vec::new()],
+        rounds: [Vec::new(), Vec::new(), Vec::new()],
     };
     eprintln!("{}: loaded in {:.2} s", case.name(), load.as_secs_f64());
     case
 }
 
-/// One round of one case against one of its Services (0: plain, 1: sticky).
+/// One round of one case against one of [`TARGETS`].
 fn measure(case: &mut Case, service: usize, settings: &Settings) {
-    let target = [plain(), sticky()][service];
+    let target = [
+        plain(),
+        sticky(),
+        BACKEND.parse().expect("constant address"),
+    ][service];
     let (duration, send) = (Duration::from_secs_f64(settings.seconds), settings.send);
     let r = case
         .topology
@@ -561,7 +572,7 @@ fn measure(case: &mut Case, service: usize, settings: &Settings) {
     eprintln!(
         "  {} {}: {} connects in {:.2} s ({:.0}/s), {} failed, slowest connect() {}; node conntrack entries {}",
         case.name(),
-        ["plain", "sticky"][service],
+        TARGETS[service],
         r.connects,
         r.elapsed.as_secs_f64(),
         r.connects as f64 / r.elapsed.as_secs_f64(),
@@ -614,7 +625,11 @@ fn report(case: Case) {
             layout_name(case.layout),
             case.services,
             case.load.as_secs_f64(),
-            ["none", "ClientIP"][i],
+            [
+                "Service",
+                "Service, ClientIP affinity",
+                "backend IP, no DNAT"
+            ][i],
             us(quantile(&latencies, 0.5)),
             us(quantile(&latencies, 0.99)),
             us(latencies.last().copied().unwrap_or_default()),
@@ -711,7 +726,7 @@ fn main() {
             (NftablesLayout::KubeProxy, 5_000),
         ];
     }
-    println!("| layout | services | load | affinity | connections/s, median (rounds) | connect() median | p99 | max | failed |");
+    println!("| layout | services | load | target | connections/s, median (rounds) | connect() median | p99 | max | failed |");
     println!("|---|---:|---:|---|---:|---:|---:|---:|---:|");
     // Every case is loaded first, then the rounds go round the cases (and their two
     // Services), so that the machine's drift over time is spread over all of them.
@@ -721,7 +736,7 @@ fn main() {
         .collect();
     for _ in 0..settings.rounds {
         for case in &mut cases {
-            for service in 0..2 {
+            for service in 0..TARGETS.len() {
                 measure(case, service, &settings);
             }
         }
