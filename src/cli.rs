@@ -95,7 +95,17 @@ pub enum Command {
         /// Ready endpoints per Service.
         #[arg(long, default_value_t = 10)]
         endpoints: usize,
+        /// `yaml`: a multi-document YAML stream; `json`: one `v1` `List` of the same objects.
+        #[arg(long, value_enum, default_value = "yaml")]
+        output: ManifestFormat,
     },
+}
+
+/// How `generate` writes its manifests.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ManifestFormat {
+    Yaml,
+    Json,
 }
 
 #[derive(Args)]
@@ -706,13 +716,17 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate {
             services,
             endpoints,
+            output,
         } => {
             let state = crate::synthetic::cluster(services, endpoints)
                 .context("cannot generate that cluster")?;
-            let mut out = std::io::stdout().lock();
-            crate::synthetic::write_manifests(&state, &mut out)
-                .and_then(|()| out.flush())
-                .context("cannot write the manifests")
+            let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+            match output {
+                ManifestFormat::Yaml => crate::synthetic::write_manifests(&state, &mut out),
+                ManifestFormat::Json => crate::synthetic::write_json_list(&state, &mut out),
+            }
+            .and_then(|()| out.flush())
+            .context("cannot write the manifests")
         }
     }
 }

@@ -181,6 +181,25 @@ pub fn write_manifests(state: &ClusterState, out: &mut impl Write) -> std::io::R
     Ok(())
 }
 
+/// Writes the cluster as one JSON document, a `v1` `List` of the same objects in the same order
+/// as [`write_manifests`] (Services, then EndpointSlices), one item a line. Each object is
+/// serialized straight into `out`: no text of the whole cluster is built.
+pub fn write_json_list(state: &ClusterState, out: &mut impl Write) -> std::io::Result<()> {
+    out.write_all(b"{\"apiVersion\":\"v1\",\"kind\":\"List\",\"metadata\":{},\"items\":[")?;
+    let mut separator: &[u8] = b"\n";
+    for service in &state.services {
+        out.write_all(separator)?;
+        serde_json::to_writer(&mut *out, service)?;
+        separator = b",\n";
+    }
+    for slice in &state.endpoint_slices {
+        out.write_all(separator)?;
+        serde_json::to_writer(&mut *out, slice)?;
+        separator = b",\n";
+    }
+    out.write_all(b"\n]}\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -144,6 +144,71 @@ fn generate_produces_readable_manifests() {
     assert_eq!(rules.matches("-j DNAT").count(), 21 * 3);
 }
 
+/// `generate --output json` is one `v1` `List` of the objects the YAML output holds: every
+/// mode and layout renders byte-identical rules from either.
+#[test]
+fn generate_json_renders_as_the_yaml() {
+    let generate = |format: &str| {
+        let out = kproxy(
+            &[
+                "generate",
+                "--services",
+                "50",
+                "--endpoints",
+                "3",
+                "--output",
+                format,
+            ],
+            None,
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let yaml = generate("yaml");
+    assert_eq!(
+        yaml,
+        text(&kproxy(&["generate", "--services", "50", "--endpoints", "3"], None).stdout),
+        "yaml is the default"
+    );
+    let json = generate("json");
+    let list: serde_json::Value = serde_json::from_str(&json).expect("one JSON document");
+    assert_eq!(list["apiVersion"], "v1");
+    assert_eq!(list["kind"], "List");
+    let items = list["items"].as_array().expect("a List has items");
+    assert_eq!(items.len(), 100, "50 Services and 50 EndpointSlices");
+    assert_eq!(items[0]["kind"], "Service");
+    assert_eq!(items[50]["kind"], "EndpointSlice");
+
+    for flags in [
+        &["--mode", "iptables"][..],
+        &["--mode", "nftables"][..],
+        &["--mode", "nftables", "--nftables-layout", "maps"][..],
+    ] {
+        let render = |input: &str| {
+            let mut args = vec!["render", "--hostname", "node-1", "--node-ip", "10.0.0.1"];
+            args.extend_from_slice(flags);
+            args.push("-");
+            let out = kproxy(&args, Some(input));
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{flags:?}: {}",
+                text(&out.stderr)
+            );
+            assert!(out.stderr.is_empty(), "{flags:?}: {}", text(&out.stderr));
+            text(&out.stdout)
+        };
+        let from_yaml = render(&yaml);
+        // 50 Services and 3 more UDP ports (every twentieth Service): every endpoint is there.
+        assert!(from_yaml.contains("10.128.0.150"), "{flags:?}: {from_yaml}");
+        assert!(from_yaml.lines().count() > 150, "{flags:?}: {from_yaml}");
+        assert!(
+            from_yaml == render(&json),
+            "{flags:?}: JSON and YAML render differently"
+        );
+    }
+}
+
 /// `--service-cidr`: comma-separated, at most one CIDR per family; a bad value is a bad flag
 /// (clap reports it, status 2). Cluster IPs outside it are refused.
 #[test]

@@ -967,7 +967,8 @@ impl Builder {
         insert_element(&mut self.elements, &mut self.element_index, element);
     }
 
-    /// [`Builder::append_part`] of every part in order. Chains, sets and maps are added on
+    /// Adds parts kept for later, in order, as [`Builder::append`] would: their objects are
+    /// copied (cheaply: names and rule lists are shared). Chains, sets and maps are added on
     /// this thread and elements on another: they are independent, and the agent's sync waits
     /// for this.
     fn append_parts(&mut self, parts: &[&PortObjects]) {
@@ -1001,17 +1002,24 @@ impl Builder {
     }
 
     /// Adds what another builder built after this one's objects, exactly as if its calls had
-    /// been made on this builder.
+    /// been made on this builder. Its elements are moved, not copied.
     fn append(&mut self, other: Builder) {
-        self.append_part(&other.into_part());
-    }
-
-    /// [`Builder::append`] of a part kept for later: its objects are copied (cheaply: names
-    /// and rule lists are shared).
-    fn append_part(&mut self, part: &PortObjects) {
-        self.append_objects(part);
-        for element in &part.elements {
-            self.insert_element(element.clone());
+        let PortObjects {
+            chains,
+            sets,
+            maps,
+            elements,
+        } = other.into_part();
+        self.append_objects(&PortObjects {
+            chains,
+            sets,
+            maps,
+            elements: Vec::new(),
+        });
+        self.elements.reserve(elements.len());
+        self.element_index.reserve(elements.len());
+        for element in elements {
+            self.insert_element(element);
         }
     }
 
