@@ -1,6 +1,6 @@
 //! Connection-setup cost through the rules (issue 11):
 //! `cargo run --release --example connect_bench -- [--seconds S] [--rounds R] [--send] [CASE ...]`
-//! (root, `ip`, `nft` and `nstat` needed). A CASE is `LAYOUT:N` (`maps:100000`,
+//! (root, `ip` and `nft` needed). A CASE is `LAYOUT:N` (`maps:100000`,
 //! `kube-proxy:5000`) or `N` (both layouts); the default is
 //! `maps:1 maps:100000 kube-proxy:1 kube-proxy:5000`.
 //!
@@ -105,8 +105,13 @@ endpoints: [{addresses: [10.244.1.2], nodeName: backend-node}]
 ports: [{name: http, port: 8080, protocol: TCP}]
 "#;
 
-/// A network namespace deleted on drop.
-struct Netns(String);
+/// A network namespace deleted on drop. It is entered through a descriptor opened when it was
+/// made: the measure goes on even if something else removes its name from /run/netns (which
+/// happened on the shared machine while this ran; the name is needed only to load the rules).
+struct Netns {
+    name: String,
+    file: std::fs::File,
+}
 
 impl Netns {
     fn new(purpose: &str) -> Netns {
@@ -117,36 +122,49 @@ impl Netns {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
         run(&["ip", "netns", "add", &name]);
-        let ns = Netns(name);
+        let file = std::fs::File::open(format!("/run/netns/{name}"))
+            .unwrap_or_else(|err| panic!("/run/netns/{name}: {err}"));
+        let ns = Netns { name, file };
         ns.run(&["ip", "link", "set", "lo", "up"]);
         ns
     }
 
     fn run(&self, argv: &[&str]) {
-        let mut full = vec!["ip", "netns", "exec", &self.0];
+        let mut full = vec!["ip", "netns", "exec", &self.name];
         full.extend_from_slice(argv);
         run(&full);
     }
 
-    /// Runs `f` on a thread inside this namespace (sockets it opens live there).
+    /// Runs `f` on a thread inside this namespace (sockets it opens, and the `/proc/sys/net`
+    /// and `/proc/thread-self/net` files it reads, are the namespace's).
     fn spawn<R: Send + 'static>(
         &self,
         f: impl FnOnce() -> R + Send + 'static,
     ) -> std::thread::JoinHandle<R> {
-        let path = format!("/var/run/netns/{}", self.0);
+        let file = self.file.try_clone().expect("the namespace descriptor");
+        let name = self.name.clone();
         std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).expect("the namespace file opens");
             // SAFETY: setns on a valid namespace fd changes only this thread's namespace.
             let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns into {path} failed");
+            assert_eq!(rc, 0, "setns into {name} failed");
             f()
         })
+    }
+
+    /// Reads a file inside the namespace; empty if it cannot.
+    fn read(&self, path: &'static str) -> String {
+        self.spawn(move || std::fs::read_to_string(path).unwrap_or_default())
+            .join()
+            .unwrap_or_default()
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 
@@ -177,7 +195,7 @@ fn link(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
         "ip", "link", "add", &tmp, "type", "veth", "peer", "name", &peer,
     ]);
     for (dev, ns, name) in [(&tmp, a, a_if), (&peer, b, b_if)] {
-        run(&["ip", "link", "set", dev, "netns", &ns.0, "name", name]);
+        run(&["ip", "link", "set", dev, "netns", &ns.name, "name", name]);
         ns.run(&["ip", "link", "set", name, "up"]);
     }
 }
@@ -512,10 +530,10 @@ fn load(layout: NftablesLayout, n: usize, settings: &Settings) -> Case {
     );
 
     let applier = match layout {
-        NftablesLayout::Maps => NftApplier::in_netns(&topology.node.0)
+        NftablesLayout::Maps => NftApplier::in_netns(&topology.node.name)
             .with_table(MAPS_TABLE_NAME, Some(TABLE_NAME))
             .with_netlink_elements(),
-        NftablesLayout::KubeProxy => NftApplier::in_netns(&topology.node.0),
+        NftablesLayout::KubeProxy => NftApplier::in_netns(&topology.node.name),
     };
     let mut backend = NftablesBackend::new(applier, SyncOptions::default());
     let start = Instant::now();
@@ -578,7 +596,7 @@ fn measure(case: &mut Case, service: usize, settings: &Settings) {
         r.connects as f64 / r.elapsed.as_secs_f64(),
         r.failures,
         us(r.latencies.iter().copied().max().unwrap_or_default()),
-        conntrack_count(&case.topology.node.0),
+        conntrack_count(&case.topology.node),
     );
     case.rounds[service].push(r);
 }
@@ -637,46 +655,43 @@ fn report(case: Case) {
     }
 }
 
-/// A counter of a namespace's `/proc/net/netstat` or `snmp` (`nstat`'s name); 0 if unreadable.
+/// A `TcpExt` counter of a namespace (`/proc/net/netstat`: a line of names, a line of
+/// values); 0 if it cannot be read.
 fn counter(ns: &Netns, name: &str) -> u64 {
-    Command::new("ip")
-        .args(["netns", "exec", &ns.0, "nstat", "-asz", name])
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout).lines().find_map(|l| {
-                l.strip_prefix(name)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-        })
-        .unwrap_or(0)
+    let netstat = ns.read("/proc/thread-self/net/netstat");
+    let mut lines = netstat.lines();
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        let (Some(names), Some(values)) = (
+            names.strip_prefix("TcpExt:"),
+            values.strip_prefix("TcpExt:"),
+        ) else {
+            continue;
+        };
+        if let Some((_, value)) = names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == name)
+        {
+            return value.parse().unwrap_or(0);
+        }
+    }
+    0
 }
 
 /// The counters that say a measure was disturbed: SYNs the client sent again (1 s each) and
 /// SYNs the backend dropped for a full accept queue.
 fn disturbances(topology: &Topology) -> [u64; 2] {
     [
-        counter(&topology.client, "TcpExtTCPSynRetrans"),
-        counter(&topology.backend, "TcpExtListenOverflows"),
+        counter(&topology.client, "TCPSynRetrans"),
+        counter(&topology.backend, "ListenOverflows"),
     ]
 }
 
 /// The node namespace's conntrack entries (`nf_conntrack_count` is per namespace).
-fn conntrack_count(node: &str) -> String {
-    Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            node,
-            "cat",
-            "/proc/sys/net/netfilter/nf_conntrack_count",
-        ])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
+fn conntrack_count(node: &Netns) -> String {
+    node.read("/proc/sys/net/netfilter/nf_conntrack_count")
+        .trim()
+        .to_string()
 }
 
 fn main() {
