@@ -449,3 +449,68 @@ fn sync_writes_what_the_rendered_text_loads_for_every_golden_case() {
     }
     assert!(compared >= 10, "only {compared} golden cases compared");
 }
+
+/// IPv6 with ClientIP affinity in the `maps` layout: with an nft that can write its affinity
+/// updates the table is created; with one that cannot (before 1.0.6.1 / 1.1.0, e.g. Debian
+/// 12's) the sync fails, says what to install or use instead, and changes nothing.
+#[test]
+fn ipv6_affinity_syncs_or_says_which_nft_it_needs() {
+    if !kernel_tests_possible(&["nft"]) {
+        return;
+    }
+    let ns = Netns::new("maps-v6");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let manifest = dir.path().join("web6.yaml");
+    std::fs::write(
+        &manifest,
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: web6, namespace: default}
+spec:
+  clusterIP: fd00:96::10
+  ipFamilies: [IPv6]
+  ports: [{name: http, protocol: TCP, port: 80}]
+  sessionAffinity: ClientIP
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web6-1, namespace: default, labels: {kubernetes.io/service-name: web6}}
+addressType: IPv6
+ports: [{name: http, protocol: TCP, port: 80}]
+endpoints:
+- addresses: ["fd00:244::5"]
+  conditions: {ready: true}
+"#,
+    )
+    .expect("write the manifest");
+    let path = manifest.display().to_string();
+    let out = kproxy(
+        &ns,
+        &[
+            "sync",
+            "--once",
+            "--mode",
+            "nftables",
+            "--nftables-layout",
+            "maps",
+            "--ip-family",
+            "ipv6",
+            "--node-ip",
+            "fd00::1",
+            &path,
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if common::nft::writes_ipv6_affinity_updates(&ns) {
+        assert!(out.status.success(), "{stderr}");
+        assert_eq!(tables(&ns).trim(), "table ip6 kproxy");
+    } else {
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains("install nft 1.0.6.1 or newer")
+                && stderr.contains("--nftables-layout kube-proxy"),
+            "{stderr}"
+        );
+        assert_eq!(tables(&ns).trim(), "", "a refused sync changed the kernel");
+    }
+}

@@ -357,7 +357,10 @@ impl NftApplier {
             return Ok(());
         }
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let (object, message) = parse_error(&stderr);
+        let (object, mut message) = parse_error(&stderr);
+        if stderr.contains(OLD_NFT_MAP_UPDATE) {
+            message.push_str(OLD_NFT_HINT);
+        }
         Err(SyncError::Refused {
             tool: TOOL.into(),
             family,
@@ -366,6 +369,13 @@ impl NftApplier {
         })
     }
 }
+
+/// What nft before 1.0.6.1 / 1.1.0 prints when it aborts on a map update whose key or data is
+/// over 16 bytes: the `maps` layout's IPv6 affinity rules (docs/maps-layout.md, "nft version").
+const OLD_NFT_MAP_UPDATE: &str = "dreg < ctx->reg_low";
+const OLD_NFT_HINT: &str = " (this nft cannot write the maps layout's IPv6 ClientIP affinity \
+     rules: install nft 1.0.6.1 or newer, 1.1.0 or newer, or use --nftables-layout kube-proxy \
+     for IPv6)";
 
 pub(crate) fn family_word(family: IpFamily) -> &'static str {
     match family {
