@@ -1,0 +1,160 @@
+//! The `maps` layout's path for an EndpointSlice change (docs/maps-layout.md, "Syncing"):
+//! element changes ([`crate::nftables::ElementDelta`]) applied to what the syncer last
+//! committed, without building and comparing the whole table.
+
+use std::time::{Duration, Instant};
+
+use rustc_hash::FxHashSet;
+
+use super::{
+    delete_due_stale_chains, Applier, Changes, Name, Object, Phase, SyncError, SyncReport, Syncer,
+    Timed, Transaction, SERVICES,
+};
+use crate::family::IpFamily;
+
+impl<A: Applier> Syncer<A> {
+    /// Whether the table this syncer last committed holds `chain`.
+    pub fn has_chain(&self, family: IpFamily, chain: &str) -> bool {
+        self.families
+            .get(&family)
+            .and_then(|state| state.applied.as_ref())
+            .is_some_and(|applied| applied.chains.contains_key(chain))
+    }
+
+    /// The objects of the table last committed (the table, chains, rules, sets, maps and
+    /// elements), as counted for a full ruleset.
+    pub fn object_count(&self, family: IpFamily) -> usize {
+        let Some(applied) = self.families.get(&family).and_then(|s| s.applied.as_ref()) else {
+            return 0;
+        };
+        1 + applied.chains.len()
+            + applied
+                .chains
+                .values()
+                .map(|c| c.rules.len())
+                .sum::<usize>()
+            + applied.sets.len()
+            + applied.maps.len()
+            + applied.element_count
+    }
+
+    /// Applies element changes alone ([`crate::nftables::ElementDelta`]) to what was last
+    /// committed, without comparing the whole table: the `maps` layout's path for an
+    /// EndpointSlice change. Stale chains whose grace period has passed are deleted first, as
+    /// in [`Syncer::sync`]. `None` when this sync must be a [`Syncer::sync`] instead: nothing
+    /// committed yet or since a failure (also a refused stale-chain deletion), a full sync due,
+    /// or drift.
+    pub fn sync_delta(
+        &mut self,
+        family: IpFamily,
+        delta: &crate::nftables::ElementDelta,
+    ) -> Option<Result<SyncReport, SyncError>> {
+        let now = Instant::now();
+        let options = &self.options;
+        let state = self.families.get_mut(&family)?;
+        let applied = state.applied.as_ref()?;
+        if let (Some(last), Some(period)) = (state.last_full, options.full_sync_period) {
+            if now.duration_since(last) >= period {
+                return None;
+            }
+        }
+        let mut applier = Timed::new(&mut self.applier);
+        let mut report = SyncReport {
+            family,
+            full: false,
+            objects: 0,
+            bytes: 0,
+            duration: Duration::ZERO,
+            kernel: Duration::ZERO,
+            cleanup_failed: false,
+            pruned: 0,
+        };
+        // Stale chains past their grace period: deleted first, as in a full or partial sync
+        // (unless the delta wants them again).
+        let committed: FxHashSet<Name> = applied
+            .chains
+            .keys()
+            .chain(delta.chains.iter().map(|c| &c.name))
+            .cloned()
+            .collect();
+        delete_due_stale_chains(
+            state,
+            &mut applier,
+            family,
+            now,
+            options.stale_chain_delay,
+            &mut report,
+            &|| committed.clone(),
+        );
+        let applied = state.applied.as_ref()?;
+        if options.drift_check {
+            let expected = applied.chains.get(SERVICES).map(|c| c.rules.len());
+            if applier.rule_count(family, SERVICES).ok().flatten() != expected {
+                return None;
+            }
+        }
+
+        let mut transaction = Transaction::new();
+        let mut changes = Changes::default();
+        // New shared chains (a stale one, flushed, is simply written again).
+        let mut revived = Vec::new();
+        for chain in &delta.chains {
+            if applied.chains.contains_key(&chain.name) {
+                continue;
+            }
+            transaction.rewrite_chain(chain, false);
+            changes.chains.push(chain);
+            if state.stale.contains_key(&chain.name) {
+                revived.push(chain.name.clone());
+            }
+        }
+        for (container, key) in &delta.removed {
+            if let Some(old) = applied.element(container, key) {
+                transaction.delete(Phase::ElementDelete, old.id());
+                changes
+                    .removed_elements
+                    .push((container.clone(), key.clone()));
+            }
+        }
+        for element in &delta.added {
+            match applied.element(&element.container, &element.key) {
+                Some(old) if old == element => continue,
+                Some(old) => transaction.delete(Phase::ElementDelete, old.id()),
+                None => {}
+            }
+            transaction.add(Phase::ElementAdd, Object::Element(element));
+            changes.elements.push(element);
+        }
+        let commands = transaction.commands();
+        let deletes = transaction.phases[Phase::ElementDelete as usize].len();
+        if !commands.is_empty() {
+            match applier.apply(family, &commands) {
+                Ok(bytes) => {
+                    report.objects += commands.len();
+                    report.bytes += bytes;
+                }
+                Err(err) => {
+                    state.applied = None;
+                    state.stale.clear();
+                    return Some(Err(err));
+                }
+            }
+        }
+        for name in &revived {
+            state.stale.remove(name);
+        }
+        let applied = state.applied.as_mut()?;
+        applied.update(&changes);
+        if deletes > 0 && delta.affinity {
+            match applier.prune_live_state(family, &*applied) {
+                Ok(pruned) => report.pruned = pruned,
+                Err(err) => {
+                    state.applied = None;
+                    return Some(Err(err));
+                }
+            }
+        }
+        report.kernel = applier.spent;
+        Some(Ok(report))
+    }
+}
