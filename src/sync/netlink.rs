@@ -180,7 +180,7 @@ impl NetfilterSocket {
 
     /// Sends a dump request (`NLM_F_DUMP`) and hands each answer to `each` undecoded, as it
     /// arrives: for dumps too large to decode into typed messages first. Messages come in
-    /// datagrams of up to 32 KiB ([`DUMP_RECEIVE_BYTES`]).
+    /// datagrams of up to 32 KiB (`DUMP_RECEIVE_BYTES`).
     ///
     /// An error from `each` ends the calls to it; the rest of the dump is still read (a
     /// socket with an unfinished dump refuses the next one with `EBUSY`), then that error is

@@ -42,7 +42,7 @@
 //! kept that way is empty and unreferenced afterwards, so the next run deletes it.
 //!
 //! **Element changes** (the `maps` layout, docs/maps-layout.md): an EndpointSlice change comes
-//! as element changes alone and is applied against [`Applied`] without the whole table
+//! as element changes alone and is applied against `Applied` without the whole table
 //! ([`Syncer::sync_delta`], element_changes.rs). After a commit that deleted elements, and after
 //! a full sync, the applier may prune live state the commit made wrong
 //! ([`Applier::prune_live_state`]: affinity entries pinned to removed endpoints).

@@ -502,7 +502,7 @@ impl Applier for NftApplier {
         &self.table
     }
 
-    /// The `maps` layout's affinity sweep ([`super::affinity_sweep`]), where elements go over
+    /// The `maps` layout's affinity sweep (affinity_sweep.rs), where elements go over
     /// netlink; nothing to do for kube-proxy's layout (an endpoint's affinity set goes with
     /// its chain).
     fn prune_live_state(
