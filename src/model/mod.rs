@@ -49,6 +49,29 @@ impl Protocol {
             Protocol::Sctp => "sctp",
         }
     }
+
+    /// Parses the lower-case name the kernel tools print (`tcp`, `udp`, `sctp`).
+    pub fn from_lower(text: &str) -> Option<Protocol> {
+        [Protocol::Tcp, Protocol::Udp, Protocol::Sctp]
+            .into_iter()
+            .find(|p| p.lower() == text)
+    }
+
+    /// The IANA protocol number (what `meta l4proto` and nft's `inet_proto` hold).
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    /// The protocol of an IANA number, if it is one a Service can have.
+    pub fn from_number(number: u8) -> Option<Protocol> {
+        [Protocol::Tcp, Protocol::Udp, Protocol::Sctp]
+            .into_iter()
+            .find(|p| p.number() == number)
+    }
 }
 
 /// Identifies a service port: namespace, Service name, port name and protocol.

@@ -94,12 +94,7 @@ fn pin_of(element: &elements::Element) -> Option<AffinityPin> {
     Some(AffinityPin {
         client: address(client)?,
         frontend: address(frontend)?,
-        protocol: match protocol {
-            6 => Protocol::Tcp,
-            17 => Protocol::Udp,
-            132 => Protocol::Sctp,
-            _ => return None,
-        },
+        protocol: Protocol::from_number(*protocol)?,
         port: *port,
         endpoint: address(endpoint)?,
         endpoint_port: *endpoint_port,

@@ -399,18 +399,10 @@ pub(crate) fn parse_value(json: &Json, t: DataType) -> Option<Value> {
             (crate::family::IpFamily::of(&ip) == family_of(t)).then_some(Value::Addr(ip))
         }
         DataType::InetProto => match json {
-            Json::String(s) => match s.as_str() {
-                "tcp" => Some(Value::Protocol(Protocol::Tcp)),
-                "udp" => Some(Value::Protocol(Protocol::Udp)),
-                "sctp" => Some(Value::Protocol(Protocol::Sctp)),
-                _ => None,
-            },
-            Json::Number(n) => match n.as_u64()? {
-                6 => Some(Value::Protocol(Protocol::Tcp)),
-                17 => Some(Value::Protocol(Protocol::Udp)),
-                132 => Some(Value::Protocol(Protocol::Sctp)),
-                _ => None,
-            },
+            Json::String(s) => Protocol::from_lower(s).map(Value::Protocol),
+            Json::Number(n) => {
+                Protocol::from_number(u8::try_from(n.as_u64()?).ok()?).map(Value::Protocol)
+            }
             _ => None,
         },
         DataType::InetService => match json {

@@ -25,7 +25,6 @@
 use std::fmt::Write as _;
 
 use super::elements::{self, Data, Part};
-use crate::model::Protocol;
 use crate::nftables::{Command, Element, ElementValue, Object, ObjectId, Value, Verdict};
 
 /// One element operation of step 2, borrowed from the transaction.
@@ -141,7 +140,7 @@ fn address_part(address: std::net::IpAddr) -> Part {
 fn scalar_part(value: &Value) -> Result<Part, String> {
     Ok(match value {
         Value::Addr(address) => address_part(*address),
-        Value::Protocol(protocol) => Part::Proto(protocol_number(*protocol)),
+        Value::Protocol(protocol) => Part::Proto(protocol.number()),
         Value::Port(port) => Part::Port(*port),
         Value::Integer(n) => Part::Integer(*n),
         Value::Net(_) | Value::Set { .. } => {
@@ -152,18 +151,10 @@ fn scalar_part(value: &Value) -> Result<Part, String> {
     })
 }
 
-/// The IANA protocol number nft's `inet_proto` holds.
-fn protocol_number(protocol: Protocol) -> u8 {
-    match protocol {
-        Protocol::Tcp => 6,
-        Protocol::Udp => 17,
-        Protocol::Sctp => 132,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Protocol;
     use crate::nftables::{Chain, Name};
     use std::net::Ipv4Addr;
 

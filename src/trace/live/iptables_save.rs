@@ -266,7 +266,7 @@ pub fn parse_save_rule(
                     return Err("-p twice".into());
                 }
                 let name = next("a protocol")?;
-                let p = protocol_named(name).ok_or(format!("protocol {name}"))?;
+                let p = Protocol::from_lower(name).ok_or(format!("protocol {name}"))?;
                 protocol = Some(p);
                 matches.push(Match::Protocol(p));
             }
@@ -308,15 +308,6 @@ pub fn parse_save_rule(
     }
     finish(&mut module, &mut matches)?;
     Ok(Rule { matches, target })
-}
-
-fn protocol_named(name: &str) -> Option<Protocol> {
-    match name {
-        "tcp" => Some(Protocol::Tcp),
-        "udp" => Some(Protocol::Udp),
-        "sctp" => Some(Protocol::Sctp),
-        _ => None,
-    }
 }
 
 /// One `--option [value]` of the current module.

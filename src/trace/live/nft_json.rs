@@ -306,12 +306,7 @@ fn port_of_protocol(json: &Json) -> Option<Protocol> {
     if payload.get("field").and_then(Json::as_str) != Some("dport") {
         return None;
     }
-    match payload.get("protocol").and_then(Json::as_str)? {
-        "tcp" => Some(Protocol::Tcp),
-        "udp" => Some(Protocol::Udp),
-        "sctp" => Some(Protocol::Sctp),
-        _ => None,
-    }
+    Protocol::from_lower(payload.get("protocol").and_then(Json::as_str)?)
 }
 
 /// The protocol folded into the key of a `dnat … map @m` expression (see
