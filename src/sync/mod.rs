@@ -87,6 +87,22 @@ pub struct SyncReport {
     pub pruned: usize,
 }
 
+impl SyncReport {
+    /// A report of nothing done yet, for a sync of `family` that is not full.
+    pub fn new(family: IpFamily) -> SyncReport {
+        SyncReport {
+            family,
+            full: false,
+            objects: 0,
+            bytes: 0,
+            duration: std::time::Duration::ZERO,
+            kernel: std::time::Duration::ZERO,
+            cleanup_failed: false,
+            pruned: 0,
+        }
+    }
+}
+
 /// Why a sync or cleanup failed. The kernel keeps the rules it had before a failed transaction.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {

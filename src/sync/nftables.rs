@@ -193,16 +193,7 @@ impl<A: Applier> Syncer<A> {
         let now = Instant::now();
         let state = self.families.entry(family).or_default();
         let mut applier = Timed::new(&mut self.applier);
-        let mut report = SyncReport {
-            family,
-            full: false,
-            objects: 0,
-            bytes: 0,
-            duration: Duration::ZERO,
-            kernel: Duration::ZERO,
-            cleanup_failed: false,
-            pruned: 0,
-        };
+        let mut report = SyncReport::new(family);
 
         // Stale chains past their grace period go first, in a transaction of their own.
         if state.applied.is_some() {

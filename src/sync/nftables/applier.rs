@@ -413,11 +413,7 @@ impl Applier for NftApplier {
             Some(other) => render_transaction(family, other, &[Command::Delete(&ObjectId::Table)])?,
             None => String::new(),
         };
-        let netns = match &self.netns {
-            Some(netns) if self.netlink_elements => Some(netns.clone()),
-            _ => None,
-        };
-        let bytes = match netns {
+        let bytes = match self.netlink_netns() {
             Some(netns) => self.apply_with_netlink_elements(
                 family,
                 commands,
@@ -442,10 +438,7 @@ impl Applier for NftApplier {
     /// netlink dump of a million takes the kernel 19 s, `nft -j` minutes and gigabytes): the
     /// full sync refills every container instead, in one atomic batch.
     fn read(&mut self, family: IpFamily) -> Result<Option<KernelTable>, SyncError> {
-        let netns = match &self.netns {
-            Some(netns) if self.netlink_elements => Some(netns.clone()),
-            _ => None,
-        };
+        let netns = self.netlink_netns();
         let listing = match &netns {
             Some(netns) => self.declarations(family, netns.as_deref())?,
             None => self.list_table(family)?,
@@ -510,9 +503,8 @@ impl Applier for NftApplier {
         family: IpFamily,
         wanted: &dyn ElementLookup,
     ) -> Result<usize, SyncError> {
-        let netns = match &self.netns {
-            Some(netns) if self.netlink_elements => netns.clone(),
-            _ => return Ok(0),
+        let Some(netns) = self.netlink_netns() else {
+            return Ok(0);
         };
         let mut socket =
             NetfilterSocket::open_in(netns.as_deref()).map_err(|e| SyncError::Refused {
@@ -526,6 +518,12 @@ impl Applier for NftApplier {
 }
 
 impl NftApplier {
+    /// The namespace whose netlink socket takes the elements (`Some(None)`: this process's),
+    /// when elements go over netlink; `None` when they go as `nft -f` text.
+    fn netlink_netns(&self) -> Option<Option<String>> {
+        self.netns.clone().filter(|_| self.netlink_elements)
+    }
+
     /// The three steps of [`super::netlink_elements`]; `delete_replaced` (the other layout's
     /// table, as text) goes last, once this table routes.
     fn apply_with_netlink_elements(

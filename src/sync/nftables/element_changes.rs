@@ -2,7 +2,7 @@
 //! element changes ([`crate::nftables::ElementDelta`]) applied to what the syncer last
 //! committed, without building and comparing the whole table.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rustc_hash::FxHashSet;
 
@@ -59,16 +59,7 @@ impl<A: Applier> Syncer<A> {
             }
         }
         let mut applier = Timed::new(&mut self.applier);
-        let mut report = SyncReport {
-            family,
-            full: false,
-            objects: 0,
-            bytes: 0,
-            duration: Duration::ZERO,
-            kernel: Duration::ZERO,
-            cleanup_failed: false,
-            pruned: 0,
-        };
+        let mut report = SyncReport::new(family);
         // Stale chains past their grace period: deleted first, as in a full or partial sync
         // (unless the delta wants them again).
         let committed: FxHashSet<Name> = applied
