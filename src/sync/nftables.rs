@@ -249,19 +249,7 @@ impl<A: Applier> Syncer<A> {
         let deletes_elements = commands
             .iter()
             .any(|c| matches!(c, Command::Delete(ObjectId::Element { .. })));
-        if !commands.is_empty() {
-            match applier.apply(family, &commands) {
-                Ok(bytes) => {
-                    report.objects += commands.len();
-                    report.bytes += bytes;
-                }
-                Err(err) => {
-                    state.applied = None;
-                    state.stale.clear();
-                    return Err(err);
-                }
-            }
-        }
+        commit(state, &mut applier, family, &commands, &mut report)?;
         if full {
             // The kernel's leftovers are now the whole stale list; keep earlier flush times.
             let old = std::mem::take(&mut state.stale);
@@ -285,27 +273,61 @@ impl<A: Applier> Syncer<A> {
         // Live state the commit made wrong (affinity pins to removed endpoints). A failure
         // leaves the committed rules in place; the next full sync prunes again.
         if full || deletes_elements {
-            let committed: &dyn ElementLookup = match &state.applied {
-                Some(applied) => applied,
-                None => {
-                    return Err(SyncError::Read {
-                        tool: "kproxy".into(),
-                        family,
-                        message: "no record of the committed table".into(),
-                    })
-                }
-            };
-            match applier.prune_live_state(family, committed) {
-                Ok(pruned) => report.pruned = pruned,
-                Err(err) => {
-                    state.applied = None;
-                    return Err(err);
-                }
-            }
+            prune_live_state(state, &mut applier, family, &mut report)?;
         }
         report.full = full;
         report.kernel = applier.spent;
         Ok(report)
+    }
+}
+
+/// Applies `commands` (if any) as one transaction. A refusal changed nothing in the kernel, but
+/// what the syncer knows of the table is forgotten: the next sync is full.
+fn commit(
+    state: &mut FamilyState,
+    applier: &mut impl Applier,
+    family: IpFamily,
+    commands: &[Command<'_>],
+    report: &mut SyncReport,
+) -> Result<(), SyncError> {
+    if commands.is_empty() {
+        return Ok(());
+    }
+    match applier.apply(family, commands) {
+        Ok(bytes) => {
+            report.objects += commands.len();
+            report.bytes += bytes;
+            Ok(())
+        }
+        Err(err) => {
+            state.applied = None;
+            state.stale.clear();
+            Err(err)
+        }
+    }
+}
+
+/// Lets the applier remove live state the commit made wrong, judged against what was committed
+/// ([`Applier::prune_live_state`]). A failure leaves the committed rules in place and makes the
+/// next sync full, which prunes again.
+fn prune_live_state(
+    state: &mut FamilyState,
+    applier: &mut impl Applier,
+    family: IpFamily,
+    report: &mut SyncReport,
+) -> Result<(), SyncError> {
+    let Some(committed) = &state.applied else {
+        return Ok(());
+    };
+    match applier.prune_live_state(family, committed) {
+        Ok(pruned) => {
+            report.pruned = pruned;
+            Ok(())
+        }
+        Err(err) => {
+            state.applied = None;
+            Err(err)
+        }
     }
 }
 

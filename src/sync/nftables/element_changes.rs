@@ -7,8 +7,8 @@ use std::time::Instant;
 use rustc_hash::FxHashSet;
 
 use super::{
-    delete_due_stale_chains, Applier, Changes, Name, Object, Phase, SyncError, SyncReport, Syncer,
-    Timed, Transaction, SERVICES,
+    commit, delete_due_stale_chains, prune_live_state, Applier, Changes, Name, Object, Phase,
+    SyncError, SyncReport, Syncer, Timed, Transaction, SERVICES,
 };
 use crate::family::IpFamily;
 
@@ -118,31 +118,16 @@ impl<A: Applier> Syncer<A> {
         }
         let commands = transaction.commands();
         let deletes = transaction.phases[Phase::ElementDelete as usize].len();
-        if !commands.is_empty() {
-            match applier.apply(family, &commands) {
-                Ok(bytes) => {
-                    report.objects += commands.len();
-                    report.bytes += bytes;
-                }
-                Err(err) => {
-                    state.applied = None;
-                    state.stale.clear();
-                    return Some(Err(err));
-                }
-            }
+        if let Err(err) = commit(state, &mut applier, family, &commands, &mut report) {
+            return Some(Err(err));
         }
         for name in &revived {
             state.stale.remove(name);
         }
-        let applied = state.applied.as_mut()?;
-        applied.update(&changes);
+        state.applied.as_mut()?.update(&changes);
         if deletes > 0 && delta.affinity {
-            match applier.prune_live_state(family, &*applied) {
-                Ok(pruned) => report.pruned = pruned,
-                Err(err) => {
-                    state.applied = None;
-                    return Some(Err(err));
-                }
+            if let Err(err) = prune_live_state(state, &mut applier, family, &mut report) {
+                return Some(Err(err));
             }
         }
         report.kernel = applier.spent;
