@@ -205,7 +205,7 @@ impl<A: Applier> Syncer<A> {
                 now,
                 delay,
                 &mut report,
-                &|| desired.chains.iter().map(|c| c.name.clone()).collect(),
+                &|_| desired.chains.iter().map(|c| c.name.clone()).collect(),
             );
         }
 
@@ -332,7 +332,8 @@ fn prune_live_state(
 }
 
 /// Deletes the stale chains of `state` whose grace period has passed and that are not wanted
-/// again (`wanted`, asked only when some are due), in a transaction of their own (§5.11).
+/// again (`wanted`, asked of the state only when some are due), in a transaction of their own
+/// (§5.11).
 /// A refusal (something still refers to one) makes the next sync full.
 fn delete_due_stale_chains(
     state: &mut FamilyState,
@@ -341,7 +342,7 @@ fn delete_due_stale_chains(
     now: Instant,
     delay: Duration,
     report: &mut SyncReport,
-    wanted: &dyn Fn() -> FxHashSet<Name>,
+    wanted: &dyn Fn(&FamilyState) -> FxHashSet<Name>,
 ) {
     if !state
         .stale
@@ -350,7 +351,7 @@ fn delete_due_stale_chains(
     {
         return;
     }
-    let wanted = wanted();
+    let wanted = wanted(state);
     let due: Vec<ObjectId> = state
         .stale
         .iter()

@@ -4,11 +4,9 @@
 
 use std::time::Instant;
 
-use rustc_hash::FxHashSet;
-
 use super::{
-    commit, delete_due_stale_chains, prune_live_state, Applier, Changes, Name, Object, Phase,
-    SyncError, SyncReport, Syncer, Timed, Transaction, SERVICES,
+    commit, delete_due_stale_chains, prune_live_state, Applier, Changes, Object, Phase, SyncError,
+    SyncReport, Syncer, Timed, Transaction, SERVICES,
 };
 use crate::family::IpFamily;
 
@@ -52,7 +50,8 @@ impl<A: Applier> Syncer<A> {
         let now = Instant::now();
         let options = &self.options;
         let state = self.families.get_mut(&family)?;
-        let applied = state.applied.as_ref()?;
+        // Nothing committed yet, or forgotten after a failure: the whole-table path.
+        state.applied.as_ref()?;
         if let (Some(last), Some(period)) = (state.last_full, options.full_sync_period) {
             if now.duration_since(last) >= period {
                 return None;
@@ -62,12 +61,6 @@ impl<A: Applier> Syncer<A> {
         let mut report = SyncReport::new(family);
         // Stale chains past their grace period: deleted first, as in a full or partial sync
         // (unless the delta wants them again).
-        let committed: FxHashSet<Name> = applied
-            .chains
-            .keys()
-            .chain(delta.chains.iter().map(|c| &c.name))
-            .cloned()
-            .collect();
         delete_due_stale_chains(
             state,
             &mut applier,
@@ -75,7 +68,13 @@ impl<A: Applier> Syncer<A> {
             now,
             options.stale_chain_delay,
             &mut report,
-            &|| committed.clone(),
+            &|state| {
+                let committed = state.applied.iter().flat_map(|a| a.chains.keys());
+                committed
+                    .chain(delta.chains.iter().map(|c| &c.name))
+                    .cloned()
+                    .collect()
+            },
         );
         let applied = state.applied.as_ref()?;
         if options.drift_check {
