@@ -324,10 +324,8 @@ impl<A: nft_sync::Applier> NftablesBackend<A> {
     ) -> Option<FamilySync> {
         let family = model.family;
         let cache = self.translations.entry(family).or_default();
-        let syncer = &self.syncer;
-        let delta = nftables::translate_delta(model, config, cache, &|chain| {
-            syncer.has_chain(family, chain)
-        })?;
+        let table = self.syncer.table_objects(family);
+        let delta = nftables::translate_delta(model, config, cache, &table)?;
         let translate = started.elapsed();
         let result = self.syncer.sync_delta(family, &delta)?;
         tracing::debug!(
@@ -498,18 +496,18 @@ endpoints:
         assert_eq!(sent.len(), 2, "{sent:#?}");
         assert!(
             sent.iter()
-                .all(|c| c.contains(" element ") && c.contains(" cluster-endpoints { ")),
+                .all(|c| c.contains(" element ") && c.contains(" cluster-endpoints-2 { ")),
             "{sent:#?}"
         );
         // The kernel holds what a fresh translation of the new model holds.
         let want = nftables::translate(&second, &config);
         let mut held: Vec<String> = kernel
-            .elements(IpFamily::V4, "cluster-endpoints")
+            .elements(IpFamily::V4, "cluster-endpoints-2")
             .iter()
             .map(|e| format!("{e:?}"))
             .collect();
         let mut wanted: Vec<String> = want
-            .elements_of("cluster-endpoints")
+            .elements_of("cluster-endpoints-2")
             .map(|e| format!("{e:?}"))
             .collect();
         held.sort();
@@ -523,7 +521,8 @@ endpoints:
             )]
         );
 
-        // A third endpoint needs a pick chain the table lacks: it comes with the elements.
+        // A third endpoint needs a pick the table lacks: its chain and endpoint map come with
+        // the elements, and the pick chain that tries the picks gains it.
         let third = model(
             &slice(&["10.244.1.5", "10.244.3.9", "10.244.4.4"]),
             &config,
@@ -533,32 +532,30 @@ endpoints:
         assert!(synced[0].result.as_ref().is_ok_and(|r| !r.full));
         let kernel = backend.syncer().applier();
         let sent = &kernel.last_applied().expect("a transaction").commands;
-        let pick_rules = sent
-            .iter()
-            .filter(|c| c.starts_with("add rule ") && c.contains(" cluster-sticky-pick-3 "))
-            .count();
-        assert_eq!(pick_rules, 6, "{sent:#?}");
-        assert!(backend
-            .syncer()
-            .has_chain(IpFamily::V4, "cluster-sticky-pick-3"));
+        let count = |pattern: &str| sent.iter().filter(|c| c.contains(pattern)).count();
+        assert_eq!(count(" cluster-pick-3 meta l4proto"), 3, "{sent:#?}");
+        assert_eq!(count(" cluster-endpoints-3 { typeof"), 1, "{sent:#?}");
+        assert_eq!(count("jump cluster-pick-3"), 1, "{sent:#?}");
+        assert!(backend.syncer().has_chain(IpFamily::V4, "cluster-pick-3"));
         // What the element path committed is what a whole-table sync leaves, but for the pick
-        // chain of two no element points at any more (the next whole-table sync removes it).
+        // of two no frontend uses any more (the next whole-table sync removes it).
         let mut whole = NftablesBackend::new(FakeKernel::new(), SyncOptions::default());
         whole.sync(std::slice::from_ref(&third), &config);
         let lines = |dump: String| -> Vec<String> {
             let mut lines: Vec<String> = dump
                 .lines()
-                .filter(|l| !l.contains(" cluster-sticky-pick-2"))
+                .filter(|l| !l.contains(" cluster-pick-2") && !l.contains(" cluster-endpoints-2"))
                 .map(str::to_string)
                 .collect();
             lines.sort();
             lines
         };
         let committed = backend.syncer().applier().dump(IpFamily::V4);
-        assert!(
-            !committed.contains("goto cluster-sticky-pick-2"),
-            "{committed}"
-        );
+        assert!(backend
+            .syncer()
+            .applier()
+            .elements(IpFamily::V4, "cluster-endpoints-2")
+            .is_empty());
         assert_eq!(
             lines(committed),
             lines(whole.syncer().applier().dump(IpFamily::V4))

@@ -672,7 +672,7 @@ fn drift_is_repaired_by_the_next_sync() {
         ),
         (
             "a flushed pick chain",
-            &["flush", "chain", "ip", "kproxy", "cluster-sticky-pick-2"],
+            &["flush", "chain", "ip", "kproxy", "cluster-pick"],
         ),
         ("a deleted table", &["delete", "table", "ip", "kproxy"]),
     ];

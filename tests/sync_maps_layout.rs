@@ -76,7 +76,7 @@ fn maps_layout_syncs_keeps_affinity_switches_and_cleans_up() {
             "element",
             "ip",
             "kproxy",
-            "cluster-endpoints",
+            "cluster-endpoints-3",
             "{ 172.30.0.99 . tcp . 80 . 0 : 10.1.1.1 . 80 }",
         ],
     );
@@ -100,7 +100,7 @@ fn maps_layout_syncs_keeps_affinity_switches_and_cleans_up() {
         affinity.contains("10.0.0.9 . 172.30.0.41 . tcp . 80"),
         "the full sync dropped the live affinity entry:\n{affinity}"
     );
-    let endpoints = nft(&ns, &["list", "map", "ip", "kproxy", "cluster-endpoints"]);
+    let endpoints = nft(&ns, &["list", "map", "ip", "kproxy", "cluster-endpoints-3"]);
     assert_eq!(endpoints.matches(" : 10.244.").count(), 3, "{endpoints}");
     assert!(!endpoints.contains("10.1.1.1"), "{endpoints}");
 
@@ -228,7 +228,7 @@ fn the_agent_sends_elements_over_netlink_and_an_endpoint_change_runs_no_nft() {
     );
     let endpoints = || {
         let out = ns.run(
-            &["nft", "list", "map", "ip", "kproxy", "cluster-endpoints"],
+            &["nft", "list", "map", "ip", "kproxy", "cluster-endpoints-3"],
             None,
         );
         String::from_utf8_lossy(&out.stdout).to_string()
@@ -311,6 +311,43 @@ fn the_agent_sends_elements_over_netlink_and_an_endpoint_change_runs_no_nft() {
         second,
         first,
         "the endpoint change ran nft; agent log:\n{}",
+        agent.log_text()
+    );
+
+    // A fourth endpoint: a pick of four is new to the table (its chain and map go through
+    // nft, its elements over netlink); the frontend moves to the map of four.
+    let map = |ways: u32| {
+        let name = format!("cluster-endpoints-{ways}");
+        let out = ns.run(&["nft", "list", "map", "ip", "kproxy", &name], None);
+        String::from_utf8_lossy(&out.stdout)
+            .matches(" : 10.244.")
+            .count()
+    };
+    let three = std::fs::read_to_string(&manifest).expect("read the manifest");
+    let fourth = "- addresses: [\"10.244.4.4\"]\n  conditions: {ready: true}\n";
+    std::fs::write(&manifest, format!("{three}{fourth}")).expect("edit");
+    common::agent::wait_until(
+        Duration::from_secs(20),
+        || map(4) == 4 && map(3) == 0,
+        || {
+            format!(
+                "no move to four endpoints; agent log:\n{}",
+                agent.log_text()
+            )
+        },
+    );
+    // And back to three: element changes alone, no nft.
+    let before = std::fs::read_to_string(&log).expect("the wrapper's log");
+    std::fs::write(&manifest, three).expect("edit");
+    common::agent::wait_until(
+        Duration::from_secs(20),
+        || map(3) == 3 && map(4) == 0,
+        || format!("no move back to three; agent log:\n{}", agent.log_text()),
+    );
+    assert_eq!(
+        std::fs::read_to_string(&log).expect("the wrapper's log"),
+        before,
+        "an endpoint count change to a pick in use ran nft; agent log:\n{}",
         agent.log_text()
     );
     assert!(agent.stop().success());

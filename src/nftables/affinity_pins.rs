@@ -16,9 +16,10 @@ use std::net::IpAddr;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::translate::maps::{
-    CLUSTER_ENDPOINTS, LOCAL_ENDPOINTS, NODEPORT_CLUSTER_ENDPOINTS, NODEPORT_LOCAL_ENDPOINTS,
+    endpoint_map_frontend, Frontend, AFFINITY_TIMEOUTS, NODEPORT_AFFINITY_TIMEOUTS,
+    REMEMBER_NOTHING,
 };
-use super::{Element, ElementValue, Value};
+use super::{Element, ElementValue, Name, Value, Verdict};
 use crate::model::Protocol;
 
 /// One `@affinity` entry: `client . frontend address . protocol . frontend port : endpoint
@@ -41,14 +42,27 @@ type Endpoint = (IpAddr, u16);
 /// committed).
 pub trait ElementLookup {
     fn element(&self, container: &str, key: &[Value]) -> Option<&Element>;
+    /// The names of the table's maps.
+    fn maps(&self) -> Vec<Name>;
 }
 
 /// The positions in `pins` of the entries whose endpoint is not among their frontend's
-/// endpoints in `wanted` (a `maps`-layout table): in the cluster-wide or node-local endpoint
-/// map of `frontend . protocol . port`, or of the NodePort `protocol . port`. An entry whose
-/// frontend has no endpoints at all is stale too. Each frontend's endpoints are looked up
-/// slot by slot, once.
+/// endpoints in `wanted` (a `maps`-layout table): in an endpoint map of `frontend . protocol .
+/// port`, or of the NodePort `protocol . port`, where that frontend has ClientIP affinity. An
+/// entry whose frontend has no endpoints, or no affinity (any more), is stale too. Each
+/// frontend's endpoints are looked up slot by slot, once.
 pub fn stale_pins(wanted: &dyn ElementLookup, pins: &[AffinityPin]) -> Vec<usize> {
+    let maps = wanted.maps();
+    let endpoint_maps = |kind: Frontend| -> Vec<&str> {
+        maps.iter()
+            .filter(|name| endpoint_map_frontend(name) == Some(kind))
+            .map(|name| &**name)
+            .collect()
+    };
+    let (address_maps, node_port_maps) = (
+        endpoint_maps(Frontend::Address),
+        endpoint_maps(Frontend::NodePort),
+    );
     let mut by_address: FxHashMap<(IpAddr, Protocol, u16), FxHashSet<Endpoint>> =
         FxHashMap::default();
     let mut by_node_port: FxHashMap<(Protocol, u16), FxHashSet<Endpoint>> = FxHashMap::default();
@@ -63,7 +77,7 @@ pub fn stale_pins(wanted: &dyn ElementLookup, pins: &[AffinityPin]) -> Vec<usize
                     Value::Protocol(pin.protocol),
                     Value::Port(pin.port),
                 ];
-                endpoints(wanted, &[CLUSTER_ENDPOINTS, LOCAL_ENDPOINTS], &frontend)
+                sticky_endpoints(wanted, AFFINITY_TIMEOUTS, &address_maps, &frontend)
             })
             .contains(&endpoint);
         let of_node_port = of_address
@@ -71,9 +85,10 @@ pub fn stale_pins(wanted: &dyn ElementLookup, pins: &[AffinityPin]) -> Vec<usize
                 .entry((pin.protocol, pin.port))
                 .or_insert_with(|| {
                     let frontend = [Value::Protocol(pin.protocol), Value::Port(pin.port)];
-                    endpoints(
+                    sticky_endpoints(
                         wanted,
-                        &[NODEPORT_CLUSTER_ENDPOINTS, NODEPORT_LOCAL_ENDPOINTS],
+                        NODEPORT_AFFINITY_TIMEOUTS,
+                        &node_port_maps,
                         &frontend,
                     )
                 })
@@ -83,6 +98,26 @@ pub fn stale_pins(wanted: &dyn ElementLookup, pins: &[AffinityPin]) -> Vec<usize
         }
     }
     stale
+}
+
+/// The endpoints of `frontend` when `timeouts` records its affinity; none otherwise.
+fn sticky_endpoints(
+    wanted: &dyn ElementLookup,
+    timeouts: &str,
+    maps: &[&str],
+    frontend: &[Value],
+) -> FxHashSet<Endpoint> {
+    let remembered = wanted
+        .element(timeouts, frontend)
+        .and_then(|e| e.value.as_ref()?.verdict())
+        .is_some_and(
+            |verdict| !matches!(verdict, Verdict::Goto(chain) if **chain == *REMEMBER_NOTHING),
+        );
+    if remembered {
+        endpoints(wanted, maps, frontend)
+    } else {
+        FxHashSet::default()
+    }
 }
 
 /// Every endpoint of `frontend` in `maps`: slots 0, 1, … until one is missing.
@@ -151,6 +186,13 @@ endpoints:
     impl ElementLookup for Index {
         fn element(&self, container: &str, key: &[Value]) -> Option<&Element> {
             self.0.get(&(container.to_string(), key.to_vec()))
+        }
+
+        fn maps(&self) -> Vec<Name> {
+            self.0
+                .keys()
+                .map(|(container, _)| container.as_str().into())
+                .collect()
         }
     }
 

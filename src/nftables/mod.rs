@@ -17,7 +17,9 @@ pub use ruleset::{
     Map, Match, Name, ObjectId, Rule, Ruleset, Set, SetFlag, Statement, Table, Value, Verdict,
     TABLE_NAME,
 };
-pub use translate::{translate, translate_cached, translate_delta, ElementDelta, PortCache};
+pub use translate::{
+    translate, translate_cached, translate_delta, ElementDelta, PortCache, TableObjects,
+};
 
 /// The table of the `maps` layout (docs/maps-layout.md), never kube-proxy's name.
 pub const MAPS_TABLE_NAME: &str = "kproxy";

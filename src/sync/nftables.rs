@@ -607,6 +607,10 @@ impl ElementLookup for Applied {
     fn element(&self, container: &str, key: &[Value]) -> Option<&Element> {
         Applied::element(self, container, key)
     }
+
+    fn maps(&self) -> Vec<Name> {
+        self.maps.keys().cloned().collect()
+    }
 }
 
 impl Applied {

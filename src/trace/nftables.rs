@@ -371,12 +371,15 @@ impl Walk<'_> {
                     };
                     let wanted = key_values(key, &fork, slot);
                     let found = self.map_data(map, &wanted);
-                    if self.rules.dynamic_maps.iter().any(|m| **m == **map) {
+                    // Every pick looks the client up in the affinity map first, with affinity
+                    // or not: a miss says nothing (the update that records an entry says
+                    // whether the frontend has affinity), a hit names the pinned endpoint.
+                    if found.is_some() && self.rules.dynamic_maps.iter().any(|m| **m == **map) {
                         fork.affinity.push(AffinityEvent::Checked {
                             store: map.to_string(),
                             // The entry's own timeout comes with the update that records it.
                             timeout_seconds: 0,
-                            hit: found.is_some(),
+                            hit: true,
                         });
                     }
                     let label = match slot {

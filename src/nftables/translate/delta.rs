@@ -11,10 +11,7 @@
 //! the table-wide parts built after the ports — see `Translator::maps_shadowed_nodeports` — and
 //! an element keyed by a frontend is only added or removed when the frontends change.)
 
-use super::maps::{
-    CLUSTER_ENDPOINTS, CLUSTER_PICKS, LOCAL_ENDPOINTS, LOCAL_PICKS, NODEPORT_CLUSTER_ENDPOINTS,
-    NODEPORT_CLUSTER_PICKS, NODEPORT_LOCAL_ENDPOINTS, NODEPORT_LOCAL_PICKS,
-};
+use super::maps::{endpoint_map_frontend, pick_chains_gaining};
 use super::*;
 use rustc_hash::FxHashSet;
 
@@ -26,34 +23,31 @@ pub struct ElementDelta {
     pub removed: Vec<(Name, Vec<Value>)>,
     /// Elements new, or with another value or comment.
     pub added: Vec<Element>,
-    /// Shared chains the changed ports need and the table lacks (a pick of a new size, a new
-    /// affinity timeout), with their rules.
+    /// Chains to write whole: shared chains the changed ports need and the table lacks (a pick
+    /// of a new size, a new affinity timeout), with their rules, and the pick chains that
+    /// gain a pick.
     pub chains: Vec<Chain>,
+    /// Endpoint maps the changed ports need and the table lacks (endpoints of a new number).
+    pub maps: Vec<Map>,
     /// A changed port has ClientIP affinity: clients may be pinned to an endpoint it lost.
     pub affinity: bool,
 }
 
-/// The maps whose elements an endpoint change adds and removes: a frontend's endpoints by
-/// slot, and its pick chain.
-const ENDPOINT_MAPS: [&str; 8] = [
-    CLUSTER_ENDPOINTS,
-    LOCAL_ENDPOINTS,
-    NODEPORT_CLUSTER_ENDPOINTS,
-    NODEPORT_LOCAL_ENDPOINTS,
-    CLUSTER_PICKS,
-    LOCAL_PICKS,
-    NODEPORT_CLUSTER_PICKS,
-    NODEPORT_LOCAL_PICKS,
-];
+/// The chains and maps of the table a delta is for (what the syncer last committed).
+#[derive(Debug, Default, Clone)]
+pub struct TableObjects {
+    pub chains: FxHashSet<Name>,
+    pub maps: FxHashSet<Name>,
+}
 
 /// The changes since the translations kept in `cache`, when they are element changes of the
 /// `maps` layout alone (module docs); the changed ports' new translations are then kept in
-/// `cache`. `chain_exists` says whether the table holds a chain.
+/// `cache`. `table` is what the table holds.
 pub fn translate_delta(
     model: &ProxyModel,
     config: &NodeConfig,
     cache: &mut PortCache,
-    chain_exists: &dyn Fn(&str) -> bool,
+    table: &TableObjects,
 ) -> Option<ElementDelta> {
     if config.nftables_layout != NftablesLayout::Maps
         || !cache.settings_match(&cache_settings(model, config))
@@ -68,10 +62,13 @@ pub fn translate_delta(
         let mut part = translator.empty_copy();
         part.service_port(port);
         let new = part.out.into_part();
-        port_delta(cache.get(&port.name)?, &new, chain_exists, &mut delta)?;
+        port_delta(cache.get(&port.name)?, &new, table, &mut delta)?;
         delta.affinity |= port.affinity_timeout.is_some();
         parts.push((port.clone(), new));
     }
+    let added: Vec<Name> = delta.chains.iter().map(|c| c.name.clone()).collect();
+    let gaining = pick_chains_gaining(table.chains.iter().map(|name| &**name), &added);
+    delta.chains.extend(gaining);
     cache.replace(&model.ports, parts);
     Some(delta)
 }
@@ -81,12 +78,27 @@ pub fn translate_delta(
 fn port_delta(
     old: &PortObjects,
     new: &PortObjects,
-    chain_exists: &dyn Fn(&str) -> bool,
+    table: &TableObjects,
     delta: &mut ElementDelta,
 ) -> Option<()> {
-    let declares_containers = |part: &PortObjects| !part.sets.is_empty() || !part.maps.is_empty();
-    if declares_containers(old) || declares_containers(new) {
+    // A port declares no sets, and no maps but the endpoint maps it uses: one the table lacks
+    // comes with the delta.
+    if !old.sets.is_empty() || !new.sets.is_empty() {
         return None;
+    }
+    let endpoint_map = |container: &str| endpoint_map_frontend(container).is_some();
+    if !old
+        .maps
+        .iter()
+        .chain(&new.maps)
+        .all(|m| endpoint_map(&m.name))
+    {
+        return None;
+    }
+    for map in &new.maps {
+        if !table.maps.contains(&map.name) && !delta.maps.iter().any(|m| m.name == map.name) {
+            delta.maps.push(map.clone());
+        }
     }
     // A port's chains are the shared pick and remember chains, declared empty (their rules
     // come with the table-wide part): one the table lacks comes with the delta, with its rules.
@@ -94,7 +106,8 @@ fn port_delta(
         if !chain.rules.is_empty() {
             return None;
         }
-        let known = chain_exists(&chain.name) || delta.chains.iter().any(|c| c.name == chain.name);
+        let known =
+            table.chains.contains(&chain.name) || delta.chains.iter().any(|c| c.name == chain.name);
         if !known {
             delta.chains.push(Chain {
                 name: chain.name.clone(),
@@ -104,7 +117,6 @@ fn port_delta(
             });
         }
     }
-    let endpoint_map = |container: &str| ENDPOINT_MAPS.contains(&container);
     let before: FxHashMap<(&str, &[Value]), &Element> = old
         .elements
         .iter()
@@ -224,6 +236,14 @@ endpoints:
         new
     }
 
+    /// The chains and maps of a translation, as the syncer reports them once it is committed.
+    fn table(ruleset: &Ruleset) -> TableObjects {
+        TableObjects {
+            chains: ruleset.chains.iter().map(|c| c.name.clone()).collect(),
+            maps: ruleset.maps.iter().map(|m| m.name.clone()).collect(),
+        }
+    }
+
     /// The elements of a translation, by container and key, as text.
     fn elements(ruleset: &Ruleset) -> std::collections::BTreeSet<String> {
         ruleset.elements.iter().map(|e| format!("{e:?}")).collect()
@@ -235,15 +255,15 @@ endpoints:
         let old = model(&manifest(&["10.244.1.5", "10.244.2.7"], false), &config);
         let mut cache = PortCache::default();
         let before = translate_cached(&old, &config, &mut cache);
-        let chains: FxHashSet<String> = before.chains.iter().map(|c| c.name.to_string()).collect();
+        let table = table(&before);
         // Two endpoints become two others (same count, same pick chain), then one of them goes.
         for endpoints in [
             &["10.244.1.5", "10.244.3.9"][..],
             &["10.244.3.9", "10.244.4.4"],
         ] {
             let new = shared(&old, model(&manifest(endpoints, false), &config), "web");
-            let delta = translate_delta(&new, &config, &mut cache, &|c| chains.contains(c))
-                .expect("an element change");
+            let delta =
+                translate_delta(&new, &config, &mut cache, &table).expect("an element change");
             assert!(delta.affinity);
             let after = translate(&new, &config);
             // Applying the delta to the old elements gives the new translation's elements.
@@ -268,7 +288,7 @@ endpoints:
             // The cache now holds the new translation: the full path gives the same table.
             assert_eq!(translate_cached(&new, &config, &mut cache), after);
             // Back to the old endpoints for the next round.
-            let back = translate_delta(&old, &config, &mut cache, &|c| chains.contains(c));
+            let back = translate_delta(&old, &config, &mut cache, &table);
             assert!(back.is_some());
         }
     }
@@ -279,9 +299,11 @@ endpoints:
         let old = model(&manifest(&["10.244.1.5", "10.244.2.7"], false), &config);
         let mut cache = PortCache::default();
         let before = translate_cached(&old, &config, &mut cache);
-        let chains: FxHashSet<String> = before.chains.iter().map(|c| c.name.to_string()).collect();
-        // A third endpoint needs a pick chain of three, which the table does not have: it comes
-        // with the delta, with the rules the whole translation gives it.
+        let table = table(&before);
+        // A third endpoint needs a pick of three, which the table does not have: its chain and
+        // endpoint map come with the delta, as the whole translation has them, and the pick
+        // chain that tries it gains it (and keeps the pick of two, unused now, until a full
+        // sync).
         let three = shared(
             &old,
             model(
@@ -290,31 +312,60 @@ endpoints:
             ),
             "web",
         );
-        let delta = translate_delta(&three, &config, &mut cache, &|c| chains.contains(c))
-            .expect("elements and a chain");
+        let delta = translate_delta(&three, &config, &mut cache, &table)
+            .expect("elements, a map and chains");
         let whole = translate(&three, &config);
         let names: Vec<&str> = delta.chains.iter().map(|c| &*c.name).collect();
-        assert_eq!(names, ["cluster-sticky-pick-3"]);
-        assert_eq!(whole.chain("cluster-sticky-pick-3"), delta.chains.first());
+        assert_eq!(names, ["cluster-pick-3", "cluster-pick"]);
+        assert_eq!(whole.chain("cluster-pick-3"), delta.chains.first());
+        let maps: Vec<&Map> = delta.maps.iter().collect();
+        assert_eq!(maps, [whole.map("cluster-endpoints-3").expect("the map")]);
+        let jumps = |chain: &Chain| -> Vec<String> {
+            chain
+                .rules
+                .iter()
+                .map(|r| format!("{:?}", r.statements))
+                .collect()
+        };
+        let mut expected = jumps(whole.chain("cluster-pick").expect("the pick chain"));
+        expected.insert(
+            2,
+            format!("{:?}", [verdict(Verdict::Jump("cluster-pick-2".into()))]),
+        );
+        assert_eq!(jumps(&delta.chains[1]), expected);
+        // Every element of the frontend moved to the map of three.
+        assert!(delta
+            .added
+            .iter()
+            .filter(|e| e.container.contains("endpoints"))
+            .all(|e| &*e.container == "cluster-endpoints-3"));
+        assert_eq!(
+            delta
+                .removed
+                .iter()
+                .filter(|(container, _)| &**container == "cluster-endpoints-2")
+                .count(),
+            2
+        );
         // A port more: the set of ports changed.
         let ported = shared(
             &old,
             model(&manifest(&["10.244.1.5", "10.244.2.7"], true), &config),
             "web",
         );
-        assert!(translate_delta(&ported, &config, &mut cache, &|_| true).is_none());
+        assert!(translate_delta(&ported, &config, &mut cache, &table).is_none());
         // No endpoints: the frontend leaves service-ips for no-endpoint-services.
         let mut cache = PortCache::default();
         translate_cached(&old, &config, &mut cache);
         let none = shared(&old, model(&manifest(&[], false), &config), "web");
-        assert!(translate_delta(&none, &config, &mut cache, &|_| true).is_none());
+        assert!(translate_delta(&none, &config, &mut cache, &table).is_none());
         // Other node settings.
         let mut moved = config.clone();
         moved.node_ips = vec!["10.0.0.2".parse().expect("address")];
-        assert!(translate_delta(&old, &moved, &mut cache, &|_| true).is_none());
+        assert!(translate_delta(&old, &moved, &mut cache, &table).is_none());
         // kube-proxy's layout has no element path.
         let mut kube_proxy = config.clone();
         kube_proxy.nftables_layout = NftablesLayout::KubeProxy;
-        assert!(translate_delta(&old, &kube_proxy, &mut cache, &|_| true).is_none());
+        assert!(translate_delta(&old, &kube_proxy, &mut cache, &table).is_none());
     }
 }

@@ -5,25 +5,17 @@
 
 use super::*;
 
-/// Frontend → endpoint slot → endpoint, for cluster-wide and node-local endpoint sets, keyed by
-/// `daddr . proto . port` or, for NodePorts, `proto . port`.
-pub(crate) const CLUSTER_ENDPOINTS: &str = "cluster-endpoints";
-pub(crate) const LOCAL_ENDPOINTS: &str = "local-endpoints";
-pub(crate) const NODEPORT_CLUSTER_ENDPOINTS: &str = "nodeport-cluster-endpoints";
-pub(crate) const NODEPORT_LOCAL_ENDPOINTS: &str = "nodeport-local-endpoints";
-/// Frontend → `goto` the pick chain of its endpoint count (for the handler chains).
-pub(crate) const CLUSTER_PICKS: &str = "cluster-picks";
-pub(crate) const LOCAL_PICKS: &str = "local-picks";
-pub(crate) const NODEPORT_CLUSTER_PICKS: &str = "nodeport-cluster-picks";
-pub(crate) const NODEPORT_LOCAL_PICKS: &str = "nodeport-local-picks";
+/// The chain every pick jumps to first: a client pinned to an endpoint of the frontend (an
+/// `@affinity` element) goes there.
+const PINNED: &str = "pinned";
 /// Client . frontend → the endpoint it is pinned to; elements added from the packet path.
 pub(crate) const AFFINITY: &str = "affinity";
 /// Most clients pinned at once, over all services (nft's default, 65535, is sized for one
 /// endpoint's set in kube-proxy's layout).
 const AFFINITY_SIZE: u32 = 1 << 20;
 /// Frontend → `goto remember-T`, for frontends with ClientIP affinity of timeout T.
-const AFFINITY_TIMEOUTS: &str = "affinity-timeouts";
-const NODEPORT_AFFINITY_TIMEOUTS: &str = "nodeport-affinity-timeouts";
+pub(crate) const AFFINITY_TIMEOUTS: &str = "affinity-timeouts";
+pub(crate) const NODEPORT_AFFINITY_TIMEOUTS: &str = "nodeport-affinity-timeouts";
 /// LB frontend . allowed source range.
 const FIREWALL_ALLOW: &str = "firewall-allow";
 /// Handlers: what external traffic of each policy does before the pick.
@@ -38,15 +30,16 @@ const REMEMBER: &str = "remember";
 const REMEMBER_PREFIX: &str = "remember-";
 /// An empty chain: `affinity-timeouts` sends a frontend without affinity here, so that the
 /// NodePort rules of `remember` do not record it (see [`Translator::maps_shadowed_nodeports`]).
-const REMEMBER_NOTHING: &str = "remember-nothing";
+pub(crate) const REMEMBER_NOTHING: &str = "remember-nothing";
 const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
 
 use crate::model::Protocol;
 use rustc_hash::FxHashSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// How a frontend is keyed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Frontend {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Frontend {
     /// `daddr . proto . port`: cluster, external and load-balancer IPs.
     Address,
     /// `proto . port` on a node address.
@@ -70,38 +63,48 @@ impl Frontend {
 }
 
 /// Which of a service port's endpoints.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum EndpointSet {
     Cluster,
     Local,
 }
 
-/// A shared chain that picks one of `ways` endpoints of a frontend, after its affinity entry
-/// when `sticky`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Pick {
+/// The endpoints of one frontend kind and endpoint set: its pick chain (`cluster-pick`)
+/// tries the client's pin, then each pick of a size in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Endpoints {
     frontend: Frontend,
     set: EndpointSet,
-    sticky: bool,
-    ways: u32,
 }
 
-impl Pick {
-    fn name(&self) -> String {
-        format!(
-            "{}{}-{}pick-{}",
-            self.frontend.prefix(),
-            match self.set {
-                EndpointSet::Cluster => "cluster",
-                EndpointSet::Local => "local",
-            },
-            if self.sticky { "sticky-" } else { "" },
-            self.ways
-        )
+impl Endpoints {
+    const ALL: [Endpoints; 4] = [
+        Endpoints::new(Frontend::Address, EndpointSet::Cluster),
+        Endpoints::new(Frontend::Address, EndpointSet::Local),
+        Endpoints::new(Frontend::NodePort, EndpointSet::Cluster),
+        Endpoints::new(Frontend::NodePort, EndpointSet::Local),
+    ];
+
+    const fn new(frontend: Frontend, set: EndpointSet) -> Endpoints {
+        Endpoints { frontend, set }
     }
 
-    /// The inverse of [`Pick::name`].
-    fn parse(name: &str) -> Option<Pick> {
+    /// `cluster`, `local`, `nodeport-cluster`, `nodeport-local`.
+    fn kind(&self) -> String {
+        let set = match self.set {
+            EndpointSet::Cluster => "cluster",
+            EndpointSet::Local => "local",
+        };
+        format!("{}{set}", self.frontend.prefix())
+    }
+
+    /// The chain a handler sends a frontend to.
+    fn pick_chain(&self) -> String {
+        format!("{}-pick", self.kind())
+    }
+
+    /// The inverse of `{kind}-{word}-{ways}`: [`Pick::name`], [`Pick::endpoint_map`].
+    fn parse(name: &str, word: &str) -> Option<Pick> {
         let (frontend, rest) = match name.strip_prefix("nodeport-") {
             Some(rest) => (Frontend::NodePort, rest),
             None => (Frontend::Address, name),
@@ -111,63 +114,86 @@ impl Pick {
         } else {
             (EndpointSet::Local, rest.strip_prefix("local-")?)
         };
-        let (sticky, rest) = match rest.strip_prefix("sticky-") {
-            Some(rest) => (true, rest),
-            None => (false, rest),
-        };
-        let ways = rest.strip_prefix("pick-")?.parse().ok()?;
+        let ways = rest.strip_prefix(word)?.strip_prefix('-')?.parse().ok()?;
         Some(Pick {
-            frontend,
-            set,
-            sticky,
+            endpoints: Endpoints::new(frontend, set),
             ways,
         })
     }
 
-    fn endpoint_map(&self) -> &'static str {
-        match (self.frontend, self.set) {
-            (Frontend::Address, EndpointSet::Cluster) => CLUSTER_ENDPOINTS,
-            (Frontend::Address, EndpointSet::Local) => LOCAL_ENDPOINTS,
-            (Frontend::NodePort, EndpointSet::Cluster) => NODEPORT_CLUSTER_ENDPOINTS,
-            (Frontend::NodePort, EndpointSet::Local) => NODEPORT_LOCAL_ENDPOINTS,
-        }
+    /// The pick chain's rules with picks of `ways` endpoints in use: the client's pin first
+    /// (a miss falls through), then each pick by size (a frontend is in the endpoint map of
+    /// one size; a miss returns here for the next).
+    fn pick_rules(&self, ways: &BTreeSet<u32>) -> Vec<Rule> {
+        std::iter::once(PINNED.to_string())
+            .chain(ways.iter().map(|&ways| {
+                Pick {
+                    endpoints: *self,
+                    ways,
+                }
+                .name()
+            }))
+            .map(|chain| Rule::new(vec![], vec![verdict(Verdict::Jump(chain.into()))]))
+            .collect()
+    }
+}
+
+/// A shared chain that picks one of `ways` endpoints of the frontends in its endpoint map
+/// (`cluster-pick-3` and `cluster-endpoints-3`). One map per size: a frontend whose endpoint
+/// count changes moves from one map to another (data elements alone; a changed verdict
+/// element would make the kernel validate every verdict map of the table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Pick {
+    endpoints: Endpoints,
+    ways: u32,
+}
+
+impl Pick {
+    fn name(&self) -> String {
+        format!("{}-pick-{}", self.endpoints.kind(), self.ways)
     }
 
-    /// One rule per protocol and map, TCP first in each chain: nft 1.0.6 checks a map's
-    /// `typeof` data (`ip daddr . tcp dport`) against the first rule of each run that uses the
-    /// map, and adds `meta l4proto tcp` to that rule (a rule for every protocol would then
-    /// take TCP only); with a protocol match of its own on every rule, the first is a TCP rule
-    /// and gains nothing. Found by tests/maps_traffic.rs (UDP never DNATed).
-    fn rules(&self) -> Vec<Rule> {
-        let mut rules = Vec::new();
-        let per_protocol = |rules: &mut Vec<Rule>, key: Vec<Field>, map: &str| {
-            for protocol in PROTOCOLS {
-                rules.push(Rule::new(
-                    vec![compare(Field::L4Proto, false, Value::Protocol(protocol))],
-                    vec![Statement::DnatMap {
-                        key: key.clone(),
-                        map: map.into(),
-                    }],
-                ));
-            }
-        };
-        if self.sticky {
-            per_protocol(
-                &mut rules,
-                vec![
-                    Field::SourceAddr,
-                    Field::DestinationAddr,
-                    Field::L4Proto,
-                    Field::DestinationPort,
-                ],
-                AFFINITY,
-            );
-        }
-        let mut key = self.frontend.fields().to_vec();
-        key.push(Field::RandomNumber(self.ways));
-        per_protocol(&mut rules, key, self.endpoint_map());
-        rules
+    /// The inverse of [`Pick::name`].
+    fn parse(name: &str) -> Option<Pick> {
+        Endpoints::parse(name, "pick")
     }
+
+    /// Frontend . slot → endpoint, for frontends with this many endpoints.
+    fn endpoint_map(&self) -> String {
+        format!("{}-endpoints-{}", self.endpoints.kind(), self.ways)
+    }
+
+    /// One rule per protocol, TCP first: nft 1.0.6 checks a map's `typeof` data (`ip daddr .
+    /// tcp dport`) against the first rule of each run that uses the map, and adds `meta l4proto
+    /// tcp` to that rule (a rule for every protocol would then take TCP only); with a protocol
+    /// match of its own on every rule, the first is a TCP rule and gains nothing. Found by
+    /// tests/maps_traffic.rs (UDP never DNATed).
+    fn rules(&self) -> Vec<Rule> {
+        let mut key = self.endpoints.frontend.fields().to_vec();
+        key.push(Field::RandomNumber(self.ways));
+        dnat_per_protocol(key, &self.endpoint_map())
+    }
+}
+
+/// `meta l4proto P dnat … to KEY map @MAP` for each protocol, TCP first (see [`Pick::rules`]).
+fn dnat_per_protocol(key: Vec<Field>, map: &str) -> Vec<Rule> {
+    PROTOCOLS
+        .iter()
+        .map(|&protocol| {
+            Rule::new(
+                vec![compare(Field::L4Proto, false, Value::Protocol(protocol))],
+                vec![Statement::DnatMap {
+                    key: key.clone(),
+                    map: map.into(),
+                }],
+            )
+        })
+        .collect()
+}
+
+/// Whether `map` is an endpoint map of the layout, and for which frontend kind.
+pub(crate) fn endpoint_map_frontend(map: &str) -> Option<Frontend> {
+    Endpoints::parse(map, "endpoints").map(|pick| pick.endpoints.frontend)
 }
 
 /// The rules of a shared chain a service port declares, from its name: `…pick-N` (a pick of
@@ -200,14 +226,32 @@ pub(super) fn shared_chain_rules(name: &str) -> Option<Vec<Rule>> {
     )
 }
 
-/// The picks map of a frontend kind and endpoint set.
-fn picks_map(frontend: Frontend, set: EndpointSet) -> &'static str {
-    match (frontend, set) {
-        (Frontend::Address, EndpointSet::Cluster) => CLUSTER_PICKS,
-        (Frontend::Address, EndpointSet::Local) => LOCAL_PICKS,
-        (Frontend::NodePort, EndpointSet::Cluster) => NODEPORT_CLUSTER_PICKS,
-        (Frontend::NodePort, EndpointSet::Local) => NODEPORT_LOCAL_PICKS,
+/// The pick chains (`cluster-pick`, …) whose rules change when the table's pick chains
+/// `existing` gain `added`: each with all its rules.
+pub(super) fn pick_chains_gaining<'a>(
+    existing: impl Iterator<Item = &'a str>,
+    added: &[Name],
+) -> Vec<Chain> {
+    let added: Vec<Pick> = added.iter().filter_map(|name| Pick::parse(name)).collect();
+    let mut ways: BTreeMap<Endpoints, BTreeSet<u32>> = BTreeMap::new();
+    for pick in existing
+        .filter_map(Pick::parse)
+        .chain(added.iter().copied())
+    {
+        ways.entry(pick.endpoints).or_default().insert(pick.ways);
     }
+    let gaining: BTreeSet<Endpoints> = added.iter().map(|pick| pick.endpoints).collect();
+    gaining
+        .into_iter()
+        .map(|endpoints| Chain {
+            name: endpoints.pick_chain().into(),
+            base: None,
+            comment: None,
+            rules: Arc::new(
+                endpoints.pick_rules(&ways.get(&endpoints).cloned().unwrap_or_default()),
+            ),
+        })
+        .collect()
 }
 
 impl Translator<'_> {
@@ -259,39 +303,6 @@ impl Translator<'_> {
     pub(super) fn maps_setup(&mut self, service_key: Vec<DataType>, nodeport_key: Vec<DataType>) {
         let addr = self.addr_type();
         let endpoint = vec![addr, DataType::InetService];
-        for (frontend, key) in [
-            (Frontend::Address, &service_key),
-            (Frontend::NodePort, &nodeport_key),
-        ] {
-            for set in [EndpointSet::Cluster, EndpointSet::Local] {
-                let mut slot_key = key.clone();
-                slot_key.push(DataType::Slot);
-                let pick = Pick {
-                    frontend,
-                    set,
-                    sticky: false,
-                    ways: 1,
-                };
-                self.out.map(Map {
-                    name: pick.endpoint_map().into(),
-                    key_type: slot_key,
-                    value_type: endpoint.clone(),
-                    flags: vec![],
-                    timeout: None,
-                    size: None,
-                    comment: None,
-                });
-                self.out.map(Map {
-                    name: picks_map(frontend, set).into(),
-                    key_type: key.clone(),
-                    value_type: vec![DataType::Verdict],
-                    flags: vec![],
-                    timeout: None,
-                    size: None,
-                    comment: None,
-                });
-            }
-        }
         self.out.map(Map {
             name: AFFINITY.into(),
             key_type: vec![addr, addr, DataType::InetProto, DataType::InetService],
@@ -316,13 +327,27 @@ impl Translator<'_> {
             });
         }
 
+        // The pick chains, declared here and filled once every service port has declared the
+        // picks it uses ([`Translator::maps_shared_chain_rules`]), and the pin they try first.
+        for endpoints in Endpoints::ALL {
+            self.out.chain(&endpoints.pick_chain(), None, None);
+        }
+        let client_and_frontend = vec![
+            Field::SourceAddr,
+            Field::DestinationAddr,
+            Field::L4Proto,
+            Field::DestinationPort,
+        ];
+        for rule in dnat_per_protocol(client_and_frontend, AFFINITY) {
+            self.out.rule(PINNED, rule);
+        }
+
         // External traffic: masquerade and short-circuit as kube-proxy's external chains do.
         for frontend in [Frontend::Address, Frontend::NodePort] {
             let picks = |set| {
-                vec![Statement::VerdictMap {
-                    key: frontend.fields().to_vec(),
-                    map: picks_map(frontend, set).into(),
-                }]
+                vec![verdict(Verdict::Goto(
+                    Endpoints::new(frontend, set).pick_chain().into(),
+                ))]
             };
             let (cluster, local) = match frontend {
                 Frontend::Address => (EXTERNAL, EXTERNAL_LOCAL),
@@ -475,7 +500,8 @@ impl Translator<'_> {
         }
     }
 
-    /// The rules of the shared chains the service ports declared: pick-N and remember-T.
+    /// The rules of the shared chains the service ports declared (pick-N and remember-T), and
+    /// of the pick chains that try them.
     pub(super) fn maps_shared_chain_rules(&mut self) {
         let names: Vec<Name> = self
             .out
@@ -484,9 +510,19 @@ impl Translator<'_> {
             .filter(|c| c.rules.is_empty())
             .map(|c| c.name.clone())
             .collect();
+        let mut ways: BTreeMap<Endpoints, BTreeSet<u32>> = BTreeMap::new();
         for name in names {
+            if let Some(pick) = Pick::parse(&name) {
+                ways.entry(pick.endpoints).or_default().insert(pick.ways);
+            }
             for rule in shared_chain_rules(&name).unwrap_or_default() {
                 self.out.rule(&name, rule);
+            }
+        }
+        for endpoints in Endpoints::ALL {
+            let ways = ways.remove(&endpoints).unwrap_or_default();
+            for rule in endpoints.pick_rules(&ways) {
+                self.out.rule(&endpoints.pick_chain(), rule);
             }
         }
     }
@@ -531,7 +567,11 @@ impl Translator<'_> {
                 } else {
                     (EndpointSet::Cluster, &cluster)
                 };
-                let pick = self.frontend_endpoints(port, Frontend::Address, set, &key, endpoints);
+                let pick = self.frontend_endpoints(
+                    Endpoints::new(Frontend::Address, set),
+                    &key,
+                    endpoints,
+                );
                 self.out.element(SERVICE_IPS, key.clone(), Some(pick), None);
                 self.remember(AFFINITY_TIMEOUTS, key, &remember);
             }
@@ -588,22 +628,16 @@ impl Translator<'_> {
                     None,
                 );
                 // Cluster endpoints: the Cluster policy, and Local's short-circuits.
-                let pick =
-                    self.frontend_endpoints(port, frontend, EndpointSet::Cluster, &key, &cluster);
-                self.out.element(
-                    picks_map(frontend, EndpointSet::Cluster),
-                    key.clone(),
-                    Some(pick),
-                    None,
+                self.frontend_endpoints(
+                    Endpoints::new(frontend, EndpointSet::Cluster),
+                    &key,
+                    &cluster,
                 );
                 if port.external_policy_local && !local.is_empty() {
-                    let pick =
-                        self.frontend_endpoints(port, frontend, EndpointSet::Local, &key, &local);
-                    self.out.element(
-                        picks_map(frontend, EndpointSet::Local),
-                        key.clone(),
-                        Some(pick),
-                        None,
+                    self.frontend_endpoints(
+                        Endpoints::new(frontend, EndpointSet::Local),
+                        &key,
+                        &local,
                     );
                 }
                 self.remember(timeouts, key.clone(), &remember);
@@ -643,27 +677,39 @@ impl Translator<'_> {
         }
     }
 
-    /// The endpoint elements of one frontend and endpoint set; returns the `goto` of its pick
-    /// chain (declared here, filled by [`Translator::maps_shared_chain_rules`]).
+    /// The endpoint elements of one frontend, in the endpoint map of their number (declared
+    /// here, with its pick chain, filled by [`Translator::maps_shared_chain_rules`]); returns
+    /// the `goto` of the pick chain that tries it.
     fn frontend_endpoints(
         &mut self,
-        port: &ServicePort,
-        frontend: Frontend,
-        set: EndpointSet,
+        of: Endpoints,
         key: &[Value],
         endpoints: &[SocketAddr],
     ) -> Verdict {
         let pick = Pick {
-            frontend,
-            set,
-            sticky: port.affinity_timeout.is_some(),
+            endpoints: of,
             ways: u32::try_from(endpoints.len()).unwrap_or(u32::MAX),
         };
+        let map: Name = pick.endpoint_map().into();
+        let mut key_type = match of.frontend {
+            Frontend::Address => vec![self.addr_type(), DataType::InetProto, DataType::InetService],
+            Frontend::NodePort => vec![DataType::InetProto, DataType::InetService],
+        };
+        key_type.push(DataType::Slot);
+        self.out.map(Map {
+            name: map.clone(),
+            key_type,
+            value_type: vec![self.addr_type(), DataType::InetService],
+            flags: vec![],
+            timeout: None,
+            size: None,
+            comment: None,
+        });
         for (slot, endpoint) in endpoints.iter().enumerate() {
             let mut slot_key = key.to_vec();
             slot_key.push(Value::Integer(u32::try_from(slot).unwrap_or(u32::MAX)));
             self.out.insert_element(Element {
-                container: pick.endpoint_map().into(),
+                container: map.clone(),
                 key: slot_key,
                 value: Some(ElementValue::Data(vec![
                     Value::Addr(endpoint.ip()),
@@ -672,9 +718,8 @@ impl Translator<'_> {
                 comment: None,
             });
         }
-        let name = pick.name();
-        self.out.chain(&name, None, None);
-        Verdict::Goto(name.into())
+        self.out.chain(&pick.name(), None, None);
+        Verdict::Goto(of.pick_chain().into())
     }
 
     /// With affinity: the frontend's `remember-T` (declared here).
@@ -741,21 +786,19 @@ mod tests {
     }
 
     #[test]
-    fn pick_chain_names_read_back() {
-        for frontend in [Frontend::Address, Frontend::NodePort] {
-            for set in [EndpointSet::Cluster, EndpointSet::Local] {
-                for sticky in [false, true] {
-                    let pick = Pick {
-                        frontend,
-                        set,
-                        sticky,
-                        ways: 7,
-                    };
-                    assert_eq!(Pick::parse(&pick.name()), Some(pick), "{}", pick.name());
-                }
-            }
+    fn pick_chain_and_endpoint_map_names_read_back() {
+        for endpoints in Endpoints::ALL {
+            let pick = Pick { endpoints, ways: 7 };
+            assert_eq!(Pick::parse(&pick.name()), Some(pick), "{}", pick.name());
+            assert_eq!(
+                endpoint_map_frontend(&pick.endpoint_map()),
+                Some(endpoints.frontend)
+            );
+            assert_eq!(Pick::parse(&endpoints.pick_chain()), None);
         }
         assert_eq!(Pick::parse("remember-600"), None);
         assert_eq!(Pick::parse("cluster-pick-x"), None);
+        assert_eq!(endpoint_map_frontend("cluster-pick-3"), None);
+        assert_eq!(endpoint_map_frontend("affinity"), None);
     }
 }

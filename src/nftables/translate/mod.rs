@@ -6,7 +6,7 @@
 mod delta;
 pub(crate) mod maps;
 
-pub use delta::{translate_delta, ElementDelta};
+pub use delta::{translate_delta, ElementDelta, TableObjects};
 
 use rustc_hash::FxHashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -903,6 +903,7 @@ struct Builder {
     sets: Vec<Set>,
     set_index: FxHashMap<Name, usize>,
     maps: Vec<Map>,
+    map_index: FxHashMap<Name, usize>,
     elements: Vec<Element>,
     element_index: FxHashMap<(Name, Vec<Value>), usize>,
 }
@@ -941,8 +942,16 @@ impl Builder {
         }
     }
 
+    /// Adds a map, or replaces an earlier one of the same name (the `maps` layout's service
+    /// ports each declare the endpoint maps they use).
     fn map(&mut self, map: Map) {
-        self.maps.push(map);
+        match self.map_index.get(&map.name) {
+            Some(&i) => self.maps[i] = map,
+            None => {
+                self.map_index.insert(map.name.clone(), self.maps.len());
+                self.maps.push(map);
+            }
+        }
     }
 
     /// Adds an element; an element with the same container and key replaces the earlier one
@@ -980,6 +989,7 @@ impl Builder {
             sets: std::mem::take(&mut self.sets),
             set_index: std::mem::take(&mut self.set_index),
             maps: std::mem::take(&mut self.maps),
+            map_index: std::mem::take(&mut self.map_index),
             ..Builder::default()
         };
         std::thread::scope(|scope| {
@@ -999,6 +1009,7 @@ impl Builder {
         self.sets = objects.sets;
         self.set_index = objects.set_index;
         self.maps = objects.maps;
+        self.map_index = objects.map_index;
     }
 
     /// Adds what another builder built after this one's objects, exactly as if its calls had
@@ -1045,7 +1056,9 @@ impl Builder {
         for set in &part.sets {
             self.set(set.clone());
         }
-        self.maps.extend(part.maps.iter().cloned());
+        for map in &part.maps {
+            self.map(map.clone());
+        }
     }
 
     /// Makes room for `parts` at once, instead of growing (and re-hashing) step by step.

@@ -19,6 +19,19 @@ impl<A: Applier> Syncer<A> {
             .is_some_and(|applied| applied.chains.contains_key(chain))
     }
 
+    /// The chains and maps of the table last committed (none before the first commit).
+    pub fn table_objects(&self, family: IpFamily) -> crate::nftables::TableObjects {
+        let applied = self.families.get(&family).and_then(|s| s.applied.as_ref());
+        crate::nftables::TableObjects {
+            chains: applied
+                .map(|a| a.chains.keys().cloned().collect())
+                .unwrap_or_default(),
+            maps: applied
+                .map(|a| a.maps.keys().cloned().collect())
+                .unwrap_or_default(),
+        }
+    }
+
     /// The objects of the table last committed (the table, chains, rules, sets, maps and
     /// elements), as counted for a full ruleset.
     pub fn object_count(&self, family: IpFamily) -> usize {
@@ -86,13 +99,22 @@ impl<A: Applier> Syncer<A> {
 
         let mut transaction = Transaction::new();
         let mut changes = Changes::default();
-        // New shared chains (a stale one, flushed, is simply written again).
+        // New endpoint maps, new shared chains (a stale one, flushed, is simply written
+        // again) and pick chains with new rules.
+        for map in &delta.maps {
+            if !applied.maps.contains_key(&map.name) {
+                transaction.add(Phase::ContainerAdd, Object::Map(map));
+                changes.maps.push(map);
+            }
+        }
         let mut revived = Vec::new();
         for chain in &delta.chains {
-            if applied.chains.contains_key(&chain.name) {
-                continue;
-            }
-            transaction.rewrite_chain(chain, false);
+            let had_rules = match applied.chains.get(&chain.name) {
+                Some(have) if have.rules == chain.rules => continue,
+                Some(have) => !have.rules.is_empty(),
+                None => false,
+            };
+            transaction.rewrite_chain(chain, had_rules);
             changes.chains.push(chain);
             if state.stale.contains_key(&chain.name) {
                 revived.push(chain.name.clone());
