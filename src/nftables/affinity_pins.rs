@@ -178,6 +178,25 @@ endpoints:
   conditions: {ready: true}
 - addresses: ["10.244.2.7"]
   conditions: {ready: true}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain, namespace: default}
+spec:
+  clusterIP: 172.30.0.12
+  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: plain-1
+  namespace: default
+  labels: {kubernetes.io/service-name: plain}
+addressType: IPv4
+ports: [{name: http, protocol: TCP, port: 8080}]
+endpoints:
+- addresses: ["10.244.5.5"]
+  conditions: {ready: true}
 "#;
 
     /// The ruleset's elements by container and key.
@@ -244,8 +263,11 @@ endpoints:
             pin("172.30.0.10", 80, "10.244.1.5", 9090),
             pin("172.30.0.11", 80, "10.244.1.5", 8080),
             pin("10.0.0.1", 30080, "10.244.3.9", 8080),
+            // Stale: the endpoint is the frontend's, but the frontend has no affinity (every
+            // pick tries the pin first, so such a pin would still be followed).
+            pin("172.30.0.12", 80, "10.244.5.5", 8080),
         ];
-        assert_eq!(stale_pins(&wanted, &pins), vec![2, 3, 4, 5]);
+        assert_eq!(stale_pins(&wanted, &pins), vec![2, 3, 4, 5, 6]);
         assert_eq!(stale_pins(&wanted, &[]), Vec::<usize>::new());
     }
 }
