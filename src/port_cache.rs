@@ -132,6 +132,15 @@ impl<P: Send> PortCache<P> {
         for (port, part) in parts {
             self.ports.insert(port.name.clone(), (port, part));
         }
-        self.order = ports.to_vec();
+        // In place when only ports changed: a copy would touch every port's count.
+        if self.order.len() == ports.len() {
+            for (kept, port) in self.order.iter_mut().zip(ports) {
+                if !Arc::ptr_eq(kept, port) {
+                    *kept = port.clone();
+                }
+            }
+        } else {
+            self.order = ports.to_vec();
+        }
     }
 }

@@ -142,7 +142,7 @@ impl SyncLoop {
     pub fn sync(&mut self) -> bool {
         let started = Instant::now();
         // 1. Changes: take them, rebuild the ports of the Services they touch.
-        let (changes, notes, models, modelled) = {
+        let (changes, notes, modelled) = {
             let mut store = self
                 .store
                 .lock()
@@ -150,8 +150,7 @@ impl SyncLoop {
             let (changes, notes) = store.take_changes();
             let changed = (!self.rebuild_all).then_some(&changes.services);
             self.model.update(&store, changed, &self.config);
-            let models = self.model.models();
-            (changes, notes, models, started.elapsed())
+            (changes, notes, started.elapsed())
         };
         self.rebuild_all = false;
         for note in &notes {
@@ -164,7 +163,8 @@ impl SyncLoop {
         metrics.endpoint_changes_pending.set(0);
 
         // 2. Translate and apply, one transaction per family.
-        let results = self.backend.sync(&models, &self.config);
+        let models = self.model.models();
+        let results = self.backend.sync(models, &self.config);
 
         // 3. Account for each family.
         let now = SystemTime::now();
@@ -263,7 +263,7 @@ impl SyncLoop {
                 }
             }
         }
-        for model in &models {
+        for model in models {
             set_no_local_endpoints(metrics, model);
         }
 
@@ -284,17 +284,17 @@ impl SyncLoop {
         // 4. After success: health-check ports, then stale UDP flows.
         if all_ok {
             if let Some(servers) = &mut self.service_health {
-                servers.reconcile(&service_health::wanted(&models));
+                servers.reconcile(&service_health::wanted(models));
             }
         }
-        let udp_now = udp_services(&models);
+        let udp_now = udp_services(models);
         let udp_changed = changes
             .services
             .iter()
             .any(|key| udp_now.contains(key) || self.udp_services.contains(key));
         self.udp_services = udp_now;
         if all_ok && self.conntrack && udp_changed {
-            self.cleanup_conntrack(&models);
+            self.cleanup_conntrack(models);
         }
         all_ok
     }
