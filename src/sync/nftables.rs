@@ -643,6 +643,21 @@ impl Applied {
         self.elements.get(container)?.get(key)
     }
 
+    /// How many elements `container` holds.
+    fn len_of(&self, container: &str) -> usize {
+        self.elements
+            .get(container)
+            .map_or(0, |elements| elements.len())
+    }
+
+    /// The most elements `container` may hold (its declared size), if it declares one.
+    fn size_of(&self, container: &str) -> Option<u32> {
+        match self.maps.get(container) {
+            Some(map) => map.size,
+            None => self.sets.get(container)?.size,
+        }
+    }
+
     fn insert_element(&mut self, element: &Element) {
         let old = self
             .elements

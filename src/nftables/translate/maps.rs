@@ -8,6 +8,20 @@ use super::*;
 /// The chain every pick jumps to first: a client pinned to an endpoint of the frontend (an
 /// `@affinity` element) goes there.
 const PINNED: &str = "pinned";
+/// The smallest size declared for a set or map the syncer fills (nft's default for a set
+/// without one is 65535 elements).
+pub(crate) const MIN_CONTAINER_SIZE: u32 = 1 << 16;
+
+/// The size declared for a container of `elements`: twice as many, rounded up to a power of
+/// two, at least [`MIN_CONTAINER_SIZE`].
+pub(crate) fn container_size(elements: u32) -> u32 {
+    elements
+        .saturating_mul(2)
+        .checked_next_power_of_two()
+        .unwrap_or(u32::MAX)
+        .max(MIN_CONTAINER_SIZE)
+}
+
 /// Client . frontend → the endpoint it is pinned to; elements added from the packet path.
 pub(crate) const AFFINITY: &str = "affinity";
 /// Most clients pinned at once, over all services (nft's default, 65535, is sized for one
@@ -34,7 +48,7 @@ pub(crate) const REMEMBER_NOTHING: &str = "remember-nothing";
 const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
 
 use crate::model::Protocol;
-use rustc_hash::FxHashSet;
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// How a frontend is keyed.
@@ -527,6 +541,31 @@ impl Translator<'_> {
         }
     }
 
+    /// Declares the size of every set and map the syncer fills (not the interval set, not the
+    /// affinity map): twice its elements, in powers of two, at least [`MIN_CONTAINER_SIZE`].
+    /// The kernel then allocates a hash table of that size at once, instead of growing one
+    /// while a million elements go in (half the kernel's time of a full load at 100,000
+    /// services, see docs/maps-layout.md). A container can hold no more than its size: the
+    /// syncer recreates one whose size changed, and an element change that would overflow
+    /// one takes the whole-table path.
+    pub(super) fn maps_container_sizes(&mut self) {
+        let mut counts: FxHashMap<&str, u32> = FxHashMap::default();
+        for element in &self.out.elements {
+            *counts.entry(&element.container).or_default() += 1;
+        }
+        let size_of = |name: &str| container_size(counts.get(name).copied().unwrap_or(0));
+        for map in &mut self.out.maps {
+            if map.flags.is_empty() {
+                map.size = Some(size_of(&map.name));
+            }
+        }
+        for set in &mut self.out.sets {
+            if set.flags.is_empty() {
+                set.size = Some(size_of(&set.name));
+            }
+        }
+    }
+
     /// One service port, as elements (and the shared chains it needs, declared).
     pub(super) fn maps_service_port(&mut self, port: &ServicePort) {
         let protocol = Value::Protocol(port.name.protocol);
@@ -702,7 +741,9 @@ impl Translator<'_> {
             value_type: vec![self.addr_type(), DataType::InetService],
             flags: vec![],
             timeout: None,
-            size: None,
+            // As the whole table declares it while it holds few elements (a map new to the
+            // table comes with an element change alone).
+            size: Some(MIN_CONTAINER_SIZE),
             comment: None,
         });
         for (slot, endpoint) in endpoints.iter().enumerate() {
@@ -783,6 +824,15 @@ mod tests {
             .map(|n| n.parse().expect("a network"))
             .collect();
         assert_eq!(outermost(&everything), vec![everything[0]]);
+    }
+
+    #[test]
+    fn container_sizes_are_twice_the_elements_in_powers_of_two() {
+        assert_eq!(container_size(0), MIN_CONTAINER_SIZE);
+        assert_eq!(container_size(32_768), 65_536);
+        assert_eq!(container_size(32_769), 131_072);
+        assert_eq!(container_size(1_000_000), 2_097_152);
+        assert_eq!(container_size(u32::MAX), u32::MAX);
     }
 
     #[test]

@@ -202,6 +202,7 @@ impl<'a> Translator<'a> {
             NftablesLayout::Maps => {
                 self.maps_shadowed_nodeports();
                 self.maps_shared_chain_rules();
+                self.maps_container_sizes();
                 (super::MAPS_TABLE_NAME, "rules for kproxy (maps layout)")
             }
         };

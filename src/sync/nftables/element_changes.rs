@@ -9,6 +9,7 @@ use super::{
     SyncReport, Syncer, Timed, Transaction, SERVICES,
 };
 use crate::family::IpFamily;
+use rustc_hash::FxHashMap;
 
 impl<A: Applier> Syncer<A> {
     /// Whether the table this syncer last committed holds `chain`.
@@ -97,6 +98,25 @@ impl<A: Applier> Syncer<A> {
             }
         }
 
+        // More elements than a container's declared size: the whole-table path declares a
+        // larger one.
+        let mut added: FxHashMap<&str, usize> = FxHashMap::default();
+        for element in &delta.added {
+            if applied.element(&element.container, &element.key).is_none() {
+                *added.entry(&element.container).or_default() += 1;
+            }
+        }
+        let overflows = added.iter().any(|(&container, &more)| {
+            let size = applied.size_of(container).or_else(|| {
+                let map = delta.maps.iter().find(|m| &*m.name == container)?;
+                map.size
+            });
+            size.is_some_and(|size| applied.len_of(container) + more > size as usize)
+        });
+        if overflows {
+            return None;
+        }
+
         let mut transaction = Transaction::new();
         let mut changes = Changes::default();
         // New endpoint maps, new shared chains (a stale one, flushed, is simply written
@@ -153,5 +173,51 @@ impl<A: Applier> Syncer<A> {
         }
         report.kernel = applier.spent;
         Some(Ok(report))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::family::IpFamily;
+    use crate::nftables::{ElementDelta, Ruleset};
+    use crate::sync::nftables::{FakeKernel, SyncOptions, Syncer};
+
+    #[test]
+    fn an_element_change_beyond_a_declared_size_takes_the_whole_table_path() {
+        let table = Ruleset::from_nft_script(
+            "add table ip kproxy\n\
+             add map ip kproxy endpoints { type ipv4_addr : ipv4_addr ; size 2 ; }\n\
+             add element ip kproxy endpoints { 10.0.0.1 : 10.1.0.1 }\n",
+        )
+        .expect("the table reads");
+        let mut syncer = Syncer::new(FakeKernel::new(), SyncOptions::default());
+        syncer
+            .sync(std::slice::from_ref(&table))
+            .expect("the first sync");
+        let more = |keys: &[&str]| {
+            let text: String = keys
+                .iter()
+                .map(|k| format!("add element ip kproxy endpoints {{ {k} : 10.1.0.9 }}\n"))
+                .collect();
+            let added = Ruleset::from_nft_script(&format!(
+                "add table ip kproxy\n\
+                 add map ip kproxy endpoints {{ type ipv4_addr : ipv4_addr ; size 2 ; }}\n{text}"
+            ))
+            .expect("the elements read");
+            ElementDelta {
+                added: added.elements,
+                ..ElementDelta::default()
+            }
+        };
+        // A second element fits; a third would not (the kernel would refuse it).
+        let fits = syncer.sync_delta(IpFamily::V4, &more(&["10.0.0.2"]));
+        assert!(fits.is_some_and(|r| r.is_ok()));
+        assert!(syncer
+            .sync_delta(IpFamily::V4, &more(&["10.0.0.3"]))
+            .is_none());
+        // Replacing an element's value adds none.
+        assert!(syncer
+            .sync_delta(IpFamily::V4, &more(&["10.0.0.1"]))
+            .is_some());
     }
 }

@@ -82,7 +82,7 @@ pub enum ContainerDecl {
 
 impl ContainerDecl {
     /// Whether `add set` of `set` over this declaration is accepted and keeps the elements:
-    /// same key type and flags. `dynamic` is not compared: nft 1.0.6 leaves it out of its JSON
+    /// same key type, flags and, when `set` declares one, size. `dynamic` is not compared: nft 1.0.6 leaves it out of its JSON
     /// listing, and kproxy (like kube-proxy, §5.9) always writes it on affinity sets.
     pub fn accepts_set(&self, set: &Set) -> bool {
         let flags = |flags: &[SetFlag]| {
@@ -97,14 +97,16 @@ impl ContainerDecl {
         };
         match self {
             ContainerDecl::Set(have) => {
-                have.key_type == set.key_type && flags(&have.flags) == flags(&set.flags)
+                have.key_type == set.key_type
+                    && flags(&have.flags) == flags(&set.flags)
+                    && (set.size.is_none() || have.size == set.size)
             }
             _ => false,
         }
     }
 
-    /// Whether `add map` of `map` over this declaration is accepted: same key and value types
-    /// and flags (`dynamic` aside, as for sets).
+    /// Whether `add map` of `map` over this declaration is accepted: same key and value types,
+    /// flags (`dynamic` aside, as for sets) and, when `map` declares one, size.
     pub fn accepts_map(&self, map: &Map) -> bool {
         let flags = |flags: &[SetFlag]| {
             let mut f: Vec<SetFlag> = flags
@@ -121,6 +123,7 @@ impl ContainerDecl {
                 have.key_type == map.key_type
                     && have.value_type == map.value_type
                     && flags(&have.flags) == flags(&map.flags)
+                    && (map.size.is_none() || have.size == map.size)
             }
             _ => false,
         }
