@@ -28,8 +28,10 @@ pub struct Ruleset {
     pub chains: Vec<Chain>,
     pub sets: Vec<Set>,
     pub maps: Vec<Map>,
-    /// Elements of sets and maps; `(container, key)` is unique.
-    pub elements: Vec<Element>,
+    /// Elements of sets and maps; `(container, key)` is unique. Shared: the translation kept
+    /// per service port, the ruleset built from it and the syncer's record of what it
+    /// committed hold the same elements (over a million in a large `maps` layout table).
+    pub elements: Vec<Arc<Element>>,
 }
 
 impl Ruleset {
@@ -54,6 +56,7 @@ impl Ruleset {
         self.elements
             .iter()
             .filter(move |e| &*e.container == container)
+            .map(|e| &**e)
     }
 }
 
@@ -218,6 +221,32 @@ impl Element {
             container: self.container.clone(),
             key: self.key.clone(),
         }
+    }
+}
+
+/// An element in an index of one container's elements: hashed and compared by its key alone,
+/// and found by a key (`&[Value]`), so that the index holds no second copy of the key.
+#[derive(Debug, Clone)]
+pub struct ElementByKey(pub Arc<Element>);
+
+impl std::hash::Hash for ElementByKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `[Value]` hashes: `Borrow` requires the same hash for the key looked up.
+        self.0.key.as_slice().hash(state);
+    }
+}
+
+impl PartialEq for ElementByKey {
+    fn eq(&self, other: &ElementByKey) -> bool {
+        self.0.key == other.0.key
+    }
+}
+
+impl Eq for ElementByKey {}
+
+impl std::borrow::Borrow<[Value]> for ElementByKey {
+    fn borrow(&self) -> &[Value] {
+        &self.0.key
     }
 }
 

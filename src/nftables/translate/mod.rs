@@ -15,8 +15,9 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use super::ruleset::{
-    BaseChain, Chain, ChainType, DataType, Direction, Element, ElementValue, Field, Hook, Joining,
-    Map, Match, Name, Rule, Ruleset, Set, SetFlag, Statement, Table, Value, Verdict, TABLE_NAME,
+    BaseChain, Chain, ChainType, DataType, Direction, Element, ElementByKey, ElementValue, Field,
+    Hook, Joining, Map, Match, Name, Rule, Ruleset, Set, SetFlag, Statement, Table, Value, Verdict,
+    TABLE_NAME,
 };
 use super::{
     AFFINITY_SET_PREFIX, CLUSTER_IPS, CLUSTER_IPS_CHECK, COMMENT_LENGTH_MAX, ENDPOINT_CHAIN_PREFIX,
@@ -860,19 +861,28 @@ fn l4proto(port: &ServicePort) -> Match {
 
 /// Adds an element to `elements`, or replaces the one with the same container and key.
 fn insert_element(
-    elements: &mut Vec<Element>,
-    index: &mut FxHashMap<(Name, Vec<Value>), usize>,
-    element: Element,
+    elements: &mut Vec<Arc<Element>>,
+    index: &mut ElementIndex,
+    element: Arc<Element>,
 ) {
-    let id = (element.container.clone(), element.key.clone());
-    match index.get(&id) {
-        Some(&i) => elements[i] = element,
+    let by_key = match index.get_mut(&element.container) {
+        Some(by_key) => by_key,
+        None => index.entry(element.container.clone()).or_default(),
+    };
+    match by_key.remove(element.key.as_slice()) {
+        Some(i) => {
+            by_key.insert(ElementByKey(element.clone()), i);
+            elements[i] = element;
+        }
         None => {
-            index.insert(id, elements.len());
+            by_key.insert(ElementByKey(element.clone()), elements.len());
             elements.push(element);
         }
     }
 }
+
+/// Where each element is in a list of elements, by container and key.
+type ElementIndex = FxHashMap<Name, FxHashMap<ElementByKey, usize>>;
 
 /// A comment cut to knftables' limit, on a character boundary.
 fn truncate_comment(text: &str) -> &str {
@@ -892,7 +902,8 @@ pub struct PortObjects {
     chains: Vec<Chain>,
     sets: Vec<Set>,
     maps: Vec<Map>,
-    elements: Vec<Element>,
+    /// Shared with the rulesets built from them (and what the syncer committed).
+    elements: Vec<Arc<Element>>,
 }
 
 /// Collects objects in creation order; chains, sets, maps and elements are unique by identity.
@@ -903,8 +914,8 @@ struct Builder {
     sets: Vec<Set>,
     set_index: FxHashMap<Name, usize>,
     maps: Vec<Map>,
-    elements: Vec<Element>,
-    element_index: FxHashMap<(Name, Vec<Value>), usize>,
+    elements: Vec<Arc<Element>>,
+    element_index: ElementIndex,
 }
 
 impl Builder {
@@ -964,13 +975,17 @@ impl Builder {
     }
 
     fn insert_element(&mut self, element: Element) {
-        insert_element(&mut self.elements, &mut self.element_index, element);
+        insert_element(
+            &mut self.elements,
+            &mut self.element_index,
+            Arc::new(element),
+        );
     }
 
     /// Adds parts kept for later, in order, as [`Builder::append`] would: their objects are
-    /// copied (cheaply: names and rule lists are shared). Chains, sets and maps are added on
-    /// this thread and elements on another: they are independent, and the agent's sync waits
-    /// for this.
+    /// copied (cheaply: names, rule lists and elements are shared). Chains, sets and maps are
+    /// added on this thread and elements on another: they are independent, and the agent's
+    /// sync waits for this.
     fn append_parts(&mut self, parts: &[&PortObjects]) {
         self.reserve(parts);
         let (elements, index) = (&mut self.elements, &mut self.element_index);
@@ -1017,9 +1032,8 @@ impl Builder {
             elements: Vec::new(),
         });
         self.elements.reserve(elements.len());
-        self.element_index.reserve(elements.len());
         for element in elements {
-            self.insert_element(element);
+            insert_element(&mut self.elements, &mut self.element_index, element);
         }
     }
 
@@ -1058,7 +1072,6 @@ impl Builder {
         self.sets.reserve(sets);
         self.set_index.reserve(sets);
         self.elements.reserve(elements);
-        self.element_index.reserve(elements);
     }
 
     /// The objects built, without the indexes.
