@@ -8,7 +8,7 @@ pub(crate) mod maps;
 
 pub use delta::{translate_delta, ElementDelta};
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -191,7 +191,7 @@ impl<'a> Translator<'a> {
             pod_cidr: self.pod_cidr,
             nodeport_networks: self.nodeport_networks.clone(),
             reject_verdict: self.reject_verdict.clone(),
-            out: Builder::default(),
+            out: self.out.empty_copy(),
         }
     }
 
@@ -462,6 +462,7 @@ impl<'a> Translator<'a> {
         if self.layout == NftablesLayout::Maps {
             self.maps_setup(service_key, nodeport_key);
         }
+        self.out.share_container_names();
     }
 
     /// One service port's chains, sets, rules and elements, in kube-proxy's order (§5A.10).
@@ -916,6 +917,10 @@ struct Builder {
     maps: Vec<Map>,
     elements: Vec<Arc<Element>>,
     element_index: ElementIndex,
+    /// The table-wide sets and maps (declared before the service ports), shared with the
+    /// builders of the service ports: their elements name the container with these, not each
+    /// with a copy of its own.
+    container_names: Arc<FxHashSet<Name>>,
 }
 
 impl Builder {
@@ -956,6 +961,22 @@ impl Builder {
         self.maps.push(map);
     }
 
+    /// Makes the names of the sets and maps declared so far the ones elements of this builder
+    /// and its [`Builder::empty_copy`]s refer to.
+    fn share_container_names(&mut self) {
+        let sets = self.sets.iter().map(|s| s.name.clone());
+        let maps = self.maps.iter().map(|m| m.name.clone());
+        self.container_names = Arc::new(sets.chain(maps).collect());
+    }
+
+    /// An empty builder sharing this one's container names.
+    fn empty_copy(&self) -> Builder {
+        Builder {
+            container_names: self.container_names.clone(),
+            ..Builder::default()
+        }
+    }
+
     /// Adds an element; an element with the same container and key replaces the earlier one
     /// (the last writer wins, as with kube-proxy's element bookkeeping). An endpoint backing two
     /// service ports thus yields one hairpin element.
@@ -966,15 +987,29 @@ impl Builder {
         value: Option<Verdict>,
         comment: Option<Name>,
     ) {
+        let container = match self.container_names.get(container) {
+            Some(shared) => shared.clone(),
+            None => container.into(),
+        };
         self.insert_element(Element {
-            container: container.into(),
+            container,
             key,
             value: value.map(ElementValue::Verdict),
             comment,
         });
     }
 
-    fn insert_element(&mut self, element: Element) {
+    /// Adds an element as [`Builder::element`] does. Elements are kept (per service port, and
+    /// a large table has over a million): each takes no more room than it needs, with the
+    /// shared name of its container and no spare capacity in its vectors.
+    fn insert_element(&mut self, mut element: Element) {
+        if let Some(shared) = self.container_names.get(&*element.container) {
+            element.container = shared.clone();
+        }
+        element.key.shrink_to_fit();
+        if let Some(ElementValue::Data(data)) = &mut element.value {
+            data.shrink_to_fit();
+        }
         insert_element(
             &mut self.elements,
             &mut self.element_index,
