@@ -672,7 +672,10 @@ fn anonymous_set(w: &mut Words, t: DataType) -> Result<Value, String> {
             member => members.push(typed_value(member, t)?),
         }
     }
-    Ok(Value::Set { members, joining })
+    Ok(Value::Set {
+        members: members.into(),
+        joining,
+    })
 }
 
 #[cfg(test)]

@@ -259,9 +259,10 @@ pub enum Value {
     Port(u16),
     /// A number, e.g. an endpoint slot.
     Integer(u32),
-    /// An anonymous set: `{ a , b }`.
+    /// An anonymous set: `{ a , b }`. (A boxed slice rather than a `Vec`: every `Value`, and
+    /// element keys hold millions, is as large as this variant.)
     Set {
-        members: Vec<Value>,
+        members: Box<[Value]>,
         joining: Joining,
     },
 }
@@ -437,5 +438,18 @@ impl Set {
 impl Map {
     pub fn id(&self) -> ObjectId {
         ObjectId::Map(self.name.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Element keys and data hold millions of values in a large table (the `maps` layout at
+    /// 100,000 services): a value stays three words.
+    #[test]
+    fn a_value_is_three_words() {
+        assert_eq!(
+            std::mem::size_of::<super::Value>(),
+            3 * std::mem::size_of::<usize>()
+        );
     }
 }

@@ -322,7 +322,7 @@ impl<'a> Translator<'a> {
                         Field::DestinationAddr,
                         false,
                         Value::Set {
-                            members: service_cidrs,
+                            members: service_cidrs.into(),
                             joining: Joining::Tight,
                         },
                     )],
@@ -759,7 +759,7 @@ impl<'a> Translator<'a> {
                     Field::SourceAddr,
                     true,
                     Value::Set {
-                        members: sources,
+                        members: sources.into(),
                         joining: Joining::Spaced,
                     },
                 )],
