@@ -200,11 +200,13 @@ endpoints:
 "#;
 
     /// The ruleset's elements by container and key.
-    struct Index(FxHashMap<(String, Vec<Value>), Element>);
+    struct Index(FxHashMap<(String, Vec<Value>), std::sync::Arc<Element>>);
 
     impl ElementLookup for Index {
         fn element(&self, container: &str, key: &[Value]) -> Option<&Element> {
-            self.0.get(&(container.to_string(), key.to_vec()))
+            self.0
+                .get(&(container.to_string(), key.to_vec()))
+                .map(|e| &**e)
         }
 
         fn maps(&self) -> Vec<Name> {

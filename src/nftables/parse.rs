@@ -3,6 +3,7 @@
 //! that vocabulary is an error naming the line and the words not understood — never skipped.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -253,12 +254,12 @@ fn add_command(ruleset: &mut Option<Ruleset>, words: &[&str]) -> Result<(), Stri
                 });
             }
             w.expect("}")?;
-            ruleset.elements.push(Element {
+            ruleset.elements.push(Arc::new(Element {
                 container: name,
                 key,
                 value,
                 comment,
-            });
+            }));
         }
         other => return Err(format!("object kind {other}")),
     }
@@ -671,7 +672,10 @@ fn anonymous_set(w: &mut Words, t: DataType) -> Result<Value, String> {
             member => members.push(typed_value(member, t)?),
         }
     }
-    Ok(Value::Set { members, joining })
+    Ok(Value::Set {
+        members: members.into(),
+        joining,
+    })
 }
 
 #[cfg(test)]

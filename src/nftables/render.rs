@@ -487,10 +487,10 @@ mod tests {
     #[test]
     fn anonymous_sets_keep_kube_proxys_separators() {
         let nets = |joining| Value::Set {
-            members: vec![
+            members: Box::new([
                 Value::Net("10.96.0.0/16".parse().unwrap()),
                 Value::Addr("1.2.3.4".parse().unwrap()),
-            ],
+            ]),
             joining,
         };
         let rule = |joining| {

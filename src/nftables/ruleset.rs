@@ -28,8 +28,10 @@ pub struct Ruleset {
     pub chains: Vec<Chain>,
     pub sets: Vec<Set>,
     pub maps: Vec<Map>,
-    /// Elements of sets and maps; `(container, key)` is unique.
-    pub elements: Vec<Element>,
+    /// Elements of sets and maps; `(container, key)` is unique. Shared: the translation kept
+    /// per service port, the ruleset built from it and the syncer's record of what it
+    /// committed hold the same elements (over a million in a large `maps` layout table).
+    pub elements: Vec<Arc<Element>>,
 }
 
 impl Ruleset {
@@ -54,6 +56,7 @@ impl Ruleset {
         self.elements
             .iter()
             .filter(move |e| &*e.container == container)
+            .map(|e| &**e)
     }
 }
 
@@ -221,6 +224,32 @@ impl Element {
     }
 }
 
+/// An element in an index of one container's elements: hashed and compared by its key alone,
+/// and found by a key (`&[Value]`), so that the index holds no second copy of the key.
+#[derive(Debug, Clone)]
+pub struct ElementByKey(pub Arc<Element>);
+
+impl std::hash::Hash for ElementByKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `[Value]` hashes: `Borrow` requires the same hash for the key looked up.
+        self.0.key.as_slice().hash(state);
+    }
+}
+
+impl PartialEq for ElementByKey {
+    fn eq(&self, other: &ElementByKey) -> bool {
+        self.0.key == other.0.key
+    }
+}
+
+impl Eq for ElementByKey {}
+
+impl std::borrow::Borrow<[Value]> for ElementByKey {
+    fn borrow(&self) -> &[Value] {
+        &self.0.key
+    }
+}
+
 /// A literal in a rule or an element key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Value {
@@ -230,9 +259,10 @@ pub enum Value {
     Port(u16),
     /// A number, e.g. an endpoint slot.
     Integer(u32),
-    /// An anonymous set: `{ a , b }`.
+    /// An anonymous set: `{ a , b }`. (A boxed slice rather than a `Vec`: every `Value`, and
+    /// element keys hold millions, is as large as this variant.)
     Set {
-        members: Vec<Value>,
+        members: Box<[Value]>,
         joining: Joining,
     },
 }
@@ -408,5 +438,18 @@ impl Set {
 impl Map {
     pub fn id(&self) -> ObjectId {
         ObjectId::Map(self.name.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Element keys and data hold millions of values in a large table (the `maps` layout at
+    /// 100,000 services): a value stays three words.
+    #[test]
+    fn a_value_is_three_words() {
+        assert_eq!(
+            std::mem::size_of::<super::Value>(),
+            3 * std::mem::size_of::<usize>()
+        );
     }
 }

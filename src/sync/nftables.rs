@@ -60,6 +60,7 @@ pub(crate) mod kernel;
 pub mod netlink_elements;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -75,7 +76,8 @@ use super::{SyncError, SyncReport, Timed};
 use crate::family::IpFamily;
 use crate::nftables::affinity_pins::ElementLookup;
 use crate::nftables::{
-    Chain, Command, Element, Map, Name, Object, ObjectId, Ruleset, Set, SetFlag, Value, SERVICES,
+    Chain, Command, Element, ElementByKey, Map, Name, Object, ObjectId, Ruleset, Set, SetFlag,
+    Value, SERVICES,
 };
 
 /// How a [`Syncer`] behaves.
@@ -425,7 +427,7 @@ struct Index<'a> {
     chains: FxHashMap<&'a str, &'a Chain>,
     sets: FxHashMap<&'a str, &'a Set>,
     maps: FxHashMap<&'a str, &'a Map>,
-    elements: FxHashMap<(&'a str, &'a [Value]), &'a Element>,
+    elements: FxHashMap<(&'a str, &'a [Value]), &'a Arc<Element>>,
 }
 
 impl<'a> Index<'a> {
@@ -587,7 +589,7 @@ struct Changes<'a> {
     sets: Vec<&'a Set>,
     maps: Vec<&'a Map>,
     removed_containers: Vec<Name>,
-    elements: Vec<&'a Element>,
+    elements: Vec<&'a Arc<Element>>,
     removed_elements: Vec<(Name, Vec<Value>)>,
 }
 
@@ -598,14 +600,14 @@ struct Applied {
     chains: FxHashMap<Name, Chain>,
     sets: FxHashMap<Name, Set>,
     maps: FxHashMap<Name, Map>,
-    /// Elements by container, then key.
-    elements: FxHashMap<Name, FxHashMap<Vec<Value>, Element>>,
+    /// Elements by container, then key: the ruleset's own (shared, not copied).
+    elements: FxHashMap<Name, FxHashSet<ElementByKey>>,
     element_count: usize,
 }
 
 impl ElementLookup for Applied {
     fn element(&self, container: &str, key: &[Value]) -> Option<&Element> {
-        Applied::element(self, container, key)
+        Applied::element(self, container, key).map(|element| &**element)
     }
 
     fn maps(&self) -> Vec<Name> {
@@ -639,8 +641,8 @@ impl Applied {
         applied
     }
 
-    fn element(&self, container: &str, key: &[Value]) -> Option<&Element> {
-        self.elements.get(container)?.get(key)
+    fn element(&self, container: &str, key: &[Value]) -> Option<&Arc<Element>> {
+        Some(&self.elements.get(container)?.get(key)?.0)
     }
 
     /// How many elements `container` holds.
@@ -658,12 +660,13 @@ impl Applied {
         }
     }
 
-    fn insert_element(&mut self, element: &Element) {
-        let old = self
-            .elements
-            .entry(element.container.clone())
-            .or_default()
-            .insert(element.key.clone(), element.clone());
+    /// Records `element`, replacing the one with its container and key.
+    fn insert_element(&mut self, element: &Arc<Element>) {
+        let elements = match self.elements.get_mut(&element.container) {
+            Some(elements) => elements,
+            None => self.elements.entry(element.container.clone()).or_default(),
+        };
+        let old = elements.replace(ElementByKey(element.clone()));
         if old.is_none() {
             self.element_count += 1;
         }
@@ -684,7 +687,7 @@ impl Applied {
         }
         for (container, key) in &changes.removed_elements {
             if let Some(elements) = self.elements.get_mut(container) {
-                if elements.remove(key.as_slice()).is_some() {
+                if elements.remove(key.as_slice()) {
                     self.element_count -= 1;
                 }
             }
@@ -756,7 +759,7 @@ const PARALLEL_ELEMENTS: usize = 4096;
 struct ElementDiff<'a> {
     transaction: Transaction<'a>,
     /// Elements written (new, or replacing one with another value or comment).
-    changed: Vec<&'a Element>,
+    changed: Vec<&'a Arc<Element>>,
     /// Elements applied but no longer wanted, in a fixed order.
     gone: Vec<(Name, Vec<Value>)>,
 }
@@ -771,7 +774,9 @@ fn diff_elements<'a>(applied: &Applied, desired: &'a Ruleset) -> ElementDiff<'a>
         match applied.element(&element.container, &element.key) {
             Some(old) => {
                 found += 1;
-                if *old != *element {
+                // Most often the very element applied (a kept translation's): `Arc`'s
+                // equality then compares the pointers alone.
+                if old != element {
                     tx.delete(Phase::ElementDelete, old.id());
                     tx.add(Phase::ElementAdd, Object::Element(element));
                     changed.push(element);
@@ -793,7 +798,7 @@ fn diff_elements<'a>(applied: &Applied, desired: &'a Ruleset) -> ElementDiff<'a>
         gone = applied
             .elements
             .values()
-            .flat_map(|elements| elements.values())
+            .flat_map(|elements| elements.iter().map(|e| &e.0))
             .filter(|e| !wanted.contains(&(&*e.container, e.key.as_slice())))
             .map(|e| (e.container.clone(), e.key.clone()))
             .collect();
@@ -1043,7 +1048,7 @@ fn full_plan<'a>(
             .get(container)
             .and_then(|elements| elements.get(element.key.as_slice()));
         match current {
-            Some(have) if *have == element => {}
+            Some(have) if *have == &**element => {}
             Some(have) => {
                 tx.delete(Phase::ElementDelete, have.id());
                 tx.add(Phase::ElementAdd, Object::Element(element));

@@ -22,7 +22,7 @@ pub struct ElementDelta {
     /// Elements no longer wanted: container and key.
     pub removed: Vec<(Name, Vec<Value>)>,
     /// Elements new, or with another value or comment.
-    pub added: Vec<Element>,
+    pub added: Vec<Arc<Element>>,
     /// Chains to write whole: shared chains the changed ports need and the table lacks (a pick
     /// of a new size, a new affinity timeout), with their rules, and the pick chains that
     /// gain a pick.
@@ -117,7 +117,7 @@ fn port_delta(
             });
         }
     }
-    let before: FxHashMap<(&str, &[Value]), &Element> = old
+    let before: FxHashMap<(&str, &[Value]), &Arc<Element>> = old
         .elements
         .iter()
         .map(|e| ((&*e.container, e.key.as_slice()), e))

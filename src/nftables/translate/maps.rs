@@ -747,7 +747,8 @@ impl Translator<'_> {
             comment: None,
         });
         for (slot, endpoint) in endpoints.iter().enumerate() {
-            let mut slot_key = key.to_vec();
+            let mut slot_key = Vec::with_capacity(key.len() + 1);
+            slot_key.extend_from_slice(key);
             slot_key.push(Value::Integer(u32::try_from(slot).unwrap_or(u32::MAX)));
             self.out.insert_element(Element {
                 container: map.clone(),

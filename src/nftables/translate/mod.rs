@@ -8,15 +8,16 @@ pub(crate) mod maps;
 
 pub use delta::{translate_delta, ElementDelta, TableObjects};
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
 
 use super::ruleset::{
-    BaseChain, Chain, ChainType, DataType, Direction, Element, ElementValue, Field, Hook, Joining,
-    Map, Match, Name, Rule, Ruleset, Set, SetFlag, Statement, Table, Value, Verdict, TABLE_NAME,
+    BaseChain, Chain, ChainType, DataType, Direction, Element, ElementByKey, ElementValue, Field,
+    Hook, Joining, Map, Match, Name, Rule, Ruleset, Set, SetFlag, Statement, Table, Value, Verdict,
+    TABLE_NAME,
 };
 use super::{
     AFFINITY_SET_PREFIX, CLUSTER_IPS, CLUSTER_IPS_CHECK, COMMENT_LENGTH_MAX, ENDPOINT_CHAIN_PREFIX,
@@ -190,7 +191,7 @@ impl<'a> Translator<'a> {
             pod_cidr: self.pod_cidr,
             nodeport_networks: self.nodeport_networks.clone(),
             reject_verdict: self.reject_verdict.clone(),
-            out: Builder::default(),
+            out: self.out.empty_copy(),
         }
     }
 
@@ -322,7 +323,7 @@ impl<'a> Translator<'a> {
                         Field::DestinationAddr,
                         false,
                         Value::Set {
-                            members: service_cidrs,
+                            members: service_cidrs.into(),
                             joining: Joining::Tight,
                         },
                     )],
@@ -462,6 +463,7 @@ impl<'a> Translator<'a> {
         if self.layout == NftablesLayout::Maps {
             self.maps_setup(service_key, nodeport_key);
         }
+        self.out.share_container_names();
     }
 
     /// One service port's chains, sets, rules and elements, in kube-proxy's order (§5A.10).
@@ -758,7 +760,7 @@ impl<'a> Translator<'a> {
                     Field::SourceAddr,
                     true,
                     Value::Set {
-                        members: sources,
+                        members: sources.into(),
                         joining: Joining::Spaced,
                     },
                 )],
@@ -861,19 +863,28 @@ fn l4proto(port: &ServicePort) -> Match {
 
 /// Adds an element to `elements`, or replaces the one with the same container and key.
 fn insert_element(
-    elements: &mut Vec<Element>,
-    index: &mut FxHashMap<(Name, Vec<Value>), usize>,
-    element: Element,
+    elements: &mut Vec<Arc<Element>>,
+    index: &mut ElementIndex,
+    element: Arc<Element>,
 ) {
-    let id = (element.container.clone(), element.key.clone());
-    match index.get(&id) {
-        Some(&i) => elements[i] = element,
+    let by_key = match index.get_mut(&element.container) {
+        Some(by_key) => by_key,
+        None => index.entry(element.container.clone()).or_default(),
+    };
+    match by_key.remove(element.key.as_slice()) {
+        Some(i) => {
+            by_key.insert(ElementByKey(element.clone()), i);
+            elements[i] = element;
+        }
         None => {
-            index.insert(id, elements.len());
+            by_key.insert(ElementByKey(element.clone()), elements.len());
             elements.push(element);
         }
     }
 }
+
+/// Where each element is in a list of elements, by container and key.
+type ElementIndex = FxHashMap<Name, FxHashMap<ElementByKey, usize>>;
 
 /// A comment cut to knftables' limit, on a character boundary.
 fn truncate_comment(text: &str) -> &str {
@@ -893,7 +904,8 @@ pub struct PortObjects {
     chains: Vec<Chain>,
     sets: Vec<Set>,
     maps: Vec<Map>,
-    elements: Vec<Element>,
+    /// Shared with the rulesets built from them (and what the syncer committed).
+    elements: Vec<Arc<Element>>,
 }
 
 /// Collects objects in creation order; chains, sets, maps and elements are unique by identity.
@@ -905,8 +917,12 @@ struct Builder {
     set_index: FxHashMap<Name, usize>,
     maps: Vec<Map>,
     map_index: FxHashMap<Name, usize>,
-    elements: Vec<Element>,
-    element_index: FxHashMap<(Name, Vec<Value>), usize>,
+    elements: Vec<Arc<Element>>,
+    element_index: ElementIndex,
+    /// The table-wide sets and maps (declared before the service ports), shared with the
+    /// builders of the service ports: their elements name the container with these, not each
+    /// with a copy of its own.
+    container_names: Arc<FxHashSet<Name>>,
 }
 
 impl Builder {
@@ -955,6 +971,22 @@ impl Builder {
         }
     }
 
+    /// Makes the names of the sets and maps declared so far the ones elements of this builder
+    /// and its [`Builder::empty_copy`]s refer to.
+    fn share_container_names(&mut self) {
+        let sets = self.sets.iter().map(|s| s.name.clone());
+        let maps = self.maps.iter().map(|m| m.name.clone());
+        self.container_names = Arc::new(sets.chain(maps).collect());
+    }
+
+    /// An empty builder sharing this one's container names.
+    fn empty_copy(&self) -> Builder {
+        Builder {
+            container_names: self.container_names.clone(),
+            ..Builder::default()
+        }
+    }
+
     /// Adds an element; an element with the same container and key replaces the earlier one
     /// (the last writer wins, as with kube-proxy's element bookkeeping). An endpoint backing two
     /// service ports thus yields one hairpin element.
@@ -965,22 +997,40 @@ impl Builder {
         value: Option<Verdict>,
         comment: Option<Name>,
     ) {
+        let container = match self.container_names.get(container) {
+            Some(shared) => shared.clone(),
+            None => container.into(),
+        };
         self.insert_element(Element {
-            container: container.into(),
+            container,
             key,
             value: value.map(ElementValue::Verdict),
             comment,
         });
     }
 
-    fn insert_element(&mut self, element: Element) {
-        insert_element(&mut self.elements, &mut self.element_index, element);
+    /// Adds an element as [`Builder::element`] does. Elements are kept (per service port, and
+    /// a large table has over a million): each takes no more room than it needs, with the
+    /// shared name of its container and no spare capacity in its vectors.
+    fn insert_element(&mut self, mut element: Element) {
+        if let Some(shared) = self.container_names.get(&*element.container) {
+            element.container = shared.clone();
+        }
+        element.key.shrink_to_fit();
+        if let Some(ElementValue::Data(data)) = &mut element.value {
+            data.shrink_to_fit();
+        }
+        insert_element(
+            &mut self.elements,
+            &mut self.element_index,
+            Arc::new(element),
+        );
     }
 
     /// Adds parts kept for later, in order, as [`Builder::append`] would: their objects are
-    /// copied (cheaply: names and rule lists are shared). Chains, sets and maps are added on
-    /// this thread and elements on another: they are independent, and the agent's sync waits
-    /// for this.
+    /// copied (cheaply: names, rule lists and elements are shared). Chains, sets and maps are
+    /// added on this thread and elements on another: they are independent, and the agent's
+    /// sync waits for this.
     fn append_parts(&mut self, parts: &[&PortObjects]) {
         self.reserve(parts);
         let (elements, index) = (&mut self.elements, &mut self.element_index);
@@ -1029,9 +1079,8 @@ impl Builder {
             elements: Vec::new(),
         });
         self.elements.reserve(elements.len());
-        self.element_index.reserve(elements.len());
         for element in elements {
-            self.insert_element(element);
+            insert_element(&mut self.elements, &mut self.element_index, element);
         }
     }
 
@@ -1072,7 +1121,6 @@ impl Builder {
         self.sets.reserve(sets);
         self.set_index.reserve(sets);
         self.elements.reserve(elements);
-        self.element_index.reserve(elements);
     }
 
     /// The objects built, without the indexes.

@@ -589,7 +589,7 @@ impl Context<'_> {
                 .map(|m| self.value(m, field, false))
                 .collect::<Result<Vec<_>, _>>()?;
             return Ok(Value::Set {
-                members,
+                members: members.into(),
                 joining: Joining::Spaced,
             });
         }
