@@ -37,20 +37,27 @@ impl ProxyModel {
         services.sort_by_cached_key(|s| format!("{}/{}", s.namespace, s.name));
 
         let none = BTreeSet::new();
-        let mut ports = Vec::new();
-        for service in services {
-            let slices = slices_by_service
-                .get(&(service.namespace.as_str(), service.name.as_str()))
-                .map(Vec::as_slice)
-                .unwrap_or_default();
-            let withheld = if cluster.withheld.is_empty() {
-                &none
-            } else {
-                cluster.withheld.get(&service.key()).unwrap_or(&none)
-            };
-            ports.extend(service_ports(service, withheld, slices, config, family));
+        // Services are independent: built on every core, kept in order.
+        let built = crate::parallel::map_chunks(&services, |services| {
+            let mut ports = Vec::new();
+            for service in services {
+                let slices = slices_by_service
+                    .get(&(service.namespace.as_str(), service.name.as_str()))
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                let withheld = if cluster.withheld.is_empty() {
+                    &none
+                } else {
+                    cluster.withheld.get(&service.key()).unwrap_or(&none)
+                };
+                ports.extend(service_ports(service, withheld, slices, config, family));
+            }
+            ports
+        });
+        ProxyModel {
+            family,
+            ports: built.concat(),
         }
-        ProxyModel { family, ports }
     }
 
     /// Endpoints over all service ports, the figure behind iptables' large-cluster mode.

@@ -65,13 +65,17 @@ impl Ruleset {
     /// the conformance vectors write it.
     pub fn to_nft_script(&self) -> String {
         let commands = self.creation_commands();
-        let mut out = String::with_capacity(commands.len() * 120);
-        for command in &commands {
-            // Writing into a String cannot fail.
-            let _ = write_command(&mut out, self.family(), &self.table.name, command);
-            out.push('\n');
-        }
-        out
+        // Commands are written on every core, each chunk into its own text, joined in order.
+        let chunks = crate::parallel::map_chunks(&commands, |commands| {
+            let mut out = String::with_capacity(commands.len() * 120);
+            for command in commands {
+                // Writing into a String cannot fail.
+                let _ = write_command(&mut out, self.family(), &self.table.name, command);
+                out.push('\n');
+            }
+            out
+        });
+        chunks.concat()
     }
 }
 
