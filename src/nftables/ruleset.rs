@@ -123,6 +123,20 @@ pub struct Set {
     pub comment: Option<Name>,
 }
 
+impl Set {
+    /// A set of plain elements (no flags, timeout or size) with a comment.
+    pub fn plain(name: &str, key_type: Vec<DataType>, comment: &str) -> Set {
+        Set {
+            name: name.into(),
+            key_type,
+            flags: Vec::new(),
+            timeout: None,
+            size: None,
+            comment: Some(comment.into()),
+        }
+    }
+}
+
 /// A named map from a concatenated key to a verdict (kube-proxy's maps) or to data (the
 /// `maps` layout's endpoint and affinity maps: an address and a port).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -273,23 +273,16 @@ impl Translator<'_> {
     /// `firewall-allow`; other sources are dropped before DNAT.
     pub(super) fn maps_firewall_setup(&mut self, service_key: &[DataType]) {
         let addr = self.addr_type();
-        self.out.set(Set {
-            name: FIREWALL_IPS.into(),
-            key_type: service_key.to_vec(),
-            flags: vec![],
-            timeout: None,
-            size: None,
-            comment: Some("destinations that are subject to LoadBalancerSourceRanges".into()),
-        });
+        self.out.set(Set::plain(
+            FIREWALL_IPS,
+            service_key.to_vec(),
+            "destinations that are subject to LoadBalancerSourceRanges",
+        ));
         let mut allow_key = service_key.to_vec();
         allow_key.push(addr);
         self.out.set(Set {
-            name: FIREWALL_ALLOW.into(),
-            key_type: allow_key,
             flags: vec![SetFlag::Interval],
-            timeout: None,
-            size: None,
-            comment: Some("sources allowed to each of them".into()),
+            ..Set::plain(FIREWALL_ALLOW, allow_key, "sources allowed to each of them")
         });
         let mut with_source = SERVICE_TUPLE.to_vec();
         with_source.push(Field::SourceAddr);

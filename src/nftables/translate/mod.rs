@@ -255,14 +255,11 @@ impl<'a> Translator<'a> {
         }
 
         // Masquerading: marked packets, then hairpin connections (§5A.5, §5A.6).
-        self.out.set(Set {
-            name: HAIRPIN_CONNECTIONS.into(),
-            key_type: vec![addr, addr, DataType::InetProto, DataType::InetService],
-            flags: vec![],
-            timeout: None,
-            size: None,
-            comment: Some("service hairpin connections".into()),
-        });
+        self.out.set(Set::plain(
+            HAIRPIN_CONNECTIONS,
+            vec![addr, addr, DataType::InetProto, DataType::InetService],
+            "service hairpin connections",
+        ));
         self.out.rule(
             MASQUERADING,
             Rule::new(
@@ -294,14 +291,8 @@ impl<'a> Translator<'a> {
         );
 
         // Cluster IPs: reject unknown ports, drop unallocated addresses (§5.5).
-        self.out.set(Set {
-            name: CLUSTER_IPS.into(),
-            key_type: vec![addr],
-            flags: vec![],
-            timeout: None,
-            size: None,
-            comment: Some("Active ClusterIPs".into()),
-        });
+        self.out
+            .set(Set::plain(CLUSTER_IPS, vec![addr], "Active ClusterIPs"));
         self.out.rule(
             CLUSTER_IPS_CHECK,
             Rule::new(
@@ -335,14 +326,11 @@ impl<'a> Translator<'a> {
 
         // NodePort addresses: a set of node IPs, or every local address (§5.4).
         if let Some(networks) = &self.nodeport_networks {
-            self.out.set(Set {
-                name: NODEPORT_IPS.into(),
-                key_type: vec![addr],
-                flags: vec![],
-                timeout: None,
-                size: None,
-                comment: Some("IPs that accept NodePort traffic".into()),
-            });
+            self.out.set(Set::plain(
+                NODEPORT_IPS,
+                vec![addr],
+                "IPs that accept NodePort traffic",
+            ));
             let mut ips: Vec<IpAddr> = Vec::new();
             for ip in self.config.node_ips_of(self.family) {
                 if !ip.is_loopback()

@@ -82,24 +82,15 @@ pub enum ContainerDecl {
 
 impl ContainerDecl {
     /// Whether `add set` of `set` over this declaration is accepted and keeps the elements:
-    /// same key type, flags and, when `set` declares one, size. `dynamic` is not compared: nft 1.0.6 leaves it out of its JSON
-    /// listing, and kproxy (like kube-proxy, §5.9) always writes it on affinity sets.
+    /// same key type, flags and, when `set` declares one, size. `dynamic` is not compared: nft
+    /// 1.0.6 leaves it out of its JSON listing, and kproxy (like kube-proxy, §5.9) always
+    /// writes it on affinity sets.
     pub fn accepts_set(&self, set: &Set) -> bool {
-        let flags = |flags: &[SetFlag]| {
-            let mut f: Vec<SetFlag> = flags
-                .iter()
-                .copied()
-                .filter(|f| *f != SetFlag::Dynamic)
-                .collect();
-            f.sort();
-            f.dedup();
-            f
-        };
         match self {
             ContainerDecl::Set(have) => {
                 have.key_type == set.key_type
-                    && flags(&have.flags) == flags(&set.flags)
-                    && (set.size.is_none() || have.size == set.size)
+                    && same_flags(&have.flags, &set.flags)
+                    && same_size(have.size, set.size)
             }
             _ => false,
         }
@@ -108,26 +99,37 @@ impl ContainerDecl {
     /// Whether `add map` of `map` over this declaration is accepted: same key and value types,
     /// flags (`dynamic` aside, as for sets) and, when `map` declares one, size.
     pub fn accepts_map(&self, map: &Map) -> bool {
-        let flags = |flags: &[SetFlag]| {
-            let mut f: Vec<SetFlag> = flags
-                .iter()
-                .copied()
-                .filter(|f| *f != SetFlag::Dynamic)
-                .collect();
-            f.sort();
-            f.dedup();
-            f
-        };
         match self {
             ContainerDecl::Map(have) => {
                 have.key_type == map.key_type
                     && have.value_type == map.value_type
-                    && flags(&have.flags) == flags(&map.flags)
-                    && (map.size.is_none() || have.size == map.size)
+                    && same_flags(&have.flags, &map.flags)
+                    && same_size(have.size, map.size)
             }
             _ => false,
         }
     }
+}
+
+/// The same flags, `dynamic` aside (see [`ContainerDecl::accepts_set`]).
+fn same_flags(have: &[SetFlag], want: &[SetFlag]) -> bool {
+    let comparable = |flags: &[SetFlag]| {
+        let mut flags: Vec<SetFlag> = flags
+            .iter()
+            .copied()
+            .filter(|f| *f != SetFlag::Dynamic)
+            .collect();
+        flags.sort();
+        flags.dedup();
+        flags
+    };
+    comparable(have) == comparable(want)
+}
+
+/// The size wanted, when one is declared (the kernel lists a default for some containers that
+/// declare none).
+fn same_size(have: Option<u32>, want: Option<u32>) -> bool {
+    want.is_none() || have == want
 }
 
 /// Why a listing could not be understood.
