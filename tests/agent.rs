@@ -449,6 +449,23 @@ fn from_dir_follows_edits_and_keeps_the_last_good_rules() {
             agent.get(METRICS, "/proxyMode").map(|r| r.1),
             Some(mode.to_string())
         );
+        // An invalid Service is skipped and counted (when the metrics are read).
+        let invalid = json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "bad", "namespace": "default"},
+            "spec": {"clusterIP": "300.1.1.1", "ports": [{"port": 80, "protocol": "TCP"}]}
+        });
+        std::fs::write(dir.path().join("bad.json"), invalid.to_string()).unwrap();
+        wait_until(
+            Duration::from_secs(5),
+            || agent.metric("kproxy_invalid_objects{kind=\"Service\"}") == Some(1.0),
+            || {
+                format!(
+                    "{mode}: the invalid Service is not counted:\n{}",
+                    agent.metrics()
+                )
+            },
+        );
         let metrics = agent.metrics();
         for name in [
             "kubeproxy_sync_proxy_rules_duration_seconds_bucket",

@@ -176,6 +176,13 @@ async fn run_agent(mut config: AgentConfig) -> Result<()> {
         ClusterStore::new(SystemTime::now())
             .with_settings(crate::model::ClusterSettings::of(&config.node)),
     ));
+    let counted = store.clone();
+    status.count_invalid_objects_with(Box::new(move || {
+        counted
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .invalid_counts()
+    }));
     tokio::spawn(feed_store(
         events_rx,
         store.clone(),

@@ -3,12 +3,12 @@
 //! servers (which read them).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use super::health::ProxyHealth;
 use super::http::{serve, Handler, Reply};
-use super::metrics::{CodeLabel, FamilyLabel, Metrics};
+use super::metrics::{CodeLabel, FamilyLabel, KindLabel, Metrics};
 use crate::backend::Mode;
 use crate::family::IpFamily;
 
@@ -19,7 +19,14 @@ pub struct AgentStatus {
     health: Mutex<ProxyHealth>,
     /// From the Node object; `None` without one (`--from-dir`), which counts as eligible.
     node_eligible: Mutex<Option<bool>>,
+    /// Counts the objects skipped as invalid (Services, EndpointSlices), for
+    /// `kproxy_invalid_objects`: a pass over every object, so done when the metrics are read,
+    /// not after each sync (50 ms at 100,000 Services, which a change arriving then would wait).
+    invalid_objects: OnceLock<InvalidCount>,
 }
+
+/// Counts the objects skipped as invalid: (Services, EndpointSlices).
+pub type InvalidCount = Box<dyn Fn() -> (usize, usize) + Send + Sync>;
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic elsewhere while holding the lock leaves plain data behind; keep serving it.
@@ -45,6 +52,27 @@ impl AgentStatus {
             // kube-proxy's health timeout: twice the sync period (§6.1).
             health: Mutex::new(ProxyHealth::new(2 * sync_period)),
             node_eligible: Mutex::new(None),
+            invalid_objects: OnceLock::new(),
+        }
+    }
+
+    /// How to count the objects skipped as invalid (set once, when the store exists).
+    pub fn count_invalid_objects_with(&self, count: InvalidCount) {
+        // Set once; a second call keeps the first.
+        let _ = self.invalid_objects.set(count);
+    }
+
+    /// Brings `kproxy_invalid_objects` up to date.
+    fn count_invalid_objects(&self) {
+        let Some(count) = self.invalid_objects.get() else {
+            return;
+        };
+        let (services, slices) = count();
+        for (kind, count) in [("Service", services), ("EndpointSlice", slices)] {
+            self.metrics
+                .invalid_objects
+                .get_or_create(&KindLabel { kind: kind.into() })
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
         }
     }
 
@@ -117,11 +145,14 @@ impl AgentStatus {
     /// The metrics server's paths (§6.3).
     fn metrics_reply(&self, path: &str) -> Reply {
         match path {
-            "/metrics" => Reply::new(
-                200,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                self.metrics.encode(),
-            ),
+            "/metrics" => {
+                self.count_invalid_objects();
+                Reply::new(
+                    200,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    self.metrics.encode(),
+                )
+            }
             "/healthz" => Reply::new(200, "text/plain; charset=utf-8", "ok"),
             "/proxyMode" => Reply::new(200, "text/plain; charset=utf-8", self.mode.name()),
             _ => Reply::not_found(),

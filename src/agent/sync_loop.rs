@@ -267,20 +267,6 @@ impl SyncLoop {
             set_no_local_endpoints(metrics, model);
         }
 
-        // Counted once the change is in the kernel (and logged): a pass over every object (50 ms at
-        // 100,000 Services), and only the metric needs it.
-        let invalid = self
-            .store
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .invalid_counts();
-        for (kind, count) in [("Service", invalid.0), ("EndpointSlice", invalid.1)] {
-            metrics
-                .invalid_objects
-                .get_or_create(&super::metrics::KindLabel { kind: kind.into() })
-                .set(count as i64);
-        }
-
         // 4. After success: health-check ports, then stale UDP flows.
         if all_ok {
             if let Some(servers) = &mut self.service_health {
