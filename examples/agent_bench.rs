@@ -28,46 +28,9 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
 use kproxy::fake_apiserver::FakeApiServer;
 
-/// A network namespace deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: String) -> Netns {
-        let status = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("ip runs");
-        assert!(status.success(), "ip netns add {name} failed (root?)");
-        let _ = Command::new("ip")
-            .args(["netns", "exec", &name, "ip", "link", "set", "lo", "up"])
-            .status();
-        Netns(name)
-    }
-
-    /// Runs `f` on a thread inside the namespace (sockets it opens live there).
-    fn enter<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        let path = format!("/var/run/netns/{}", self.0);
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    use std::os::fd::AsRawFd;
-                    let file = std::fs::File::open(&path).expect("namespace file");
-                    // SAFETY: setns on a valid namespace fd affects only this thread.
-                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert_eq!(rc, 0, "setns into {path} failed");
-                    f()
-                })
-                .join()
-                .expect("thread in namespace")
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+#[path = "common/netns.rs"]
+mod netns;
+use netns::Netns;
 
 /// One sync line of the agent's log.
 #[derive(Debug, Clone)]
@@ -221,7 +184,7 @@ fn main() {
         std::process::exit(2)
     });
     for mode in modes {
-        let netns = Netns::new(format!("kp-agent-bench-{}-{mode}", std::process::id()));
+        let netns = Netns::new(&format!("agent-bench-{mode}"));
         let api = netns.enter(|| FakeApiServer::start().expect("fake API server"));
         let loaded = Instant::now();
         for service in &cluster.services {
@@ -237,7 +200,7 @@ fn main() {
         let file = std::fs::File::create(&log).expect("log file");
         let started = Instant::now();
         let child = Command::new("ip")
-            .args(["netns", "exec", &netns.0])
+            .args(["netns", "exec", &netns.name])
             .arg(&kproxy)
             .args(["run", "--master", &api.url()])
             .args(mode_flags(mode))

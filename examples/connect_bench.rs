@@ -49,7 +49,6 @@
 //! stderr.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -60,6 +59,10 @@ use kproxy::config::{NftablesLayout, NodeConfig};
 use kproxy::nftables::{MAPS_TABLE_NAME, TABLE_NAME};
 use kproxy::source::Manifests;
 use kproxy::sync::nftables::{NftApplier, SyncOptions};
+
+#[path = "common/netns.rs"]
+mod netns;
+use netns::Netns;
 
 const PLAIN: &str = "10.111.255.10:80";
 const STICKY: &str = "10.111.255.11:80";
@@ -105,69 +108,6 @@ endpoints: [{addresses: [10.244.1.2], nodeName: backend-node}]
 ports: [{name: http, port: 8080, protocol: TCP}]
 "#;
 
-/// A network namespace deleted on drop. It is entered through a descriptor opened when it was
-/// made: the measure goes on even if something else removes its name from /run/netns (which
-/// happened on the shared machine while this ran; the name is needed only to load the rules).
-struct Netns {
-    name: String,
-    file: std::fs::File,
-}
-
-impl Netns {
-    fn new(purpose: &str) -> Netns {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "kp-connect-{purpose}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        run(&["ip", "netns", "add", &name]);
-        let file = std::fs::File::open(format!("/run/netns/{name}"))
-            .unwrap_or_else(|err| panic!("/run/netns/{name}: {err}"));
-        let ns = Netns { name, file };
-        ns.run(&["ip", "link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn run(&self, argv: &[&str]) {
-        let mut full = vec!["ip", "netns", "exec", &self.name];
-        full.extend_from_slice(argv);
-        run(&full);
-    }
-
-    /// Runs `f` on a thread inside this namespace (sockets it opens, and the `/proc/sys/net`
-    /// and `/proc/thread-self/net` files it reads, are the namespace's).
-    fn spawn<R: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> R + Send + 'static,
-    ) -> std::thread::JoinHandle<R> {
-        let file = self.file.try_clone().expect("the namespace descriptor");
-        let name = self.name.clone();
-        std::thread::spawn(move || {
-            // SAFETY: setns on a valid namespace fd changes only this thread's namespace.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns into {name} failed");
-            f()
-        })
-    }
-
-    /// Reads a file inside the namespace; empty if it cannot.
-    fn read(&self, path: &'static str) -> String {
-        self.spawn(move || std::fs::read_to_string(path).unwrap_or_default())
-            .join()
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(std::process::Stdio::null())
-            .status();
-    }
-}
-
 /// Runs a command that must succeed.
 fn run(argv: &[&str]) {
     let out = Command::new(argv[0])
@@ -196,7 +136,7 @@ fn link(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
     ]);
     for (dev, ns, name) in [(&tmp, a, a_if), (&peer, b, b_if)] {
         run(&["ip", "link", "set", dev, "netns", &ns.name, "name", name]);
-        ns.run(&["ip", "link", "set", name, "up"]);
+        ns.run_ok(&["ip", "link", "set", name, "up"]);
     }
 }
 
@@ -208,22 +148,22 @@ struct Topology {
 
 impl Topology {
     fn new() -> Topology {
-        let client = Netns::new("client");
-        let node = Netns::new("node");
-        let backend = Netns::new("backend");
-        node.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        let client = Netns::new("connect-client");
+        let node = Netns::new("connect-node");
+        let backend = Netns::new("connect-backend");
+        node.run_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         link(&client, "c0", &node, "n0");
         link(&backend, "b0", &node, "n1");
         for i in 0..CLIENTS {
             let address = format!("{}/24", client_ip(i));
-            client.run(&["ip", "addr", "add", &address, "dev", "c0"]);
+            client.run_ok(&["ip", "addr", "add", &address, "dev", "c0"]);
         }
-        client.run(&["ip", "route", "add", "default", "via", "10.244.0.1"]);
-        node.run(&["ip", "addr", "add", "10.244.0.1/24", "dev", "n0"]);
-        node.run(&["ip", "addr", "add", "10.244.1.1/24", "dev", "n1"]);
-        backend.run(&["ip", "addr", "add", "10.244.1.2/24", "dev", "b0"]);
-        backend.run(&["ip", "route", "add", "default", "via", "10.244.1.1"]);
-        backend.run(&["sysctl", "-qw", "net.core.somaxconn=65535"]);
+        client.run_ok(&["ip", "route", "add", "default", "via", "10.244.0.1"]);
+        node.run_ok(&["ip", "addr", "add", "10.244.0.1/24", "dev", "n0"]);
+        node.run_ok(&["ip", "addr", "add", "10.244.1.1/24", "dev", "n1"]);
+        backend.run_ok(&["ip", "addr", "add", "10.244.1.2/24", "dev", "b0"]);
+        backend.run_ok(&["ip", "route", "add", "default", "via", "10.244.1.1"]);
+        backend.run_ok(&["sysctl", "-qw", "net.core.somaxconn=65535"]);
         Topology {
             client,
             node,
@@ -518,7 +458,7 @@ fn load(layout: NftablesLayout, n: usize, settings: &Settings) -> Case {
 
     let topology = Topology::new();
     // Closed entries go after 1 s, not 10 (module docs).
-    topology.node.run(&[
+    topology.node.run_ok(&[
         "sysctl",
         "-qw",
         "net.netfilter.nf_conntrack_tcp_timeout_close=1",

@@ -22,7 +22,6 @@
 //! The process enters the namespace, as the agent runs in the node's. The model is built outside the timed part, and shares the ports of unchanged Services with
 //! the previous one, as the agent's does (it rebuilds only changed Services).
 
-use std::process::Command as Process;
 use std::time::{Duration, Instant};
 
 use kproxy::backend::{Backend, NftablesBackend};
@@ -32,25 +31,9 @@ use kproxy::nftables::{MAPS_TABLE_NAME, TABLE_NAME};
 use kproxy::pipeline;
 use kproxy::sync::nftables::{NftApplier, SyncOptions};
 
-/// A network namespace deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: String) -> Netns {
-        let status = Process::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("ip runs");
-        assert!(status.success(), "ip netns add {name} failed (root?)");
-        Netns(name)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Process::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+#[path = "common/netns.rs"]
+mod netns;
+use netns::Netns;
 
 /// A `kB` line of a /proc file, in MiB.
 fn proc_mib(file: &str, field: &str) -> f64 {
@@ -95,16 +78,6 @@ fn share_unchanged(old: &[ProxyModel], mut new: Vec<ProxyModel>, changed: &str) 
         }
     }
     new
-}
-
-/// Moves this thread, and the threads it starts from now on, into `ns`: the backend then
-/// works as the agent does, in its own network namespace.
-fn enter(ns: &Netns) {
-    use std::os::fd::AsRawFd;
-    let file = std::fs::File::open(format!("/run/netns/{}", ns.0)).expect("the namespace");
-    // SAFETY: setns with a valid descriptor changes only this thread's network namespace.
-    let entered = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(entered, 0, "setns: {}", std::io::Error::last_os_error());
 }
 
 fn backend() -> NftablesBackend<NftApplier> {
@@ -172,8 +145,8 @@ fn main() {
         eprintln!("n={n}: model {}", secs(start.elapsed()));
 
         let slab_before = proc_mib("/proc/meminfo", "Slab:");
-        let ns = Netns::new(format!("kp-maps-bench-{}-{n}", std::process::id()));
-        enter(&ns);
+        let ns = Netns::new(&format!("maps-bench-{n}"));
+        ns.enter_this_thread();
         let mut loaded = backend();
         let (total, translate, syncer, kernel, full) = sync(&mut loaded, &full_models, &config);
         assert!(full, "the first sync is full");

@@ -34,7 +34,6 @@
 
 use std::io::Write;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -44,6 +43,10 @@ use kproxy::sync::nftables::element_dump;
 use kproxy::sync::nftables::elements::{
     self, Data, Element, ElementBatch, Part, PartKind, Value, Verdict,
 };
+
+#[path = "common/netns.rs"]
+mod netns;
+use netns::Netns;
 
 const TABLE: &str = "t";
 const CHAINS: u32 = 100;
@@ -192,79 +195,42 @@ fn load_text_grouped(dnat_count: u32, vmap_count: u32) -> String {
     text
 }
 
-struct Netns(String);
-
-impl Netns {
-    fn new(purpose: &str) -> Netns {
-        let name = format!("kp-bench-{purpose}-{}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "ip netns add {name} failed (root?)");
-        Netns(name)
-    }
-
-    /// Runs `f` on a thread inside the namespace (children it starts are inside too).
-    fn enter<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let file = std::fs::File::open(&path).expect("namespace file");
-                    // SAFETY: setns on a valid namespace descriptor affects only this thread.
-                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert_eq!(rc, 0, "setns {path}");
-                    f()
-                })
-                .join()
-                .expect("namespace thread")
-        })
-    }
-
-    /// `nft ARGS` in the namespace with `stdin`; its output and how long it ran.
-    fn nft(&self, args: &[&str], stdin: Option<&[u8]>) -> (std::process::Output, Duration) {
-        self.enter(|| {
-            let started = Instant::now();
-            let mut child = Command::new("nft")
-                .args(args)
-                .stdin(if stdin.is_some() {
-                    Stdio::piped()
-                } else {
-                    Stdio::null()
-                })
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("nft runs");
-            let pipe = child.stdin.take();
-            let out = std::thread::scope(|scope| {
-                if let (Some(mut pipe), Some(text)) = (pipe, stdin) {
-                    scope.spawn(move || {
-                        let _ = pipe.write_all(text);
-                    });
-                }
-                child.wait_with_output().expect("nft finishes")
-            });
-            (out, started.elapsed())
-        })
-    }
-
-    fn nft_ok(&self, args: &[&str], stdin: Option<&[u8]>) -> Duration {
-        let (out, took) = self.nft(args, stdin);
-        assert!(
-            out.status.success(),
-            "nft {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        took
-    }
+/// `nft ARGS` in the namespace with `stdin`; its output and how long it ran.
+fn nft(ns: &Netns, args: &[&str], stdin: Option<&[u8]>) -> (std::process::Output, Duration) {
+    ns.enter(|| {
+        let started = Instant::now();
+        let mut child = Command::new("nft")
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nft runs");
+        let pipe = child.stdin.take();
+        let out = std::thread::scope(|scope| {
+            if let (Some(mut pipe), Some(text)) = (pipe, stdin) {
+                scope.spawn(move || {
+                    let _ = pipe.write_all(text);
+                });
+            }
+            child.wait_with_output().expect("nft finishes")
+        });
+        (out, started.elapsed())
+    })
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+fn nft_ok(ns: &Netns, args: &[&str], stdin: Option<&[u8]>) -> Duration {
+    let (out, took) = nft(ns, args, stdin);
+    assert!(
+        out.status.success(),
+        "nft {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    took
 }
 
 fn vm_hwm_kib() -> u64 {
@@ -317,13 +283,13 @@ fn run_path(path: &str, dnat_count: u32, vmap_count: u32) {
     let table = format!(
         "table ip {TABLE} {{\n{chains}  map svc_dnat {{ typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport;{size} }}\n  map svc_vmap {{ type ipv4_addr . inet_proto . inet_service : verdict;{size} }}\n}}\n"
     );
-    ns.nft_ok(&["-f", "-"], Some(table.as_bytes()));
+    nft_ok(&ns, &["-f", "-"], Some(table.as_bytes()));
     let rss_before = vm_hwm_kib();
 
     let mut small = Vec::new();
     match path {
         "netlink" => {
-            let mut socket = NetfilterSocket::open_in(Some(&ns.0)).expect("netlink socket");
+            let mut socket = NetfilterSocket::open_in(Some(&ns.name)).expect("netlink socket");
             let started = Instant::now();
             let mut batch = ElementBatch::new(IpFamily::V4, TABLE);
             for i in 0..dnat_count {
@@ -365,7 +331,7 @@ fn run_path(path: &str, dnat_count: u32, vmap_count: u32) {
                 load_text_grouped(dnat_count, vmap_count)
             };
             let rendered = started.elapsed();
-            let took = ns.nft_ok(&["-f", "-"], Some(text.as_bytes()));
+            let took = nft_ok(&ns, &["-f", "-"], Some(text.as_bytes()));
             let total = started.elapsed();
             row("load: wall", ms(total));
             row("  encode / render text", ms(rendered));
@@ -385,7 +351,7 @@ fn run_path(path: &str, dnat_count: u32, vmap_count: u32) {
                 for e in &added {
                     text += &format!("add element ip {TABLE} svc_dnat {{ {} }}\n", nft_text(e));
                 }
-                ns.nft_ok(&["-f", "-"], Some(text.as_bytes()));
+                nft_ok(&ns, &["-f", "-"], Some(text.as_bytes()));
                 small.push(started.elapsed());
             }
         }
@@ -405,7 +371,7 @@ fn run_path(path: &str, dnat_count: u32, vmap_count: u32) {
 
     // Deleted in round 0, loaded, added in the last round: the kernel's own lookups (`nft get
     // element` reads every element of the map first: about a minute at 1,000,000).
-    let mut socket = NetfilterSocket::open_in(Some(&ns.0)).expect("netlink socket");
+    let mut socket = NetfilterSocket::open_in(Some(&ns.name)).expect("netlink socket");
     let mut get = |i: u32| {
         elements::contains(&mut socket, IpFamily::V4, TABLE, "svc_dnat", &dnat(i)).expect("lookup")
     };
@@ -421,7 +387,7 @@ fn run_path(path: &str, dnat_count: u32, vmap_count: u32) {
     match path {
         "netlink" => dump_netlink(&mut socket, dnat_count),
         "nft-grouped" => {
-            let (out, took) = ns.nft(&["-j", "list", "map", "ip", TABLE, "svc_dnat"], None);
+            let (out, took) = nft(&ns, &["-j", "list", "map", "ip", TABLE, "svc_dnat"], None);
             assert!(out.status.success(), "nft -j list map failed");
             row("dump: list, wall", ms(took));
             row("  bytes read", out.stdout.len().to_string());

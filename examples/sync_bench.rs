@@ -28,25 +28,9 @@ use kproxy::sync::nftables::{
 };
 use kproxy::sync::SyncError;
 
-/// A network namespace deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: String) -> Netns {
-        let status = Process::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("ip runs");
-        assert!(status.success(), "ip netns add {name} failed (root?)");
-        Netns(name)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Process::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+#[path = "common/netns.rs"]
+mod netns;
+use netns::Netns;
 
 /// The nft applier, keeping the last transaction's text and timing the parts.
 struct Timed {
@@ -138,7 +122,7 @@ fn nft_alone(ns: &Netns, text: &str) -> Duration {
     std::fs::write(&file, text).expect("write transaction");
     let start = Instant::now();
     let out = Process::new("ip")
-        .args(["netns", "exec", &ns.0, "nft", "-f"])
+        .args(["netns", "exec", &ns.name, "nft", "-f"])
         .arg(&file)
         .output()
         .expect("nft runs");
@@ -212,12 +196,11 @@ fn main() {
         state.endpoint_slices[1].endpoints[0].addresses = vec!["10.127.255.1".into()];
         let changed = rulesets(&state);
 
-        let pid = std::process::id();
-        let ns_kproxy = Netns::new(format!("kp-bench-k-{pid}-{n}"));
-        let ns_nft = Netns::new(format!("kp-bench-n-{pid}-{n}"));
+        let ns_kproxy = Netns::new(&format!("bench-k-{n}"));
+        let ns_nft = Netns::new(&format!("bench-n-{n}"));
         let mut syncer = Syncer::new(
             Timed {
-                inner: NftApplier::in_netns(&ns_kproxy.0),
+                inner: NftApplier::in_netns(&ns_kproxy.name),
                 last_text: String::new(),
                 nft_time: Duration::ZERO,
                 check_time: Duration::ZERO,

@@ -43,30 +43,9 @@ use kproxy::sync::iptables::{
 };
 use kproxy::sync::netlink::NetfilterSocket;
 
-/// A throwaway network namespace.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("kp-bench-{tag}-{}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "ip netns add {name} failed (root needed)");
-        Netns(name)
-    }
-
-    fn prefix(&self) -> [&str; 4] {
-        ["ip", "netns", "exec", &self.0]
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+#[path = "common/netns.rs"]
+mod netns;
+use netns::Netns;
 
 /// The real applier, remembering the last restore payload and the time spent in each tool.
 struct Recording {
@@ -119,7 +98,7 @@ impl Applier for Recording {
 /// restore (no `--noflush`: `to` holds nothing to keep), much faster than the syncer's payload.
 fn copy_rules(from: &Netns, to: &Netns, backend: Backend) {
     // Through the applier, which gives iptables-save the stack it needs at 10,000 Services.
-    let save = SystemApplier::for_backend(backend, &from.prefix())
+    let save = SystemApplier::for_backend(backend, &from.exec_prefix())
         .save(IpFamily::V4, None)
         .expect("iptables-save runs");
     assert!(save.success(), "iptables-save failed: {}", save.stderr);
@@ -127,7 +106,7 @@ fn copy_rules(from: &Netns, to: &Netns, backend: Backend) {
         .args([
             "netns",
             "exec",
-            &to.0,
+            &to.name,
             backend.program(IpFamily::V4, Tool::Restore),
         ])
         .stdin(Stdio::piped())
@@ -180,7 +159,7 @@ fn restore_alone(ns: &Netns, backend: Backend, payload: &str) -> Duration {
     let program = backend.program(IpFamily::V4, Tool::Restore);
     let start = Instant::now();
     let out = Command::new("ip")
-        .args(["netns", "exec", &ns.0, program])
+        .args(["netns", "exec", &ns.name, program])
         .args(RESTORE_FLAGS)
         .args(WAIT_FLAGS)
         .stdin(Stdio::from(input))
@@ -257,7 +236,7 @@ fn main() {
         let synced = Netns::new("sync");
         let alone = Netns::new("alone");
         let mut syncer = IptablesSyncer::new(Recording {
-            inner: SystemApplier::for_backend(backend, &synced.prefix()),
+            inner: SystemApplier::for_backend(backend, &synced.exec_prefix()),
             last_payload: String::new(),
             restore_time: Duration::ZERO,
             other_time: Duration::ZERO,
@@ -275,7 +254,7 @@ fn main() {
             // The other namespace first gets the jump rules and canary that kproxy created
             // before its restore, so that the tool alone starts from the same kernel state
             // (restores take longer with them there).
-            let mut plain = SystemApplier::for_backend(backend, &alone.prefix());
+            let mut plain = SystemApplier::for_backend(backend, &alone.exec_prefix());
             for args in changes {
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 let exit = plain.iptables(IpFamily::V4, &args).expect("iptables runs");
