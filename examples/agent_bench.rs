@@ -1,5 +1,5 @@
 //! Node agent benchmark: `cargo build --release && cargo run --release --example agent_bench --
-//! [MODE ...] [--services N] [--endpoints M] [--changes K] [--burst B]` (MODE: `nftables`,
+//! [MODE ...] [--services N] [--endpoints M] [--changes K] [--burst B] [--adds A]` (MODE: `nftables`,
 //! `iptables`, or `maps` for nftables mode in the `maps` layout; root, `nft` and/or
 //! `iptables`; defaults: both modes, 10,000 services × 10 endpoints, 50 changes, a burst of
 //! 1,000). The first full sync of 10,000 services takes about 2 minutes with nft and 8 with
@@ -17,7 +17,9 @@
 //!   tools' time inside it and kproxy's own part (the rest);
 //! - a burst of B EndpointSlice updates sent as fast as the API server takes them: the number
 //!   of syncs, and the time from the first update to the commit of the sync that took the
-//!   last one.
+//!   last one;
+//! - A new Services (default 0), 2.2 s apart, each with its EndpointSlice (sent first, so that
+//!   one sync takes both): change-to-kernel as for the slice changes.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -161,6 +163,7 @@ fn main() {
     let endpoints = value("--endpoints", 10);
     let changes = value("--changes", 50);
     let burst = value("--burst", 1000);
+    let adds = value("--adds", 0);
     let mut modes: Vec<&str> = args
         .iter()
         .map(String::as_str)
@@ -179,10 +182,26 @@ fn main() {
         "cluster: {services} services x {endpoints} endpoints; binary {}",
         kproxy.display()
     );
-    let cluster = kproxy::synthetic::cluster(services, endpoints).unwrap_or_else(|err| {
-        eprintln!("{err}");
-        std::process::exit(2)
-    });
+    // The Services beyond the first N are the ones added later.
+    let mut cluster =
+        kproxy::synthetic::cluster(services + adds, endpoints).unwrap_or_else(|err| {
+            eprintln!("{err}");
+            std::process::exit(2)
+        });
+    let added_services = cluster.services.split_off(services);
+    let is_added = |slice: &EndpointSlice| {
+        let service = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME));
+        added_services
+            .iter()
+            .any(|s| s.metadata.name.as_ref() == service)
+    };
+    let (added_slices, slices): (Vec<EndpointSlice>, Vec<EndpointSlice>) =
+        cluster.endpoint_slices.drain(..).partition(is_added);
+    cluster.endpoint_slices = slices;
     for mode in modes {
         let netns = Netns::new(&format!("agent-bench-{mode}"));
         let api = netns.enter(|| FakeApiServer::start().expect("fake API server"));
@@ -292,7 +311,54 @@ fn main() {
                 .unwrap_or_default()
                 .as_secs_f64(),
         );
+
+        // New Services, one at a time: the Service, then its EndpointSlice. The agent may take
+        // them in one sync or two (the second then waits for the minimum sync period); what
+        // is reported is the syncs' own time (kproxy and kernel tools) until the endpoints are
+        // in, and whether it took the whole-table path.
+        let (mut work, mut fulls) = (Vec::new(), 0);
+        for (round, service) in added_services.iter().enumerate() {
+            std::thread::sleep(Duration::from_millis(2200));
+            let before = agent.syncs().len();
+            let name = service.metadata.name.as_ref();
+            api.apply_typed(service);
+            for slice in added_slices.iter().filter(|slice| {
+                slice
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(SERVICE_NAME))
+                    == name
+            }) {
+                api.apply_typed(slice);
+            }
+            let deadline = Instant::now() + Duration::from_secs(600);
+            let lines = loop {
+                let lines: Vec<SyncLine> = agent.syncs().split_off(before);
+                if lines.iter().any(|l| l.endpoint_events > 0) {
+                    break lines;
+                }
+                assert!(Instant::now() < deadline, "the new Service was not synced");
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            for line in &lines {
+                eprintln!("{mode}: add {round}: {}", line.text);
+            }
+            work.push(lines.iter().map(|l| l.kproxy_ms + l.kernel_ms).sum::<f64>());
+            fulls += lines.iter().filter(|l| l.full).count();
+        }
+        if !work.is_empty() {
+            println!(
+                "{mode}: {} added Services (each with its EndpointSlice): sync time until its endpoints are in p50 {:.1} ms, p99 {:.1} ms ({fulls} full syncs)",
+                work.len(),
+                percentile(&work, 0.5),
+                percentile(&work, 0.99),
+            );
+        }
         drop(agent);
         drop(api);
     }
 }
+
+/// The label naming an EndpointSlice's Service.
+const SERVICE_NAME: &str = "kubernetes.io/service-name";
