@@ -9,6 +9,24 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::model::{ServicePort, ServicePortName};
 
+/// How the ports handed over differ from the ports kept ([`PortCache::changes`]).
+#[derive(Debug, Default)]
+pub struct PortChanges<'a> {
+    /// Ports kept for another version of them.
+    pub changed: Vec<&'a Arc<ServicePort>>,
+    /// Ports not kept.
+    pub added: Vec<&'a Arc<ServicePort>>,
+    /// Kept ports no longer handed over.
+    pub removed: Vec<ServicePortName>,
+}
+
+impl PortChanges<'_> {
+    /// Whether the set of ports is the same (only ports changed).
+    pub fn same_ports(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty()
+    }
+}
+
 /// What each port's translation produced (`P`: the mode's part type).
 pub struct PortCache<P> {
     /// Everything besides the port that the parts depend on (node settings, modes).
@@ -91,15 +109,11 @@ impl<P: Send> PortCache<P> {
         self.settings == settings
     }
 
-    /// The ports of `ports` whose part is kept for another version of them; `None` when a
-    /// port is not kept at all or a kept port is no longer in `ports` (the set of ports
-    /// changed, not only ports).
-    pub fn changed<'a>(&self, ports: &'a [Arc<ServicePort>]) -> Option<Vec<&'a Arc<ServicePort>>> {
-        if ports.len() != self.ports.len() {
-            return None;
-        }
+    /// How `ports` differ from the ports kept: ports kept for another version of them, ports
+    /// not kept, and kept ports no longer in `ports`.
+    pub fn changes<'a>(&self, ports: &'a [Arc<ServicePort>]) -> PortChanges<'a> {
         // The same ports in the same order: only the pointers that differ are looked at.
-        if self.order.len() == ports.len() {
+        if self.order.len() == ports.len() && ports.len() == self.ports.len() {
             let mut changed = Vec::new();
             let mut same_order = true;
             for (kept, port) in self.order.iter().zip(ports) {
@@ -113,24 +127,47 @@ impl<P: Send> PortCache<P> {
                 changed.push(port);
             }
             if same_order {
-                return Some(changed);
+                return PortChanges {
+                    changed,
+                    ..PortChanges::default()
+                };
             }
         }
-        let mut changed = Vec::new();
+        let mut changes = PortChanges::default();
         for port in ports {
-            let (kept, _) = self.ports.get(&port.name)?;
-            if !Arc::ptr_eq(kept, port) {
-                changed.push(port);
+            match self.ports.get(&port.name) {
+                Some((kept, _)) if Arc::ptr_eq(kept, port) => {}
+                Some(_) => changes.changed.push(port),
+                None => changes.added.push(port),
             }
         }
-        Some(changed)
+        if self.ports.len() + changes.added.len() != ports.len() {
+            let wanted: FxHashSet<&ServicePortName> = ports.iter().map(|p| &p.name).collect();
+            changes.removed = self
+                .order
+                .iter()
+                .map(|p| &p.name)
+                .filter(|name| !wanted.contains(name) && self.ports.contains_key(*name))
+                .cloned()
+                .collect();
+        }
+        changes
     }
 
-    /// Keeps `parts` as the translations of their ports, replacing the ones kept for their
-    /// names; `ports` (which holds them) is the order now.
-    pub fn replace(&mut self, ports: &[Arc<ServicePort>], parts: Vec<(Arc<ServicePort>, P)>) {
+    /// Keeps `parts` as the translations of their ports (replacing the ones kept for their
+    /// names) and forgets the ports `removed`; `ports` (which holds the kept ones) is the
+    /// order now.
+    pub fn apply(
+        &mut self,
+        ports: &[Arc<ServicePort>],
+        parts: Vec<(Arc<ServicePort>, P)>,
+        removed: &[ServicePortName],
+    ) {
         for (port, part) in parts {
             self.ports.insert(port.name.clone(), (port, part));
+        }
+        for name in removed {
+            self.ports.remove(name);
         }
         // In place when only ports changed: a copy would touch every port's count.
         if self.order.len() == ports.len() {
@@ -142,5 +179,15 @@ impl<P: Send> PortCache<P> {
         } else {
             self.order = ports.to_vec();
         }
+    }
+
+    /// The port and part kept for a name, if any.
+    pub fn kept(&self, name: &ServicePortName) -> Option<(&Arc<ServicePort>, &P)> {
+        self.ports.get(name).map(|(port, part)| (port, part))
+    }
+
+    /// The parts kept, in no particular order.
+    pub fn parts(&self) -> impl Iterator<Item = (&Arc<ServicePort>, &P)> {
+        self.ports.values().map(|(port, part)| (port, part))
     }
 }

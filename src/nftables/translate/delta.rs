@@ -3,16 +3,23 @@
 //! sends just those, without building the whole table and comparing it with what was applied
 //! (at 100,000 services that comparison is over a million elements).
 //!
-//! [`translate_delta`] translates the changed ports only and compares each with its previous
-//! translation. It gives up (`None`, and the caller builds the whole table as usual) whenever
-//! the change could reach beyond the port's own elements and the shared chains it needs (a
-//! pick of a new size comes with the delta): a port added or removed, other node settings, or
-//! an element added or removed outside the maps an endpoint change touches. (Which frontends a port has decides
-//! the table-wide parts built after the ports — see `Translator::maps_shadowed_nodeports` — and
-//! an element keyed by a frontend is only added or removed when the frontends change.)
+//! [`translate_delta`] translates the changed and the added ports only, compares each changed
+//! one with its previous translation, and adds or removes the elements of ports added or
+//! removed. It gives up (`None`, and the caller builds the whole table as usual) whenever the
+//! change could reach beyond the ports' own elements and the shared chains and maps they need
+//! (a pick of a new size comes with the delta): other node settings; a changed port with an
+//! element added or removed outside the maps an endpoint change touches (which frontends a
+//! port has is what decides the table-wide parts); or a port added or removed that bears on
+//! the table-wide `remember-nothing` elements (`Translator::maps_shadowed_nodeports`: a NodePort
+//! with affinity, or a frontend without affinity on the protocol and port of one). An element
+//! that ports share (the cluster IP of a Service's ports, a hairpin entry) is removed only when
+//! no kept port has it.
 
-use super::maps::{endpoint_map_frontend, pick_chains_gaining};
+use super::maps::{
+    endpoint_map_frontend, pick_chains_gaining, AFFINITY_TIMEOUTS, NODEPORT_AFFINITY_TIMEOUTS,
+};
 use super::*;
+use crate::model::ServicePortName;
 use rustc_hash::FxHashSet;
 
 /// The element changes that take the table from the previous translation of some service
@@ -54,55 +61,144 @@ pub fn translate_delta(
     {
         return None;
     }
-    let changed = cache.changed(&model.ports)?;
+    let changes = cache.changes(&model.ports);
     let translator = Translator::new(model, config);
-    let mut delta = ElementDelta::default();
-    let mut parts = Vec::with_capacity(changed.len());
-    for port in changed {
+    let translate = |port: &ServicePort| {
         let mut part = translator.empty_copy();
         part.service_port(port);
-        let new = part.out.into_part();
+        part.out.into_part()
+    };
+    let mut delta = ElementDelta::default();
+    let mut parts = Vec::with_capacity(changes.changed.len() + changes.added.len());
+    for &port in &changes.changed {
+        let new = translate(port);
         port_delta(cache.get(&port.name)?, &new, table, &mut delta)?;
         delta.affinity |= port.affinity_timeout.is_some();
         parts.push((port.clone(), new));
     }
+    if !changes.same_ports() {
+        let kept = KeptElements::of(cache, &changes.removed);
+        for &port in &changes.added {
+            let new = translate(port);
+            kept.unshadowed(&new)?;
+            declarations(&new, table, &mut delta)?;
+            delta.added.extend(new.elements.iter().cloned());
+            parts.push((port.clone(), new));
+        }
+        for name in &changes.removed {
+            let (port, old) = cache.kept(name)?;
+            kept.unshadowed(old)?;
+            let gone = old.elements.iter().filter(|e| !kept.shared(e));
+            delta
+                .removed
+                .extend(gone.map(|e| (e.container.clone(), e.key.clone())));
+            delta.affinity |= port.affinity_timeout.is_some();
+        }
+    }
     let added: Vec<Name> = delta.chains.iter().map(|c| c.name.clone()).collect();
     let gaining = pick_chains_gaining(table.chains.iter().map(|name| &**name), &added);
     delta.chains.extend(gaining);
-    cache.replace(&model.ports, parts);
+    cache.apply(&model.ports, parts, &changes.removed);
     Some(delta)
 }
 
-/// Adds the element changes from `old` to `new` (one port's translations) to `delta`; `None`
-/// when the change is more than that.
-fn port_delta(
-    old: &PortObjects,
-    new: &PortObjects,
-    table: &TableObjects,
-    delta: &mut ElementDelta,
-) -> Option<()> {
-    // A port declares no sets, and no maps but the endpoint maps it uses: one the table lacks
-    // comes with the delta.
-    if !old.sets.is_empty() || !new.sets.is_empty() {
+/// What the ports kept (all but the removed ones) hold that a port added or removed may
+/// share or depend on.
+struct KeptElements<'a> {
+    /// `protocol . port` of every NodePort with affinity.
+    sticky_node_ports: FxHashSet<&'a [Value]>,
+    /// The removed ports' elements that a kept port has too (a Service's cluster IP, a
+    /// hairpin entry).
+    shared: FxHashSet<(&'a str, &'a [Value])>,
+}
+
+impl<'a> KeptElements<'a> {
+    /// One pass over every kept port's elements (at 100,000 Services, milliseconds: only when
+    /// ports come or go).
+    fn of(cache: &'a PortCache, removed: &[ServicePortName]) -> KeptElements<'a> {
+        let removed_parts: Vec<&PortObjects> =
+            removed.iter().filter_map(|name| cache.get(name)).collect();
+        let candidates: FxHashSet<(&str, &[Value])> = removed_parts
+            .iter()
+            .flat_map(|part| &part.elements)
+            .filter(|e| is_shared(&e.container))
+            .map(|e| (&*e.container, e.key.as_slice()))
+            .collect();
+        let removed: FxHashSet<&ServicePortName> = removed.iter().collect();
+        let mut kept = KeptElements {
+            sticky_node_ports: FxHashSet::default(),
+            shared: FxHashSet::default(),
+        };
+        for (port, part) in cache.parts() {
+            if removed.contains(&port.name) {
+                continue;
+            }
+            for element in &part.elements {
+                let id = (&*element.container, element.key.as_slice());
+                if *element.container == *NODEPORT_AFFINITY_TIMEOUTS {
+                    kept.sticky_node_ports.insert(&element.key);
+                } else if candidates.contains(&id) {
+                    kept.shared.insert(id);
+                }
+            }
+        }
+        kept
+    }
+
+    /// Whether a kept port has this element too.
+    fn shared(&self, element: &Element) -> bool {
+        self.shared
+            .contains(&(&*element.container, element.key.as_slice()))
+    }
+
+    /// `None` when a port added or removed changes the table-wide `remember-nothing`
+    /// elements: it has a NodePort with affinity, or a frontend without affinity on the
+    /// protocol and port of a kept NodePort with affinity.
+    fn unshadowed(&self, part: &PortObjects) -> Option<()> {
+        let remembered: FxHashSet<&[Value]> = part
+            .elements
+            .iter()
+            .filter(|e| *e.container == *AFFINITY_TIMEOUTS)
+            .map(|e| e.key.as_slice())
+            .collect();
+        for element in &part.elements {
+            if *element.container == *NODEPORT_AFFINITY_TIMEOUTS {
+                return None;
+            }
+            let shadowed = *element.container == *SERVICE_IPS
+                && !remembered.contains(element.key.as_slice())
+                && element
+                    .key
+                    .get(1..)
+                    .is_some_and(|np| self.sticky_node_ports.contains(np));
+            if shadowed {
+                return None;
+            }
+        }
+        Some(())
+    }
+}
+
+/// Containers whose elements more than one port may have.
+fn is_shared(container: &str) -> bool {
+    container == CLUSTER_IPS || container == HAIRPIN_CONNECTIONS
+}
+
+/// Adds what `part` declares and the table lacks (endpoint maps, shared pick and remember
+/// chains with their rules) to `delta`; `None` when it declares anything else.
+fn declarations(part: &PortObjects, table: &TableObjects, delta: &mut ElementDelta) -> Option<()> {
+    // A port declares no sets, and no maps but the endpoint maps it uses.
+    if !part.sets.is_empty() || !part.maps.iter().all(|m| is_endpoint_map(&m.name)) {
         return None;
     }
-    let endpoint_map = |container: &str| endpoint_map_frontend(container).is_some();
-    if !old
-        .maps
-        .iter()
-        .chain(&new.maps)
-        .all(|m| endpoint_map(&m.name))
-    {
-        return None;
-    }
-    for map in &new.maps {
+    for map in &part.maps {
         if !table.maps.contains(&map.name) && !delta.maps.iter().any(|m| m.name == map.name) {
             delta.maps.push(map.clone());
         }
     }
     // A port's chains are the shared pick and remember chains, declared empty (their rules
-    // come with the table-wide part): one the table lacks comes with the delta, with its rules.
-    for chain in &new.chains {
+    // come with the table-wide part).
+    for chain in &part.chains {
         if !chain.rules.is_empty() {
             return None;
         }
@@ -117,6 +213,26 @@ fn port_delta(
             });
         }
     }
+    Some(())
+}
+
+fn is_endpoint_map(container: &str) -> bool {
+    endpoint_map_frontend(container).is_some()
+}
+
+/// Adds the element changes from `old` to `new` (one port's translations) to `delta`; `None`
+/// when the change is more than that.
+fn port_delta(
+    old: &PortObjects,
+    new: &PortObjects,
+    table: &TableObjects,
+    delta: &mut ElementDelta,
+) -> Option<()> {
+    if !old.sets.is_empty() || !old.maps.iter().all(|m| is_endpoint_map(&m.name)) {
+        return None;
+    }
+    declarations(new, table, delta)?;
+    let endpoint_map = is_endpoint_map;
     let before: FxHashMap<(&str, &[Value]), &Arc<Element>> = old
         .elements
         .iter()
@@ -347,13 +463,7 @@ endpoints:
                 .count(),
             2
         );
-        // A port more: the set of ports changed.
-        let ported = shared(
-            &old,
-            model(&manifest(&["10.244.1.5", "10.244.2.7"], true), &config),
-            "web",
-        );
-        assert!(translate_delta(&ported, &config, &mut cache, &table).is_none());
+
         // No endpoints: the frontend leaves service-ips for no-endpoint-services.
         let mut cache = PortCache::default();
         translate_cached(&old, &config, &mut cache);
@@ -367,5 +477,167 @@ endpoints:
         let mut kube_proxy = config.clone();
         kube_proxy.nftables_layout = NftablesLayout::KubeProxy;
         assert!(translate_delta(&old, &kube_proxy, &mut cache, &table).is_none());
+    }
+
+    /// The ports of `new`, with those equal to a port of `old` shared with it, as the agent's
+    /// model shares the ports of unchanged Services.
+    fn share_unchanged(old: &ProxyModel, mut new: ProxyModel) -> ProxyModel {
+        for port in new.ports.iter_mut() {
+            if let Some(kept) = old
+                .ports
+                .iter()
+                .find(|k| format!("{k:?}") == format!("{port:?}"))
+            {
+                *port = kept.clone();
+            }
+        }
+        new
+    }
+
+    /// `before`'s elements with `delta` applied, as text.
+    fn apply(before: &Ruleset, delta: &ElementDelta) -> std::collections::BTreeSet<String> {
+        let mut applied: FxHashMap<(String, Vec<Value>), String> = before
+            .elements
+            .iter()
+            .map(|e| ((e.container.to_string(), e.key.clone()), format!("{e:?}")))
+            .collect();
+        for (container, key) in &delta.removed {
+            let removed = applied.remove(&(container.to_string(), key.clone()));
+            assert!(removed.is_some(), "{container} {key:?} is not in the table");
+        }
+        for element in &delta.added {
+            applied.insert(
+                (element.container.to_string(), element.key.clone()),
+                format!("{element:?}"),
+            );
+        }
+        applied.into_values().collect()
+    }
+
+    fn service_text(name: &str, ip: &str, spec: &str, endpoints: &[(&str, bool)]) -> String {
+        let endpoints: Vec<String> = endpoints
+            .iter()
+            .map(|(address, local)| {
+                let node = if *local { "node-1" } else { "node-2" };
+                format!("- {{addresses: [\"{address}\"], conditions: {{ready: true}}, nodeName: {node}}}\n")
+            })
+            .collect();
+        format!(
+            r#"---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  clusterIP: {ip}
+  ports: [{{name: http, protocol: TCP, port: 80, targetPort: 8080}}]
+{spec}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+ports: [{{name: http, protocol: TCP, port: 8080}}]
+endpoints:
+{}
+"#,
+            endpoints.concat()
+        )
+    }
+
+    #[test]
+    fn services_added_and_removed_are_the_element_difference_of_the_whole_translation() {
+        let config = config();
+        let web = service_text(
+            "web",
+            "172.30.0.10",
+            "  sessionAffinity: ClientIP",
+            &[("10.244.1.5", false), ("10.244.2.7", false)],
+        );
+        let other = service_text("other", "172.30.0.11", "", &[("10.244.9.9", true)]);
+        // Shares its local endpoint (a hairpin entry) with `other`.
+        let extra = service_text(
+            "extra",
+            "172.30.0.12",
+            "",
+            &[("10.244.9.9", true), ("10.244.8.8", false)],
+        );
+        let mut cache = PortCache::default();
+        let old = model(&format!("{web}{other}"), &config);
+        let before = translate_cached(&old, &config, &mut cache);
+        let table = table(&before);
+
+        // A Service more: its elements are added, nothing removed.
+        let more = share_unchanged(&old, model(&format!("{web}{other}{extra}"), &config));
+        let delta = translate_delta(&more, &config, &mut cache, &table).expect("elements");
+        assert!(delta.removed.is_empty(), "{:?}", delta.removed);
+        let after = translate(&more, &config);
+        assert_eq!(apply(&before, &delta), elements(&after));
+        assert_eq!(translate_cached(&more, &config, &mut cache), after);
+
+        // A Service fewer: its elements go, but the hairpin entry `extra` has too.
+        let fewer = share_unchanged(&more, model(&format!("{web}{extra}"), &config));
+        let delta = translate_delta(&fewer, &config, &mut cache, &table).expect("elements");
+        assert!(delta
+            .removed
+            .iter()
+            .all(|(container, _)| &**container != HAIRPIN_CONNECTIONS));
+        let last = translate(&fewer, &config);
+        assert_eq!(apply(&after, &delta), elements(&last));
+        assert_eq!(translate_cached(&fewer, &config, &mut cache), last);
+
+        // And `extra` goes too: now the hairpin entry goes with it.
+        let alone = share_unchanged(&fewer, model(&web, &config));
+        let delta = translate_delta(&alone, &config, &mut cache, &table).expect("elements");
+        assert!(delta
+            .removed
+            .iter()
+            .any(|(container, _)| &**container == HAIRPIN_CONNECTIONS));
+        assert_eq!(apply(&last, &delta), elements(&translate(&alone, &config)));
+    }
+
+    #[test]
+    fn a_service_that_bears_on_the_nodeport_affinity_guard_goes_the_full_way() {
+        let config = config();
+        let sticky_node_port = service_text(
+            "web",
+            "172.30.0.10",
+            "  type: NodePort\n  sessionAffinity: ClientIP",
+            &[("10.244.1.5", false)],
+        )
+        .replace("targetPort: 8080}", "targetPort: 8080, nodePort: 30080}");
+        let plain = service_text("other", "172.30.0.11", "", &[("10.244.9.9", false)]);
+        // A Service without affinity on the protocol and port of that NodePort.
+        let on_the_node_port = service_text("shadow", "172.30.0.12", "", &[("10.244.8.8", false)])
+            .replace("port: 80,", "port: 30080,");
+        let mut cache = PortCache::default();
+        let old = model(&plain, &config);
+        let before = translate_cached(&old, &config, &mut cache);
+        let table = table(&before);
+        // A NodePort with affinity added: the guard changes.
+        let added = share_unchanged(&old, model(&format!("{plain}{sticky_node_port}"), &config));
+        assert!(translate_delta(&added, &config, &mut cache, &table).is_none());
+        // With it in the table, a frontend on its protocol and port added.
+        let mut cache = PortCache::default();
+        translate_cached(&added, &config, &mut cache);
+        let shadowed = share_unchanged(
+            &added,
+            model(
+                &format!("{plain}{sticky_node_port}{on_the_node_port}"),
+                &config,
+            ),
+        );
+        assert!(translate_delta(&shadowed, &config, &mut cache, &table).is_none());
+        // Anything else added beside it is elements.
+        let mut cache = PortCache::default();
+        translate_cached(&added, &config, &mut cache);
+        let other = service_text("more", "172.30.0.13", "", &[("10.244.7.7", false)]);
+        let more = share_unchanged(
+            &added,
+            model(&format!("{plain}{sticky_node_port}{other}"), &config),
+        );
+        assert!(translate_delta(&more, &config, &mut cache, &table).is_some());
     }
 }
