@@ -350,6 +350,35 @@ fn the_agent_sends_elements_over_netlink_and_an_endpoint_change_runs_no_nft() {
         "an endpoint count change to a pick in use ran nft; agent log:\n{}",
         agent.log_text()
     );
+
+    // A new Service of three endpoints: its elements alone, no nft.
+    let other = std::fs::read_to_string(EXAMPLE)
+        .expect("read the example")
+        .replace("my-service", "other-service")
+        .replace("172.30.0.41", "172.30.0.42")
+        .replace(
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 10000\n",
+            "",
+        );
+    assert!(!other.contains("ClientIP"), "{other}");
+    std::fs::write(manifests.path().join("other.yaml"), other).expect("write");
+    let service_ips = || nft(&ns, &["list", "map", "ip", "kproxy", "service-ips"]);
+    common::agent::wait_until(
+        Duration::from_secs(20),
+        || service_ips().contains("172.30.0.42 . tcp . 80") && map(3) == 6,
+        || {
+            format!(
+                "the new Service did not arrive; agent log:\n{}",
+                agent.log_text()
+            )
+        },
+    );
+    assert_eq!(
+        std::fs::read_to_string(&log).expect("the wrapper's log"),
+        before,
+        "adding a Service ran nft; agent log:\n{}",
+        agent.log_text()
+    );
     assert!(agent.stop().success());
 }
 
