@@ -360,7 +360,7 @@ fn the_agent_sends_elements_over_netlink_and_an_endpoint_change_runs_no_nft() {
             "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 10000\n",
             "",
         );
-    assert!(!other.contains("ClientIP"), "{other}");
+    assert!(!other.contains("sessionAffinity: ClientIP"), "{other}");
     std::fs::write(manifests.path().join("other.yaml"), other).expect("write");
     let service_ips = || nft(&ns, &["list", "map", "ip", "kproxy", "service-ips"]);
     common::agent::wait_until(
