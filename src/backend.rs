@@ -325,7 +325,8 @@ impl<A: nft_sync::Applier> NftablesBackend<A> {
         let family = model.family;
         let cache = self.translations.entry(family).or_default();
         let table = self.syncer.table_objects(family);
-        let delta = nftables::translate_delta(model, config, cache, &table)?;
+        let committed = self.syncer.committed_elements(family)?;
+        let delta = nftables::translate_delta(model, config, cache, &table, committed)?;
         let translate = started.elapsed();
         let result = self.syncer.sync_delta(family, &delta)?;
         tracing::debug!(

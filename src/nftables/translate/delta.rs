@@ -20,6 +20,8 @@ use super::maps::{
 };
 use super::*;
 use crate::model::ServicePortName;
+use crate::nftables::affinity_pins::ElementLookup;
+use crate::port_cache::PortChanges;
 use rustc_hash::FxHashSet;
 
 /// The element changes that take the table from the previous translation of some service
@@ -36,7 +38,8 @@ pub struct ElementDelta {
     pub chains: Vec<Chain>,
     /// Endpoint maps the changed ports need and the table lacks (endpoints of a new number).
     pub maps: Vec<Map>,
-    /// A changed port has ClientIP affinity: clients may be pinned to an endpoint it lost.
+    /// A changed or removed port has (or had) ClientIP affinity: clients may be pinned to an
+    /// endpoint it lost, or to a frontend without affinity now.
     pub affinity: bool,
 }
 
@@ -55,6 +58,7 @@ pub fn translate_delta(
     config: &NodeConfig,
     cache: &mut PortCache,
     table: &TableObjects,
+    committed: &dyn ElementLookup,
 ) -> Option<ElementDelta> {
     if config.nftables_layout != NftablesLayout::Maps
         || !cache.settings_match(&cache_settings(model, config))
@@ -68,32 +72,51 @@ pub fn translate_delta(
         part.service_port(port);
         part.out.into_part()
     };
+    // A NodePort with affinity in the table (`protocol . port`).
+    let sticky = |node_port: &[Value]| {
+        committed
+            .element(NODEPORT_AFFINITY_TIMEOUTS, node_port)
+            .is_some()
+    };
     let mut delta = ElementDelta::default();
     let mut parts = Vec::with_capacity(changes.changed.len() + changes.added.len());
+    // Elements of shared containers a port no longer has: removed unless another port has them.
+    let mut unshared: Vec<(Name, Vec<Value>)> = Vec::new();
     for &port in &changes.changed {
         let new = translate(port);
-        port_delta(cache.get(&port.name)?, &new, table, &mut delta)?;
-        delta.affinity |= port.affinity_timeout.is_some();
+        let (old_port, old) = cache.kept(&port.name)?;
+        unshadowed(Some(old), Some(&new), &sticky)?;
+        declarations(&new, table, &mut delta)?;
+        port_delta(old, &new, &mut delta, &mut unshared);
+        // Pins to check: of an endpoint gone, or of a frontend that lost its affinity.
+        delta.affinity |= port.affinity_timeout.is_some() || old_port.affinity_timeout.is_some();
         parts.push((port.clone(), new));
     }
-    if !changes.same_ports() {
-        let kept = KeptElements::of(cache, &changes.removed);
-        for &port in &changes.added {
-            let new = translate(port);
-            kept.unshadowed(&new)?;
-            declarations(&new, table, &mut delta)?;
-            delta.added.extend(new.elements.iter().cloned());
-            parts.push((port.clone(), new));
+    for &port in &changes.added {
+        let new = translate(port);
+        unshadowed(None, Some(&new), &sticky)?;
+        declarations(&new, table, &mut delta)?;
+        delta.added.extend(new.elements.iter().cloned());
+        parts.push((port.clone(), new));
+    }
+    for name in &changes.removed {
+        let (port, old) = cache.kept(name)?;
+        unshadowed(Some(old), None, &sticky)?;
+        for element in &old.elements {
+            let id = (element.container.clone(), element.key.clone());
+            if is_shared(&element.container) {
+                unshared.push(id);
+            } else {
+                delta.removed.push(id);
+            }
         }
-        for name in &changes.removed {
-            let (port, old) = cache.kept(name)?;
-            kept.unshadowed(old)?;
-            let gone = old.elements.iter().filter(|e| !kept.shared(e));
-            delta
-                .removed
-                .extend(gone.map(|e| (e.container.clone(), e.key.clone())));
-            delta.affinity |= port.affinity_timeout.is_some();
-        }
+        delta.affinity |= port.affinity_timeout.is_some();
+    }
+    if !unshared.is_empty() {
+        let mut still = still_had(cache, &changes, &parts, &unshared);
+        delta
+            .removed
+            .extend(unshared.into_iter().filter(|id| !still.remove(id)));
     }
     let added: Vec<Name> = delta.chains.iter().map(|c| c.name.clone()).collect();
     let gaining = pick_chains_gaining(table.chains.iter().map(|name| &**name), &added);
@@ -102,81 +125,69 @@ pub fn translate_delta(
     Some(delta)
 }
 
-/// What the ports kept (all but the removed ones) hold that a port added or removed may
-/// share or depend on.
-struct KeptElements<'a> {
-    /// `protocol . port` of every NodePort with affinity.
-    sticky_node_ports: FxHashSet<&'a [Value]>,
-    /// The removed ports' elements that a kept port has too (a Service's cluster IP, a
-    /// hairpin entry).
-    shared: FxHashSet<(&'a str, &'a [Value])>,
+/// Which of `unshared` (elements of shared containers a changed or removed port no longer
+/// has) another port still has: a kept port, or a changed or added port's new translation.
+/// A pass over every kept port's elements (at 100,000 Services about 0.1 s: only when such an
+/// element goes).
+fn still_had(
+    cache: &PortCache,
+    changes: &PortChanges<'_>,
+    parts: &[(Arc<ServicePort>, PortObjects)],
+    unshared: &[(Name, Vec<Value>)],
+) -> FxHashSet<(Name, Vec<Value>)> {
+    let wanted: FxHashSet<(&str, &[Value])> = unshared
+        .iter()
+        .map(|(container, key)| (&**container, key.as_slice()))
+        .collect();
+    let replaced: FxHashSet<&ServicePortName> = changes
+        .removed
+        .iter()
+        .chain(changes.changed.iter().map(|p| &p.name))
+        .collect();
+    let kept = cache
+        .parts()
+        .filter(|(port, _)| !replaced.contains(&port.name))
+        .map(|(_, part)| part);
+    let mut found = FxHashSet::default();
+    for part in kept.chain(parts.iter().map(|(_, part)| part)) {
+        for element in &part.elements {
+            if wanted.contains(&(&*element.container, element.key.as_slice())) {
+                found.insert((element.container.clone(), element.key.clone()));
+            }
+        }
+    }
+    found
 }
 
-impl<'a> KeptElements<'a> {
-    /// One pass over every kept port's elements (at 100,000 Services, milliseconds: only when
-    /// ports come or go).
-    fn of(cache: &'a PortCache, removed: &[ServicePortName]) -> KeptElements<'a> {
-        let removed_parts: Vec<&PortObjects> =
-            removed.iter().filter_map(|name| cache.get(name)).collect();
-        let candidates: FxHashSet<(&str, &[Value])> = removed_parts
-            .iter()
-            .flat_map(|part| &part.elements)
-            .filter(|e| is_shared(&e.container))
-            .map(|e| (&*e.container, e.key.as_slice()))
-            .collect();
-        let removed: FxHashSet<&ServicePortName> = removed.iter().collect();
-        let mut kept = KeptElements {
-            sticky_node_ports: FxHashSet::default(),
-            shared: FxHashSet::default(),
-        };
-        for (port, part) in cache.parts() {
-            if removed.contains(&port.name) {
-                continue;
-            }
-            for element in &part.elements {
-                let id = (&*element.container, element.key.as_slice());
-                if *element.container == *NODEPORT_AFFINITY_TIMEOUTS {
-                    kept.sticky_node_ports.insert(&element.key);
-                } else if candidates.contains(&id) {
-                    kept.shared.insert(id);
-                }
-            }
-        }
-        kept
+/// `None` when replacing a port's translation `old` with `new` (either absent for a port added
+/// or removed) changes the table-wide `remember-nothing` elements
+/// (`Translator::maps_shadowed_nodeports`): a NodePort with affinity comes or goes, or a
+/// frontend comes or goes from `service-ips` or `affinity-timeouts` on the protocol and port of
+/// a NodePort with affinity (`sticky`).
+fn unshadowed(
+    old: Option<&PortObjects>,
+    new: Option<&PortObjects>,
+    sticky: &dyn Fn(&[Value]) -> bool,
+) -> Option<()> {
+    let keys = |part: Option<&PortObjects>, container: &str| -> FxHashSet<Vec<Value>> {
+        part.into_iter()
+            .flat_map(|p| &p.elements)
+            .filter(|e| *e.container == *container)
+            .map(|e| e.key.clone())
+            .collect()
+    };
+    if keys(old, NODEPORT_AFFINITY_TIMEOUTS) != keys(new, NODEPORT_AFFINITY_TIMEOUTS) {
+        return None;
     }
-
-    /// Whether a kept port has this element too.
-    fn shared(&self, element: &Element) -> bool {
-        self.shared
-            .contains(&(&*element.container, element.key.as_slice()))
-    }
-
-    /// `None` when a port added or removed changes the table-wide `remember-nothing`
-    /// elements: it has a NodePort with affinity, or a frontend without affinity on the
-    /// protocol and port of a kept NodePort with affinity.
-    fn unshadowed(&self, part: &PortObjects) -> Option<()> {
-        let remembered: FxHashSet<&[Value]> = part
-            .elements
-            .iter()
-            .filter(|e| *e.container == *AFFINITY_TIMEOUTS)
-            .map(|e| e.key.as_slice())
-            .collect();
-        for element in &part.elements {
-            if *element.container == *NODEPORT_AFFINITY_TIMEOUTS {
-                return None;
-            }
-            let shadowed = *element.container == *SERVICE_IPS
-                && !remembered.contains(element.key.as_slice())
-                && element
-                    .key
-                    .get(1..)
-                    .is_some_and(|np| self.sticky_node_ports.contains(np));
-            if shadowed {
+    for container in [SERVICE_IPS, AFFINITY_TIMEOUTS] {
+        let (before, after) = (keys(old, container), keys(new, container));
+        for key in before.symmetric_difference(&after) {
+            if key.get(1..).is_some_and(sticky) {
                 return None;
             }
         }
-        Some(())
     }
+    Some(())
 }
 
 /// Containers whose elements more than one port may have.
@@ -220,19 +231,14 @@ fn is_endpoint_map(container: &str) -> bool {
     endpoint_map_frontend(container).is_some()
 }
 
-/// Adds the element changes from `old` to `new` (one port's translations) to `delta`; `None`
-/// when the change is more than that.
+/// Adds the element changes from `old` to `new` (one port's translations) to `delta`;
+/// elements of shared containers that go are put in `unshared` instead, to be checked.
 fn port_delta(
     old: &PortObjects,
     new: &PortObjects,
-    table: &TableObjects,
     delta: &mut ElementDelta,
-) -> Option<()> {
-    if !old.sets.is_empty() || !old.maps.iter().all(|m| is_endpoint_map(&m.name)) {
-        return None;
-    }
-    declarations(new, table, delta)?;
-    let endpoint_map = is_endpoint_map;
+    unshared: &mut Vec<(Name, Vec<Value>)>,
+) {
     let before: FxHashMap<(&str, &[Value]), &Arc<Element>> = old
         .elements
         .iter()
@@ -246,22 +252,19 @@ fn port_delta(
     for element in &new.elements {
         match before.get(&(&*element.container, element.key.as_slice())) {
             Some(kept) if **kept == *element => {}
-            Some(_) => delta.added.push(element.clone()),
-            None if endpoint_map(&element.container) => delta.added.push(element.clone()),
-            None => return None,
+            _ => delta.added.push(element.clone()),
         }
     }
     for element in &old.elements {
         if !after.contains(&(&*element.container, element.key.as_slice())) {
-            if !endpoint_map(&element.container) {
-                return None;
+            let id = (element.container.clone(), element.key.clone());
+            if is_shared(&element.container) {
+                unshared.push(id);
+            } else {
+                delta.removed.push(id);
             }
-            delta
-                .removed
-                .push((element.container.clone(), element.key.clone()));
         }
     }
-    Some(())
 }
 
 #[cfg(test)]
@@ -360,6 +363,29 @@ endpoints:
         }
     }
 
+    /// The elements of a translation, as the syncer looks them up once it is committed.
+    struct Committed(FxHashMap<(String, Vec<Value>), Element>);
+
+    impl ElementLookup for Committed {
+        fn element(&self, container: &str, key: &[Value]) -> Option<&Element> {
+            self.0.get(&(container.to_string(), key.to_vec()))
+        }
+
+        fn maps(&self) -> Vec<Name> {
+            Vec::new()
+        }
+    }
+
+    fn committed_of(ruleset: &Ruleset) -> Committed {
+        Committed(
+            ruleset
+                .elements
+                .iter()
+                .map(|e| ((e.container.to_string(), e.key.clone()), (**e).clone()))
+                .collect(),
+        )
+    }
+
     /// The elements of a translation, by container and key, as text.
     fn elements(ruleset: &Ruleset) -> std::collections::BTreeSet<String> {
         ruleset.elements.iter().map(|e| format!("{e:?}")).collect()
@@ -372,14 +398,15 @@ endpoints:
         let mut cache = PortCache::default();
         let before = translate_cached(&old, &config, &mut cache);
         let table = table(&before);
+        let committed = committed_of(&before);
         // Two endpoints become two others (same count, same pick chain), then one of them goes.
         for endpoints in [
             &["10.244.1.5", "10.244.3.9"][..],
             &["10.244.3.9", "10.244.4.4"],
         ] {
             let new = shared(&old, model(&manifest(endpoints, false), &config), "web");
-            let delta =
-                translate_delta(&new, &config, &mut cache, &table).expect("an element change");
+            let delta = translate_delta(&new, &config, &mut cache, &table, &committed)
+                .expect("an element change");
             assert!(delta.affinity);
             let after = translate(&new, &config);
             // Applying the delta to the old elements gives the new translation's elements.
@@ -404,7 +431,7 @@ endpoints:
             // The cache now holds the new translation: the full path gives the same table.
             assert_eq!(translate_cached(&new, &config, &mut cache), after);
             // Back to the old endpoints for the next round.
-            let back = translate_delta(&old, &config, &mut cache, &table);
+            let back = translate_delta(&old, &config, &mut cache, &table, &committed);
             assert!(back.is_some());
         }
     }
@@ -416,6 +443,7 @@ endpoints:
         let mut cache = PortCache::default();
         let before = translate_cached(&old, &config, &mut cache);
         let table = table(&before);
+        let committed = committed_of(&before);
         // A third endpoint needs a pick of three, which the table does not have: its chain and
         // endpoint map come with the delta, as the whole translation has them, and the pick
         // chain that tries it gains it (and keeps the pick of two, unused now, until a full
@@ -428,7 +456,7 @@ endpoints:
             ),
             "web",
         );
-        let delta = translate_delta(&three, &config, &mut cache, &table)
+        let delta = translate_delta(&three, &config, &mut cache, &table, &committed)
             .expect("elements, a map and chains");
         let whole = translate(&three, &config);
         let names: Vec<&str> = delta.chains.iter().map(|c| &*c.name).collect();
@@ -464,19 +492,21 @@ endpoints:
             2
         );
 
-        // No endpoints: the frontend leaves service-ips for no-endpoint-services.
+        // No endpoints: the frontend leaves service-ips for no-endpoint-services, elements too.
         let mut cache = PortCache::default();
         translate_cached(&old, &config, &mut cache);
         let none = shared(&old, model(&manifest(&[], false), &config), "web");
-        assert!(translate_delta(&none, &config, &mut cache, &table).is_none());
+        let delta =
+            translate_delta(&none, &config, &mut cache, &table, &committed).expect("elements");
+        assert_eq!(apply(&before, &delta), elements(&translate(&none, &config)));
         // Other node settings.
         let mut moved = config.clone();
         moved.node_ips = vec!["10.0.0.2".parse().expect("address")];
-        assert!(translate_delta(&old, &moved, &mut cache, &table).is_none());
+        assert!(translate_delta(&old, &moved, &mut cache, &table, &committed).is_none());
         // kube-proxy's layout has no element path.
         let mut kube_proxy = config.clone();
         kube_proxy.nftables_layout = NftablesLayout::KubeProxy;
-        assert!(translate_delta(&old, &kube_proxy, &mut cache, &table).is_none());
+        assert!(translate_delta(&old, &kube_proxy, &mut cache, &table, &committed).is_none());
     }
 
     /// The ports of `new`, with those equal to a port of `old` shared with it, as the agent's
@@ -568,10 +598,12 @@ endpoints:
         let old = model(&format!("{web}{other}"), &config);
         let before = translate_cached(&old, &config, &mut cache);
         let table = table(&before);
+        let committed = committed_of(&before);
 
         // A Service more: its elements are added, nothing removed.
         let more = share_unchanged(&old, model(&format!("{web}{other}{extra}"), &config));
-        let delta = translate_delta(&more, &config, &mut cache, &table).expect("elements");
+        let delta =
+            translate_delta(&more, &config, &mut cache, &table, &committed).expect("elements");
         assert!(delta.removed.is_empty(), "{:?}", delta.removed);
         let after = translate(&more, &config);
         assert_eq!(apply(&before, &delta), elements(&after));
@@ -579,7 +611,8 @@ endpoints:
 
         // A Service fewer: its elements go, but the hairpin entry `extra` has too.
         let fewer = share_unchanged(&more, model(&format!("{web}{extra}"), &config));
-        let delta = translate_delta(&fewer, &config, &mut cache, &table).expect("elements");
+        let delta =
+            translate_delta(&fewer, &config, &mut cache, &table, &committed).expect("elements");
         assert!(delta
             .removed
             .iter()
@@ -590,7 +623,8 @@ endpoints:
 
         // And `extra` goes too: now the hairpin entry goes with it.
         let alone = share_unchanged(&fewer, model(&web, &config));
-        let delta = translate_delta(&alone, &config, &mut cache, &table).expect("elements");
+        let delta =
+            translate_delta(&alone, &config, &mut cache, &table, &committed).expect("elements");
         assert!(delta
             .removed
             .iter()
@@ -616,10 +650,12 @@ endpoints:
         let old = model(&plain, &config);
         let before = translate_cached(&old, &config, &mut cache);
         let table = table(&before);
+        let committed = committed_of(&before);
         // A NodePort with affinity added: the guard changes.
         let added = share_unchanged(&old, model(&format!("{plain}{sticky_node_port}"), &config));
-        assert!(translate_delta(&added, &config, &mut cache, &table).is_none());
+        assert!(translate_delta(&added, &config, &mut cache, &table, &committed).is_none());
         // With it in the table, a frontend on its protocol and port added.
+        let committed = committed_of(&translate(&added, &config));
         let mut cache = PortCache::default();
         translate_cached(&added, &config, &mut cache);
         let shadowed = share_unchanged(
@@ -629,7 +665,7 @@ endpoints:
                 &config,
             ),
         );
-        assert!(translate_delta(&shadowed, &config, &mut cache, &table).is_none());
+        assert!(translate_delta(&shadowed, &config, &mut cache, &table, &committed).is_none());
         // Anything else added beside it is elements.
         let mut cache = PortCache::default();
         translate_cached(&added, &config, &mut cache);
@@ -638,6 +674,28 @@ endpoints:
             &added,
             model(&format!("{plain}{sticky_node_port}{other}"), &config),
         );
-        assert!(translate_delta(&more, &config, &mut cache, &table).is_some());
+        assert!(translate_delta(&more, &config, &mut cache, &table, &committed).is_some());
+    }
+
+    #[test]
+    fn affinity_turned_off_is_elements_and_asks_for_the_pins_to_be_checked() {
+        let config = config();
+        let sticky = service_text(
+            "web",
+            "172.30.0.10",
+            "  sessionAffinity: ClientIP",
+            &[("10.244.1.5", false)],
+        );
+        let plain = sticky.replace("  sessionAffinity: ClientIP\n", "");
+        let mut cache = PortCache::default();
+        let old = model(&sticky, &config);
+        let before = translate_cached(&old, &config, &mut cache);
+        let (table, committed) = (table(&before), committed_of(&before));
+        let new = model(&plain, &config);
+        assert!(new.ports[0].affinity_timeout.is_none());
+        let delta =
+            translate_delta(&new, &config, &mut cache, &table, &committed).expect("elements");
+        assert!(delta.affinity, "the frontend's pins must be checked");
+        assert_eq!(apply(&before, &delta), elements(&translate(&new, &config)));
     }
 }

@@ -33,6 +33,16 @@ impl<A: Applier> Syncer<A> {
         }
     }
 
+    /// The elements last committed, by container and key; `None` before the first commit
+    /// or after a failure.
+    pub fn committed_elements(
+        &self,
+        family: IpFamily,
+    ) -> Option<&dyn crate::nftables::affinity_pins::ElementLookup> {
+        let applied = self.families.get(&family)?.applied.as_ref()?;
+        Some(applied)
+    }
+
     /// The objects of the table last committed (the table, chains, rules, sets, maps and
     /// elements), as counted for a full ruleset.
     pub fn object_count(&self, family: IpFamily) -> usize {
