@@ -227,4 +227,50 @@ mod tests {
             "incremental and full models differ"
         );
     }
+
+    /// Services added one at a time to a synced table, as the agent does (its model shares the
+    /// ports of unchanged Services, the backend takes the element path): after each, the
+    /// table holds what a whole-table sync of the same models holds.
+    #[test]
+    fn added_services_reach_the_table_as_a_whole_sync_would() {
+        use crate::backend::{Backend, NftablesBackend};
+        use crate::config::NftablesLayout;
+        use crate::family::IpFamily;
+        use crate::sync::nftables::{FakeKernel, SyncOptions};
+
+        let mut config = NodeConfig::new("node-a");
+        config.node_ips = vec!["10.100.0.1".parse().expect("address")];
+        config.nftables_layout = NftablesLayout::Maps;
+        let state = crate::synthetic::cluster(60, 3).expect("fits");
+        let (first, added) = state.services.split_at(40);
+        let mut store = ClusterStore::new(SystemTime::UNIX_EPOCH);
+        store.replace_services(first);
+        store.replace_slices(&state.endpoint_slices);
+        let mut model = NodeModel::default();
+        let (changes, _) = store.take_changes();
+        model.update(&store, Some(&changes.services), &config);
+        let mut backend = NftablesBackend::new(FakeKernel::new(), SyncOptions::default());
+        let synced = backend.sync(model.models(), &config);
+        assert!(synced[0].result.is_ok());
+        for service in added {
+            store.apply_service(service);
+            let (changes, _) = store.take_changes();
+            model.update(&store, Some(&changes.services), &config);
+            let synced = backend.sync(model.models(), &config);
+            assert!(synced[0].result.as_ref().is_ok_and(|r| !r.full));
+            let mut whole = NftablesBackend::new(FakeKernel::new(), SyncOptions::default());
+            whole.sync(model.models(), &config);
+            let lines = |dump: String| -> Vec<String> {
+                let mut lines: Vec<String> = dump.lines().map(str::to_string).collect();
+                lines.sort();
+                lines
+            };
+            let name = service.metadata.name.clone().unwrap_or_default();
+            assert_eq!(
+                lines(backend.syncer().applier().dump(IpFamily::V4)),
+                lines(whole.syncer().applier().dump(IpFamily::V4)),
+                "after adding {name}"
+            );
+        }
+    }
 }
