@@ -20,6 +20,7 @@ pub mod parallel;
 pub mod pipeline;
 pub mod port_cache;
 pub mod rule_words;
+pub mod small_set;
 pub mod source;
 pub mod sync;
 pub mod synthetic;
