@@ -142,7 +142,7 @@ fn port_delta(
             }
             delta
                 .removed
-                .push((element.container.clone(), element.key.clone()));
+                .push((element.container.clone(), element.key.to_vec()));
         }
     }
     Some(())
@@ -270,7 +270,7 @@ endpoints:
             let mut applied: FxHashMap<(String, Vec<Value>), String> = before
                 .elements
                 .iter()
-                .map(|e| ((e.container.to_string(), e.key.clone()), format!("{e:?}")))
+                .map(|e| ((e.container.to_string(), e.key.to_vec()), format!("{e:?}")))
                 .collect();
             for (container, key) in &delta.removed {
                 assert!(applied
@@ -279,7 +279,7 @@ endpoints:
             }
             for element in &delta.added {
                 applied.insert(
-                    (element.container.to_string(), element.key.clone()),
+                    (element.container.to_string(), element.key.to_vec()),
                     format!("{element:?}"),
                 );
             }
