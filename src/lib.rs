@@ -5,6 +5,7 @@
 //! ([`iptables`] or [`nftables`]) turns that into a typed ruleset rendered to text in one place.
 
 pub mod agent;
+pub mod allocator;
 pub mod backend;
 pub mod cli;
 pub mod config;
