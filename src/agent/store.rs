@@ -7,6 +7,7 @@
 //! by the same [`Claims`] registry `validate` uses, incrementally: a change to one Service
 //! marks every Service whose standing it changed, so that the sync rebuilds them too.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -280,9 +281,14 @@ impl ClusterStore {
 
     /// Replaces every object of a kind with a complete list (after a relist, or a re-read
     /// directory): objects not in it are deleted, the others applied. Only real differences
-    /// count as changes.
-    pub fn replace_services(&mut self, services: &[Service]) {
-        let keep: BTreeSet<ServiceKey> = services.iter().map(|s| key_of(&s.metadata)).collect();
+    /// count as changes. Each object given by value is dropped once applied: at 100,000
+    /// Services, a complete list of API objects is several hundred MiB.
+    pub fn replace_services<S: Borrow<Service>>(&mut self, services: impl IntoIterator<Item = S>) {
+        let services: Vec<S> = services.into_iter().collect();
+        let keep: BTreeSet<ServiceKey> = services
+            .iter()
+            .map(|s| key_of(&s.borrow().metadata))
+            .collect();
         let gone: Vec<ServiceKey> = self
             .services
             .keys()
@@ -295,13 +301,20 @@ impl ClusterStore {
             }
         }
         for service in services {
-            self.apply_service(service);
+            self.apply_service(service.borrow());
         }
     }
 
     /// [`ClusterStore::replace_services`] for EndpointSlices.
-    pub fn replace_slices(&mut self, slices: &[EndpointSlice]) {
-        let keep: BTreeSet<String> = slices.iter().map(|s| key_of(&s.metadata)).collect();
+    pub fn replace_slices<S: Borrow<EndpointSlice>>(
+        &mut self,
+        slices: impl IntoIterator<Item = S>,
+    ) {
+        let slices: Vec<S> = slices.into_iter().collect();
+        let keep: BTreeSet<String> = slices
+            .iter()
+            .map(|s| key_of(&s.borrow().metadata))
+            .collect();
         let gone: Vec<String> = self
             .slices
             .keys()
@@ -314,7 +327,7 @@ impl ClusterStore {
             }
         }
         for slice in slices {
-            self.apply_slice(slice);
+            self.apply_slice(slice.borrow());
         }
     }
 
