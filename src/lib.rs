@@ -5,6 +5,7 @@
 //! ([`iptables`] or [`nftables`]) turns that into a typed ruleset rendered to text in one place.
 
 pub mod agent;
+pub mod allocator;
 pub mod backend;
 pub mod cli;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod parallel;
 pub mod pipeline;
 pub mod port_cache;
 pub mod rule_words;
+pub mod small_set;
 pub mod source;
 pub mod sync;
 pub mod synthetic;

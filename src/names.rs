@@ -119,8 +119,7 @@ mod tests {
             serving: true,
             terminating: false,
             local: false,
-            zone_hints: vec![],
-            node_hints: vec![],
+            hints: None,
         }
     }
 

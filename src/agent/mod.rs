@@ -309,24 +309,18 @@ fn apply(store: &mut ClusterStore, event: SourceEvent) -> bool {
         } => store.delete_slice(&namespace, &name),
         SourceEvent::Listed { kind, objects } => {
             match kind {
-                Kind::Service => store.replace_services(
-                    &objects
-                        .into_iter()
-                        .filter_map(|o| match o {
-                            Object::Service(s) => Some(*s),
-                            _ => None,
-                        })
-                        .collect::<Vec<_>>(),
-                ),
-                Kind::EndpointSlice => store.replace_slices(
-                    &objects
-                        .into_iter()
-                        .filter_map(|o| match o {
-                            Object::EndpointSlice(s) => Some(*s),
-                            _ => None,
-                        })
-                        .collect::<Vec<_>>(),
-                ),
+                Kind::Service => {
+                    store.replace_services(objects.into_iter().filter_map(|o| match o {
+                        Object::Service(s) => Some(s),
+                        _ => None,
+                    }))
+                }
+                Kind::EndpointSlice => {
+                    store.replace_slices(objects.into_iter().filter_map(|o| match o {
+                        Object::EndpointSlice(s) => Some(s),
+                        _ => None,
+                    }))
+                }
                 Kind::Node => {}
             }
             store.set_listed(kind);

@@ -7,7 +7,9 @@
 //! by the same [`Claims`] registry `validate` uses, incrementally: a change to one Service
 //! marks every Service whose standing it changed, so that the sync rebuilds them too.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::Service;
@@ -19,6 +21,7 @@ use crate::model::{
     object_ref, validate_service, validate_slice, ClusterSettings, ServiceSpec, SliceSpec, Verdict,
     SERVICE_NAME_LABEL,
 };
+use crate::small_set::SmallSet;
 use crate::source::{Kind, Note};
 
 pub use crate::model::ServiceKey;
@@ -51,6 +54,38 @@ pub struct Changes {
     pub first_received: Option<std::time::Instant>,
 }
 
+/// The node names of the slices' endpoints, one allocation per node: at 100,000 Services of 10
+/// endpoints each, a copy per endpoint would be a million strings.
+#[derive(Debug, Default)]
+struct NodeNames {
+    names: HashSet<Arc<str>>,
+    /// How many names were held after the last pruning: names no endpoint holds any more are
+    /// dropped when the set has grown to twice that.
+    held_after_pruning: usize,
+}
+
+impl NodeNames {
+    /// Makes the slice's endpoints hold the shared copy of their node names.
+    fn share(&mut self, slice: &mut SliceSpec) {
+        for name in slice
+            .endpoints
+            .iter_mut()
+            .filter_map(|e| e.node_name.as_mut())
+        {
+            match self.names.get(&**name) {
+                Some(shared) => *name = shared.clone(),
+                None => {
+                    self.names.insert(name.clone());
+                }
+            }
+        }
+        if self.names.len() > 2 * self.held_after_pruning.max(64) {
+            self.names.retain(|name| Arc::strong_count(name) > 1);
+            self.held_after_pruning = self.names.len();
+        }
+    }
+}
+
 /// Services and EndpointSlices by key (module docs).
 #[derive(Debug, Default)]
 pub struct ClusterStore {
@@ -61,7 +96,8 @@ pub struct ClusterStore {
     settings: ClusterSettings,
     slices: HashMap<String, SliceEntry>,
     /// The slices of each Service, by slice key.
-    slices_of: HashMap<ServiceKey, BTreeSet<String>>,
+    slices_of: HashMap<ServiceKey, SmallSet<String>>,
+    node_names: NodeNames,
     changes: Changes,
     services_listed: bool,
     slices_listed: bool,
@@ -186,7 +222,10 @@ impl ClusterStore {
     /// Adds or updates an EndpointSlice. Returns whether anything that matters changed.
     pub fn apply_slice(&mut self, slice: &EndpointSlice) -> bool {
         let key = key_of(&slice.metadata);
-        let checked = validate_slice(slice);
+        let mut checked = validate_slice(slice);
+        if let Verdict::Proxied { spec, .. } = &mut checked {
+            self.node_names.share(spec);
+        }
         let service = slice
             .metadata
             .labels
@@ -242,9 +281,14 @@ impl ClusterStore {
 
     /// Replaces every object of a kind with a complete list (after a relist, or a re-read
     /// directory): objects not in it are deleted, the others applied. Only real differences
-    /// count as changes.
-    pub fn replace_services(&mut self, services: &[Service]) {
-        let keep: BTreeSet<ServiceKey> = services.iter().map(|s| key_of(&s.metadata)).collect();
+    /// count as changes. Each object given by value is dropped once applied: at 100,000
+    /// Services, a complete list of API objects is several hundred MiB.
+    pub fn replace_services<S: Borrow<Service>>(&mut self, services: impl IntoIterator<Item = S>) {
+        let services: Vec<S> = services.into_iter().collect();
+        let keep: BTreeSet<ServiceKey> = services
+            .iter()
+            .map(|s| key_of(&s.borrow().metadata))
+            .collect();
         let gone: Vec<ServiceKey> = self
             .services
             .keys()
@@ -257,13 +301,20 @@ impl ClusterStore {
             }
         }
         for service in services {
-            self.apply_service(service);
+            self.apply_service(service.borrow());
         }
     }
 
     /// [`ClusterStore::replace_services`] for EndpointSlices.
-    pub fn replace_slices(&mut self, slices: &[EndpointSlice]) {
-        let keep: BTreeSet<String> = slices.iter().map(|s| key_of(&s.metadata)).collect();
+    pub fn replace_slices<S: Borrow<EndpointSlice>>(
+        &mut self,
+        slices: impl IntoIterator<Item = S>,
+    ) {
+        let slices: Vec<S> = slices.into_iter().collect();
+        let keep: BTreeSet<String> = slices
+            .iter()
+            .map(|s| key_of(&s.borrow().metadata))
+            .collect();
         let gone: Vec<String> = self
             .slices
             .keys()
@@ -276,7 +327,7 @@ impl ClusterStore {
             }
         }
         for slice in slices {
-            self.apply_slice(slice);
+            self.apply_slice(slice.borrow());
         }
     }
 

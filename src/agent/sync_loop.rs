@@ -114,8 +114,14 @@ impl SyncLoop {
             }
             let deadline = self.backend.next_deadline();
             if self.schedule.is_due(Instant::now(), deadline) {
+                // A sync that rebuilds every Service (the first one, a node change) leaves
+                // the most garbage behind: hand it back now, not whenever the next sync runs.
+                let rebuilds_all = self.rebuild_all;
                 let ok = self.sync_guarded();
                 self.schedule.finished(Instant::now(), ok);
+                if rebuilds_all {
+                    crate::allocator::release_freed_memory();
+                }
             }
         }
     }

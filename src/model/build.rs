@@ -187,8 +187,7 @@ fn merge_endpoints(
                     serving: e.serving,
                     terminating: e.terminating,
                     local: e.node_name.as_deref() == Some(config.hostname.as_str()),
-                    zone_hints: e.zone_hints.clone(),
-                    node_hints: e.node_hints.clone(),
+                    hints: e.hints.clone(),
                 };
                 let key = endpoint.endpoint_string();
                 match merged.get(&key) {

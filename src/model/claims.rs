@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use super::validate::{ServiceKey, ServiceSpec};
 use super::Protocol;
+use crate::small_set::SmallSet;
 
 /// How a Service ranks in a conflict: the smallest holds.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -113,8 +114,9 @@ struct Held {
 /// The registry (module docs).
 #[derive(Debug, Default)]
 pub struct Claims {
-    unique: HashMap<Unique, BTreeSet<Rank>>,
-    frontends: HashMap<Frontend, BTreeSet<FrontendClaim>>,
+    /// The claims on each resource, the holder first (almost always the only one).
+    unique: HashMap<Unique, SmallSet<Rank>>,
+    frontends: HashMap<Frontend, SmallSet<FrontendClaim>>,
     services: HashMap<ServiceKey, Held>,
 }
 
@@ -260,7 +262,7 @@ impl Claims {
         held.unique.iter().all(|resource| {
             self.unique
                 .get(resource)
-                .and_then(BTreeSet::first)
+                .and_then(SmallSet::first)
                 .is_some_and(|first| Arc::ptr_eq(first, &held.rank))
         })
     }
@@ -349,7 +351,7 @@ fn frontend_claim(rank: &Rank, via: Via) -> FrontendClaim {
 
 /// Adds a claim; when it becomes the first, the previous first and it have changed standing.
 fn add<R: Hash + Eq, C: Ord + Clone>(
-    map: &mut HashMap<R, BTreeSet<C>>,
+    map: &mut HashMap<R, SmallSet<C>>,
     resource: R,
     claim: C,
     rank: impl Fn(&C) -> &Rank,
@@ -363,7 +365,7 @@ fn add<R: Hash + Eq, C: Ord + Clone>(
 
 /// Removes a claim; when it was the first, it and the next have changed standing.
 fn remove<R: Hash + Eq, C: Ord + Clone>(
-    map: &mut HashMap<R, BTreeSet<C>>,
+    map: &mut HashMap<R, SmallSet<C>>,
     resource: &R,
     claim: &C,
     rank: impl Fn(&C) -> &Rank,

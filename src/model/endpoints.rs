@@ -94,14 +94,14 @@ fn topology_mode(endpoints: &[Endpoint], config: &NodeConfig) -> Topology {
     let mut all_zone_hints = true;
     let mut hint_for_zone = false;
     for e in endpoints.iter().filter(|e| e.ready) {
-        if e.node_hints.is_empty() {
+        if e.node_hints().is_empty() {
             all_node_hints = false;
-        } else if e.node_hints.contains(&config.hostname) {
+        } else if e.node_hints().contains(&config.hostname) {
             hint_for_node = true;
         }
-        if e.zone_hints.is_empty() {
+        if e.zone_hints().is_empty() {
             all_zone_hints = false;
-        } else if zone.is_some_and(|z| e.zone_hints.iter().any(|h| h == z)) {
+        } else if zone.is_some_and(|z| e.zone_hints().iter().any(|h| h == z)) {
             hint_for_zone = true;
         }
     }
@@ -117,10 +117,10 @@ fn topology_mode(endpoints: &[Endpoint], config: &NodeConfig) -> Topology {
 fn passes(e: &Endpoint, topology: Topology, config: &NodeConfig) -> bool {
     match topology {
         Topology::None => true,
-        Topology::SameNode => e.node_hints.contains(&config.hostname),
+        Topology::SameNode => e.node_hints().contains(&config.hostname),
         Topology::SameZone => config
             .zone
             .as_deref()
-            .is_some_and(|z| e.zone_hints.iter().any(|h| h == z)),
+            .is_some_and(|z| e.zone_hints().iter().any(|h| h == z)),
     }
 }

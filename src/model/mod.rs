@@ -11,6 +11,7 @@ mod validate;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -111,11 +112,36 @@ pub struct Endpoint {
     pub terminating: bool,
     /// The endpoint runs on this node.
     pub local: bool,
-    pub zone_hints: Vec<String>,
-    pub node_hints: Vec<String>,
+    /// Its slice endpoint's hints, shared with it.
+    pub hints: Option<Arc<TopologyHints>>,
+}
+
+/// An endpoint's topology hints (`hints.forZones`, `hints.forNodes`), shared by the slice's
+/// endpoint and the model's. Most endpoints have none: they hold no allocation for them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopologyHints {
+    pub zones: Vec<String>,
+    pub nodes: Vec<String>,
+}
+
+impl TopologyHints {
+    /// The hints, or `None` when there are none.
+    pub fn new(zones: Vec<String>, nodes: Vec<String>) -> Option<Arc<TopologyHints>> {
+        (!zones.is_empty() || !nodes.is_empty()).then(|| Arc::new(TopologyHints { zones, nodes }))
+    }
 }
 
 impl Endpoint {
+    /// The zones the endpoint is meant for (empty without hints).
+    pub fn zone_hints(&self) -> &[String] {
+        self.hints.as_deref().map_or(&[], |h| &h.zones)
+    }
+
+    /// The nodes the endpoint is meant for (empty without hints).
+    pub fn node_hints(&self) -> &[String] {
+        self.hints.as_deref().map_or(&[], |h| &h.nodes)
+    }
+
     pub fn ip(&self) -> IpAddr {
         self.addr.ip()
     }

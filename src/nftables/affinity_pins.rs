@@ -222,7 +222,7 @@ endpoints:
             ruleset()
                 .elements
                 .into_iter()
-                .map(|e| ((e.container.to_string(), e.key.clone()), e))
+                .map(|e| ((e.container.to_string(), e.key.to_vec()), e))
                 .collect(),
         )
     }

@@ -13,9 +13,9 @@ pub(crate) mod translate;
 pub use parse::ParseError;
 pub use render::{write_command, write_rule, Command, Object};
 pub use ruleset::{
-    BaseChain, Chain, ChainType, DataType, Direction, Element, ElementByKey, ElementValue, Field,
-    Hook, Joining, Map, Match, Name, ObjectId, Rule, Ruleset, Set, SetFlag, Statement, Table,
-    Value, Verdict, TABLE_NAME,
+    BaseChain, Chain, ChainType, DataType, Direction, Element, ElementByKey, ElementData,
+    ElementKey, ElementValue, Field, Hook, Joining, Map, Match, Name, ObjectId, Rule, Ruleset, Set,
+    SetFlag, Statement, Table, Value, Verdict, TABLE_NAME,
 };
 pub use translate::{
     translate, translate_cached, translate_delta, ElementDelta, PortCache, TableObjects,

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use super::ruleset::{
-    BaseChain, Chain, ChainType, DataType, Direction, Element, ElementValue, Field, Hook, Joining,
-    Map, Match, Name, Rule, Ruleset, Set, SetFlag, Statement, Table, Value, Verdict,
+    BaseChain, Chain, ChainType, DataType, Direction, Element, ElementData, ElementKey,
+    ElementValue, Field, Hook, Joining, Map, Match, Name, Rule, Ruleset, Set, SetFlag, Statement,
+    Table, Value, Verdict,
 };
 use crate::family::IpFamily;
 use crate::model::Protocol;
@@ -223,7 +224,7 @@ fn add_command(ruleset: &mut Option<Ruleset>, words: &[&str]) -> Result<(), Stri
                 (None, None) => return Err(format!("an element of the undeclared {name}")),
             };
             w.expect("{")?;
-            let mut key = Vec::new();
+            let mut key = ElementKey::new();
             for (i, t) in key_type.iter().enumerate() {
                 if i > 0 {
                     w.expect(".")?;
@@ -241,7 +242,7 @@ fn add_command(ruleset: &mut Option<Ruleset>, words: &[&str]) -> Result<(), Stri
                 value = Some(match value_type.as_deref() {
                     Some([DataType::Verdict]) => ElementValue::Verdict(verdict(&mut w)?),
                     Some(types) => {
-                        let mut data = Vec::new();
+                        let mut data = ElementData::new();
                         for (i, t) in types.iter().enumerate() {
                             if i > 0 {
                                 w.expect(".")?;

@@ -9,6 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
+use smallvec::SmallVec;
 
 use crate::family::IpFamily;
 use crate::model::Protocol;
@@ -202,12 +203,19 @@ pub enum SetFlag {
     Interval,
 }
 
+/// An element's key: its values held inline up to four (every key kproxy makes), as a table
+/// of a million elements would otherwise hold a million more allocations.
+pub type ElementKey = SmallVec<[Value; 4]>;
+
+/// A map element's data: inline up to two values (an endpoint's address and port).
+pub type ElementData = SmallVec<[Value; 2]>;
+
 /// One element of a set (no value) or map (with a value). Identified by container and key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Element {
     /// The set or map it belongs to.
     pub container: Name,
-    pub key: Vec<Value>,
+    pub key: ElementKey,
     pub value: Option<ElementValue>,
     pub comment: Option<Name>,
 }
@@ -217,7 +225,7 @@ pub struct Element {
 pub enum ElementValue {
     Verdict(Verdict),
     /// Data, concatenated: e.g. an endpoint's address and port.
-    Data(Vec<Value>),
+    Data(ElementData),
 }
 
 impl ElementValue {
@@ -233,7 +241,7 @@ impl Element {
     pub fn id(&self) -> ObjectId {
         ObjectId::Element {
             container: self.container.clone(),
-            key: self.key.clone(),
+            key: self.key.to_vec(),
         }
     }
 }

@@ -800,7 +800,7 @@ fn diff_elements<'a>(applied: &Applied, desired: &'a Ruleset) -> ElementDiff<'a>
             .values()
             .flat_map(|elements| elements.iter().map(|e| &e.0))
             .filter(|e| !wanted.contains(&(&*e.container, e.key.as_slice())))
-            .map(|e| (e.container.clone(), e.key.clone()))
+            .map(|e| (e.container.clone(), e.key.to_vec()))
             .collect();
         gone.sort();
     }

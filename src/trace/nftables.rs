@@ -77,7 +77,7 @@ impl NftablesRules {
         for element in &ruleset.elements {
             rules.insert_element(
                 &element.container,
-                element.key.clone(),
+                element.key.to_vec(),
                 element.value.clone(),
             );
         }
@@ -502,7 +502,7 @@ impl Walk<'_> {
             .get(map)
             .and_then(|elements| {
                 elements.iter().find_map(|(k, v)| match v {
-                    ElementValue::Data(data) if literal_key_matches(k, key) => Some(data.clone()),
+                    ElementValue::Data(data) if literal_key_matches(k, key) => Some(data.to_vec()),
                     _ => None,
                 })
             })

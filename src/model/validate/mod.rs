@@ -13,12 +13,13 @@ mod syntax;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::claims::{Claims, Offer};
-use super::Protocol;
+use super::{Protocol, TopologyHints};
 use crate::config::NodeConfig;
 use crate::family::IpFamily;
 use crate::source::{ClusterState, Note, ObjectRef};
@@ -181,9 +182,9 @@ pub struct SliceEndpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<String>,
-    pub zone_hints: Vec<String>,
-    pub node_hints: Vec<String>,
+    /// Shared by every endpoint on the node (interned by the agent's store).
+    pub node_name: Option<Arc<str>>,
+    pub hints: Option<Arc<TopologyHints>>,
 }
 
 /// [`validate_with`] without knowledge of the cluster's service CIDRs.

@@ -3,6 +3,7 @@
 //! with a note, and the slice's other endpoints stay.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
@@ -12,7 +13,7 @@ use super::syntax::{
     Check, Indexed,
 };
 use super::{
-    has_ignore_label, metadata_names, SliceEndpoint, SlicePort, SliceSpec, Verdict,
+    has_ignore_label, metadata_names, SliceEndpoint, SlicePort, SliceSpec, TopologyHints, Verdict,
     SERVICE_NAME_LABEL,
 };
 use crate::family::IpFamily;
@@ -212,9 +213,8 @@ fn slice_endpoint(endpoint: &Endpoint, i: usize, family: IpFamily) -> Check<Slic
         ready: conditions.and_then(|c| c.ready).unwrap_or(true),
         serving: conditions.and_then(|c| c.serving).unwrap_or(true),
         terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
-        node_name: endpoint.node_name.clone(),
-        zone_hints,
-        node_hints,
+        node_name: endpoint.node_name.as_deref().map(Arc::from),
+        hints: TopologyHints::new(zone_hints, node_hints),
     })
 }
 

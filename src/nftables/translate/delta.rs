@@ -103,7 +103,7 @@ pub fn translate_delta(
         let (port, old) = cache.kept(name)?;
         unshadowed(Some(old), None, &sticky)?;
         for element in &old.elements {
-            let id = (element.container.clone(), element.key.clone());
+            let id = (element.container.clone(), element.key.to_vec());
             if is_shared(&element.container) {
                 unshared.push(id);
             } else {
@@ -152,7 +152,7 @@ fn still_had(
     for part in kept.chain(parts.iter().map(|(_, part)| part)) {
         for element in &part.elements {
             if wanted.contains(&(&*element.container, element.key.as_slice())) {
-                found.insert((element.container.clone(), element.key.clone()));
+                found.insert((element.container.clone(), element.key.to_vec()));
             }
         }
     }
@@ -173,7 +173,7 @@ fn unshadowed(
         part.into_iter()
             .flat_map(|p| &p.elements)
             .filter(|e| *e.container == *container)
-            .map(|e| e.key.clone())
+            .map(|e| e.key.to_vec())
             .collect()
     };
     if keys(old, NODEPORT_AFFINITY_TIMEOUTS) != keys(new, NODEPORT_AFFINITY_TIMEOUTS) {
@@ -257,7 +257,7 @@ fn port_delta(
     }
     for element in &old.elements {
         if !after.contains(&(&*element.container, element.key.as_slice())) {
-            let id = (element.container.clone(), element.key.clone());
+            let id = (element.container.clone(), element.key.to_vec());
             if is_shared(&element.container) {
                 unshared.push(id);
             } else {
@@ -381,7 +381,7 @@ endpoints:
             ruleset
                 .elements
                 .iter()
-                .map(|e| ((e.container.to_string(), e.key.clone()), (**e).clone()))
+                .map(|e| ((e.container.to_string(), e.key.to_vec()), (**e).clone()))
                 .collect(),
         )
     }
@@ -413,7 +413,7 @@ endpoints:
             let mut applied: FxHashMap<(String, Vec<Value>), String> = before
                 .elements
                 .iter()
-                .map(|e| ((e.container.to_string(), e.key.clone()), format!("{e:?}")))
+                .map(|e| ((e.container.to_string(), e.key.to_vec()), format!("{e:?}")))
                 .collect();
             for (container, key) in &delta.removed {
                 assert!(applied
@@ -422,7 +422,7 @@ endpoints:
             }
             for element in &delta.added {
                 applied.insert(
-                    (element.container.to_string(), element.key.clone()),
+                    (element.container.to_string(), element.key.to_vec()),
                     format!("{element:?}"),
                 );
             }
@@ -529,7 +529,7 @@ endpoints:
         let mut applied: FxHashMap<(String, Vec<Value>), String> = before
             .elements
             .iter()
-            .map(|e| ((e.container.to_string(), e.key.clone()), format!("{e:?}")))
+            .map(|e| ((e.container.to_string(), e.key.to_vec()), format!("{e:?}")))
             .collect();
         for (container, key) in &delta.removed {
             let removed = applied.remove(&(container.to_string(), key.clone()));
@@ -537,7 +537,7 @@ endpoints:
         }
         for element in &delta.added {
             applied.insert(
-                (element.container.to_string(), element.key.clone()),
+                (element.container.to_string(), element.key.to_vec()),
                 format!("{element:?}"),
             );
         }

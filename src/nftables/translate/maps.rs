@@ -468,7 +468,7 @@ impl Translator<'_> {
             .elements
             .iter()
             .filter(|e| *e.container == *NODEPORT_AFFINITY_TIMEOUTS)
-            .map(|e| e.key.clone())
+            .map(|e| e.key.to_vec())
             .collect();
         if sticky_nodeports.is_empty() {
             return;
@@ -491,7 +491,7 @@ impl Translator<'_> {
                     .get(1..)
                     .is_some_and(|np| sticky_nodeports.contains(np))
             })
-            .map(|e| e.key.clone())
+            .map(|e| e.key.to_vec())
             .collect();
         if shadowed.is_empty() {
             return;
@@ -745,11 +745,10 @@ impl Translator<'_> {
             slot_key.push(Value::Integer(u32::try_from(slot).unwrap_or(u32::MAX)));
             self.out.insert_element(Element {
                 container: map.clone(),
-                key: slot_key,
-                value: Some(ElementValue::Data(vec![
-                    Value::Addr(endpoint.ip()),
-                    Value::Port(endpoint.port()),
-                ])),
+                key: slot_key.into(),
+                value: Some(ElementValue::Data(
+                    vec![Value::Addr(endpoint.ip()), Value::Port(endpoint.port())].into(),
+                )),
                 comment: None,
             });
         }

@@ -991,7 +991,7 @@ impl Builder {
         };
         self.insert_element(Element {
             container,
-            key,
+            key: key.into(),
             value: value.map(ElementValue::Verdict),
             comment,
         });
@@ -1209,7 +1209,7 @@ mod tests {
         assert_eq!(ruleset.chains[0].rules.len(), 1);
         // Same key: replaced in place, the last value wins.
         assert_eq!(ruleset.elements.len(), 2);
-        assert_eq!(ruleset.elements[0].key, key);
+        assert_eq!(ruleset.elements[0].key.as_slice(), key.as_slice());
         assert_eq!(
             ruleset.elements[0].value,
             Some(ElementValue::Verdict(Verdict::Reject))

@@ -85,7 +85,7 @@ impl FakeKernel {
             (container.clone(), key.clone()),
             Element {
                 container,
-                key,
+                key: key.into(),
                 value: None,
                 comment: None,
             },
@@ -354,7 +354,7 @@ impl FakeTable {
                 {
                     self.chain_index(target).ok_or(ENOENT)?;
                 }
-                let id = (element.container.clone(), element.key.clone());
+                let id = (element.container.clone(), element.key.to_vec());
                 match self.elements.get(&id) {
                     // Same key and value: accepted, nothing changes (not even the comment).
                     Some(have) if have.value == element.value => Ok(()),

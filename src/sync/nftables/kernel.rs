@@ -354,7 +354,7 @@ fn parse_elements(
                 };
                 let value = match value_type {
                     [DataType::Verdict] => ElementValue::Verdict(parse_verdict(value)?),
-                    types => ElementValue::Data(parse_key(value, types)?),
+                    types => ElementValue::Data(parse_key(value, types)?.into_iter().collect()),
                 };
                 (key, Some(value))
             } else {
@@ -370,7 +370,7 @@ fn parse_elements(
             };
             Some(Element {
                 container: container.clone(),
-                key: parse_key(key, key_type)?,
+                key: parse_key(key, key_type)?.into_iter().collect(),
                 value,
                 comment,
             })
@@ -526,7 +526,7 @@ mod tests {
             elements[0],
             Element {
                 container: "no-endpoint-services".into(),
-                key: vec![
+                key: smallvec::smallvec![
                     Value::Addr("10.96.0.11".parse().unwrap()),
                     Value::Protocol(Protocol::Udp),
                     Value::Port(53)
@@ -547,8 +547,9 @@ mod tests {
                 .elements
                 .as_ref()
                 .unwrap()[0]
-                .key,
-            vec![Value::Addr("10.96.0.10".parse().unwrap())]
+                .key
+                .as_slice(),
+            [Value::Addr("10.96.0.10".parse().unwrap())]
         );
         assert_eq!(
             table.container("nodeport-ips").unwrap().elements,

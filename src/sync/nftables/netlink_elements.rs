@@ -161,7 +161,7 @@ mod tests {
     fn element(container: &str, key: Vec<Value>, value: Option<ElementValue>) -> Element {
         Element {
             container: Name::from(container),
-            key,
+            key: key.into(),
             value,
             comment: None,
         }
@@ -194,7 +194,7 @@ mod tests {
         let endpoint = element(
             "cluster-endpoints",
             vec![Value::Integer(2)],
-            Some(ElementValue::Data(vec![
+            Some(ElementValue::Data(smallvec::smallvec![
                 Value::Addr("10.244.1.5".parse().expect("address")),
                 Value::Port(8080),
             ])),
@@ -225,7 +225,7 @@ mod tests {
         let net_data = element(
             "m",
             vec![Value::Port(1)],
-            Some(ElementValue::Data(vec![Value::Net(
+            Some(ElementValue::Data(smallvec::smallvec![Value::Net(
                 "10.0.0.0/8".parse().expect("network"),
             )])),
         );

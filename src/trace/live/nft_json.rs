@@ -141,7 +141,7 @@ pub fn read_listing(listing: &[u8], family: IpFamily) -> Result<ListedTable, Lis
                         SetContent {
                             timeout: set.timeout,
                             dynamic,
-                            elements: elements.iter().map(|e| e.key.clone()).collect(),
+                            elements: elements.iter().map(|e| e.key.to_vec()).collect(),
                         },
                     ),
                     None => {
@@ -172,7 +172,7 @@ pub fn read_listing(listing: &[u8], family: IpFamily) -> Result<ListedTable, Lis
                 Some(elements) => {
                     walker.insert_map(&name);
                     for element in elements {
-                        walker.insert_element(&name, element.key.clone(), element.value.clone());
+                        walker.insert_element(&name, element.key.to_vec(), element.value.clone());
                     }
                 }
                 None => {
