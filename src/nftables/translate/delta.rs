@@ -5,15 +5,13 @@
 //!
 //! [`translate_delta`] translates the changed and the added ports only, compares each changed
 //! one with its previous translation, and adds or removes the elements of ports added or
-//! removed. It gives up (`None`, and the caller builds the whole table as usual) whenever the
-//! change could reach beyond the ports' own elements and the shared chains and maps they need
-//! (a pick of a new size comes with the delta): other node settings; a changed port with an
-//! element added or removed outside the maps an endpoint change touches (which frontends a
-//! port has is what decides the table-wide parts); or a port added or removed that bears on
-//! the table-wide `remember-nothing` elements (`Translator::maps_shadowed_nodeports`: a NodePort
-//! with affinity, or a frontend without affinity on the protocol and port of one). An element
-//! that ports share (the cluster IP of a Service's ports, a hairpin entry) is removed only when
-//! no kept port has it.
+//! removed. An element that ports share (the cluster IP of a Service's ports, a hairpin entry)
+//! is removed only when no other port has it. It gives up (`None`, and the caller builds the
+//! whole table as usual) when the change could reach beyond the ports' own elements and the
+//! chains and maps they declare (a pick of a new size, with its chain and endpoint map, comes
+//! with the delta): other node settings, or a port changed, added or removed that bears on the
+//! table-wide `remember-nothing` elements (`Translator::maps_shadowed_nodeports`: a NodePort
+//! with affinity comes or goes, or a frontend comes or goes on the protocol and port of one).
 
 use super::maps::{
     endpoint_map_frontend, pick_chains_gaining, AFFINITY_TIMEOUTS, NODEPORT_AFFINITY_TIMEOUTS,
@@ -51,8 +49,8 @@ pub struct TableObjects {
 }
 
 /// The changes since the translations kept in `cache`, when they are element changes of the
-/// `maps` layout alone (module docs); the changed ports' new translations are then kept in
-/// `cache`. `table` is what the table holds.
+/// `maps` layout alone (module docs); `cache` then keeps the new ports' translations and forgets
+/// the removed ones. `table` and `committed` are what the syncer last committed.
 pub fn translate_delta(
     model: &ProxyModel,
     config: &NodeConfig,
@@ -113,6 +111,9 @@ pub fn translate_delta(
         delta.affinity |= port.affinity_timeout.is_some();
     }
     if !unshared.is_empty() {
+        // Once each: the ports of one Service all have its cluster IP.
+        unshared.sort();
+        unshared.dedup();
         let mut still = still_had(cache, &changes, &parts, &unshared);
         delta
             .removed
@@ -697,5 +698,32 @@ endpoints:
             translate_delta(&new, &config, &mut cache, &table, &committed).expect("elements");
         assert!(delta.affinity, "the frontend's pins must be checked");
         assert_eq!(apply(&before, &delta), elements(&translate(&new, &config)));
+    }
+
+    #[test]
+    fn a_service_of_two_ports_removed_removes_its_cluster_ip_once() {
+        let config = config();
+        let two_ports = manifest(&["10.244.1.5"], true);
+        let mut cache = PortCache::default();
+        let old = model(&two_ports, &config);
+        assert_eq!(old.ports.len(), 3, "web has two ports, other one");
+        let before = translate_cached(&old, &config, &mut cache);
+        let (table, committed) = (table(&before), committed_of(&before));
+        // Only `other` stays.
+        let mut fewer = model(&two_ports, &config);
+        fewer.ports.retain(|p| p.name.name == "other");
+        let fewer = share_unchanged(&old, fewer);
+        let delta =
+            translate_delta(&fewer, &config, &mut cache, &table, &committed).expect("elements");
+        let cluster_ip: Vec<_> = delta
+            .removed
+            .iter()
+            .filter(|(container, _)| &**container == CLUSTER_IPS)
+            .collect();
+        assert_eq!(cluster_ip.len(), 1, "{:?}", delta.removed);
+        assert_eq!(
+            apply(&before, &delta),
+            elements(&translate(&fewer, &config))
+        );
     }
 }
