@@ -119,6 +119,14 @@ pub fn translate_delta(
             .removed
             .extend(unshared.into_iter().filter(|id| !still.remove(id)));
     }
+    // Once each, too (the ports of a Service added together all have its cluster IP); the last
+    // one wins, as in the whole table.
+    let mut seen = FxHashSet::default();
+    delta.added.reverse();
+    delta
+        .added
+        .retain(|e| seen.insert((e.container.clone(), e.key.to_vec())));
+    delta.added.reverse();
     let added: Vec<Name> = delta.chains.iter().map(|c| c.name.clone()).collect();
     let gaining = pick_chains_gaining(table.chains.iter().map(|name| &**name), &added);
     delta.chains.extend(gaining);
@@ -721,9 +729,18 @@ endpoints:
             .filter(|(container, _)| &**container == CLUSTER_IPS)
             .collect();
         assert_eq!(cluster_ip.len(), 1, "{:?}", delta.removed);
-        assert_eq!(
-            apply(&before, &delta),
-            elements(&translate(&fewer, &config))
-        );
+        let after = translate(&fewer, &config);
+        assert_eq!(apply(&before, &delta), elements(&after));
+        // And back: the two ports come with the cluster IP once.
+        let back = share_unchanged(&fewer, model(&two_ports, &config));
+        let delta =
+            translate_delta(&back, &config, &mut cache, &table, &committed).expect("elements");
+        let cluster_ip = delta
+            .added
+            .iter()
+            .filter(|e| &*e.container == CLUSTER_IPS)
+            .count();
+        assert_eq!(cluster_ip, 1, "{:?}", delta.added);
+        assert_eq!(apply(&after, &delta), elements(&before));
     }
 }
