@@ -4,6 +4,7 @@
 //! 100,000 Services, building them anew touches every port (an `Arc` clone each), which costs
 //! more than the rest of a one-Service sync.
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -32,23 +33,27 @@ impl NodeModel {
     ) {
         let wanted = config.family_mode.families();
         self.families.retain(|family, _| wanted.contains(family));
+        // The kept models are updated in place when they are those of the wanted families.
         let in_step = changed.is_some()
-            && self.models.len() == self.families.len()
-            && self.families.keys().all(|f| wanted.contains(f))
-            && wanted.iter().all(|f| self.families.contains_key(f));
+            && self.models.len() == wanted.len()
+            && wanted
+                .iter()
+                .all(|f| self.models.iter().any(|m| m.family == *f));
         for &family in wanted {
             let services = self.families.entry(family).or_default();
-            let keys: BTreeSet<ServiceKey> = match changed {
-                Some(keys) => keys.clone(),
-                None => store
-                    .services()
-                    .map(|(k, _)| k.clone())
-                    .chain(services.keys().cloned())
-                    .collect(),
+            let keys: Cow<BTreeSet<ServiceKey>> = match changed {
+                Some(keys) => Cow::Borrowed(keys),
+                None => Cow::Owned(
+                    store
+                        .services()
+                        .map(|(k, _)| k.clone())
+                        .chain(services.keys().cloned())
+                        .collect(),
+                ),
             };
             let model = self.models.iter_mut().find(|m| m.family == family);
             let mut model = model.filter(|_| in_step);
-            for key in &keys {
+            for key in keys.iter() {
                 let built = store.service(key).map(|service| {
                     service_ports(
                         service,
