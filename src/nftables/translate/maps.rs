@@ -8,6 +8,10 @@ use super::*;
 /// The chain every pick jumps to first: a client pinned to an endpoint of the frontend (an
 /// `@affinity` element) goes there.
 const PINNED: &str = "pinned";
+/// The words in the names of a pick's chain (`cluster-pick-3`) and endpoint map
+/// (`cluster-endpoints-3`).
+const PICK: &str = "pick";
+const ENDPOINTS: &str = "endpoints";
 /// The smallest size declared for a set or map the syncer fills (nft's default for a set
 /// without one is 65535 elements).
 pub(crate) const MIN_CONTAINER_SIZE: u32 = 1 << 16;
@@ -114,25 +118,7 @@ impl Endpoints {
 
     /// The chain a handler sends a frontend to.
     fn pick_chain(&self) -> String {
-        format!("{}-pick", self.kind())
-    }
-
-    /// The inverse of `{kind}-{word}-{ways}`: [`Pick::name`], [`Pick::endpoint_map`].
-    fn parse(name: &str, word: &str) -> Option<Pick> {
-        let (frontend, rest) = match name.strip_prefix("nodeport-") {
-            Some(rest) => (Frontend::NodePort, rest),
-            None => (Frontend::Address, name),
-        };
-        let (set, rest) = if let Some(rest) = rest.strip_prefix("cluster-") {
-            (EndpointSet::Cluster, rest)
-        } else {
-            (EndpointSet::Local, rest.strip_prefix("local-")?)
-        };
-        let ways = rest.strip_prefix(word)?.strip_prefix('-')?.parse().ok()?;
-        Some(Pick {
-            endpoints: Endpoints::new(frontend, set),
-            ways,
-        })
+        format!("{}-{PICK}", self.kind())
     }
 
     /// The pick chain's rules with picks of `ways` endpoints in use: the client's pin first
@@ -163,18 +149,41 @@ struct Pick {
 }
 
 impl Pick {
+    /// `{kind}-{word}-{ways}`: the pick's chain and endpoint map are named alike.
+    fn named(&self, word: &str) -> String {
+        format!("{}-{word}-{}", self.endpoints.kind(), self.ways)
+    }
+
+    /// The inverse of [`Pick::named`].
+    fn from_name(name: &str, word: &str) -> Option<Pick> {
+        let (frontend, rest) = match name.strip_prefix("nodeport-") {
+            Some(rest) => (Frontend::NodePort, rest),
+            None => (Frontend::Address, name),
+        };
+        let (set, rest) = if let Some(rest) = rest.strip_prefix("cluster-") {
+            (EndpointSet::Cluster, rest)
+        } else {
+            (EndpointSet::Local, rest.strip_prefix("local-")?)
+        };
+        let ways = rest.strip_prefix(word)?.strip_prefix('-')?.parse().ok()?;
+        Some(Pick {
+            endpoints: Endpoints::new(frontend, set),
+            ways,
+        })
+    }
+
     fn name(&self) -> String {
-        format!("{}-pick-{}", self.endpoints.kind(), self.ways)
+        self.named(PICK)
     }
 
     /// The inverse of [`Pick::name`].
     fn parse(name: &str) -> Option<Pick> {
-        Endpoints::parse(name, "pick")
+        Pick::from_name(name, PICK)
     }
 
     /// Frontend . slot → endpoint, for frontends with this many endpoints.
     fn endpoint_map(&self) -> String {
-        format!("{}-endpoints-{}", self.endpoints.kind(), self.ways)
+        self.named(ENDPOINTS)
     }
 
     /// One rule per protocol, TCP first: nft 1.0.6 checks a map's `typeof` data (`ip daddr .
@@ -207,7 +216,7 @@ fn dnat_per_protocol(key: Vec<Field>, map: &str) -> Vec<Rule> {
 
 /// Whether `map` is an endpoint map of the layout, and for which frontend kind.
 pub(crate) fn endpoint_map_frontend(map: &str) -> Option<Frontend> {
-    Endpoints::parse(map, "endpoints").map(|pick| pick.endpoints.frontend)
+    Pick::from_name(map, ENDPOINTS).map(|pick| pick.endpoints.frontend)
 }
 
 /// The rules of a shared chain a service port declares, from its name: `…pick-N` (a pick of
