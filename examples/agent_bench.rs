@@ -29,6 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
 use kproxy::fake_apiserver::FakeApiServer;
+use kproxy::model::SERVICE_NAME_LABEL;
 
 #[path = "common/netns.rs"]
 mod netns;
@@ -194,7 +195,7 @@ fn main() {
             .metadata
             .labels
             .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME));
+            .and_then(|l| l.get(SERVICE_NAME_LABEL));
         added_services
             .iter()
             .any(|s| s.metadata.name.as_ref() == service)
@@ -325,7 +326,7 @@ fn main() {
                     .metadata
                     .labels
                     .as_ref()
-                    .and_then(|l| l.get(SERVICE_NAME))
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
                     == name
             }) {
                 api.apply_typed(slice);
@@ -352,6 +353,3 @@ fn main() {
         drop(api);
     }
 }
-
-/// The label naming an EndpointSlice's Service.
-const SERVICE_NAME: &str = "kubernetes.io/service-name";
