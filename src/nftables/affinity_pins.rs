@@ -149,6 +149,40 @@ fn endpoint_of(value: Option<&ElementValue>) -> Option<Endpoint> {
     }
 }
 
+/// A ruleset's elements as the syncer's record of a commit looks them up, for tests.
+#[cfg(test)]
+pub(crate) struct RulesetElements {
+    elements: FxHashMap<(String, Vec<Value>), std::sync::Arc<Element>>,
+    maps: Vec<Name>,
+}
+
+#[cfg(test)]
+impl RulesetElements {
+    pub(crate) fn of(ruleset: &super::Ruleset) -> RulesetElements {
+        RulesetElements {
+            elements: ruleset
+                .elements
+                .iter()
+                .map(|e| ((e.container.to_string(), e.key.to_vec()), e.clone()))
+                .collect(),
+            maps: ruleset.maps.iter().map(|m| m.name.clone()).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl ElementLookup for RulesetElements {
+    fn element(&self, container: &str, key: &[Value]) -> Option<&Element> {
+        self.elements
+            .get(&(container.to_string(), key.to_vec()))
+            .map(|e| &**e)
+    }
+
+    fn maps(&self) -> Vec<Name> {
+        self.maps.clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,31 +234,8 @@ endpoints:
 "#;
 
     /// The ruleset's elements by container and key.
-    struct Index(FxHashMap<(String, Vec<Value>), std::sync::Arc<Element>>);
-
-    impl ElementLookup for Index {
-        fn element(&self, container: &str, key: &[Value]) -> Option<&Element> {
-            self.0
-                .get(&(container.to_string(), key.to_vec()))
-                .map(|e| &**e)
-        }
-
-        fn maps(&self) -> Vec<Name> {
-            self.0
-                .keys()
-                .map(|(container, _)| container.as_str().into())
-                .collect()
-        }
-    }
-
-    fn index() -> Index {
-        Index(
-            ruleset()
-                .elements
-                .into_iter()
-                .map(|e| ((e.container.to_string(), e.key.to_vec()), e))
-                .collect(),
-        )
+    fn index() -> RulesetElements {
+        RulesetElements::of(&ruleset())
     }
 
     fn ruleset() -> crate::nftables::Ruleset {

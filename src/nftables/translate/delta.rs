@@ -279,6 +279,7 @@ fn port_delta(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nftables::affinity_pins::RulesetElements;
     use crate::source::Manifests;
 
     fn manifest(endpoints: &[&str], extra_port: bool) -> String {
@@ -373,26 +374,8 @@ endpoints:
     }
 
     /// The elements of a translation, as the syncer looks them up once it is committed.
-    struct Committed(FxHashMap<(String, Vec<Value>), Element>);
-
-    impl ElementLookup for Committed {
-        fn element(&self, container: &str, key: &[Value]) -> Option<&Element> {
-            self.0.get(&(container.to_string(), key.to_vec()))
-        }
-
-        fn maps(&self) -> Vec<Name> {
-            Vec::new()
-        }
-    }
-
-    fn committed_of(ruleset: &Ruleset) -> Committed {
-        Committed(
-            ruleset
-                .elements
-                .iter()
-                .map(|e| ((e.container.to_string(), e.key.to_vec()), (**e).clone()))
-                .collect(),
-        )
+    fn committed_of(ruleset: &Ruleset) -> RulesetElements {
+        RulesetElements::of(ruleset)
     }
 
     /// The elements of a translation, by container and key, as text.
